@@ -1,0 +1,5 @@
+"""cpmjax: MiniCPM4 in JAX."""
+
+from cpmjax.config import ConfigError, ModelConfig, SparseConfig
+
+__all__ = ["ConfigError", "ModelConfig", "SparseConfig"]

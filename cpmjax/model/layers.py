@@ -1,0 +1,23 @@
+"""Small building blocks of the MiniCPM decoder: RMSNorm and the SwiGLU MLP."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """HF ``rms_layernorm``: variance in float32, normalise, cast back, then times the gain.
+
+    The gain has no (1 + w) offset (spec §1.2 step 6).
+    """
+    var = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+    normed = (x.astype(jnp.float32) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+    return normed * weight.astype(x.dtype)
+
+
+def swiglu_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """``down(silu(gate(x)) * up(x))`` with no biases."""
+    dt = x.dtype
+    gate = jax.nn.silu(x @ w_gate.astype(dt))
+    return (gate * (x @ w_up.astype(dt))) @ w_down.astype(dt)

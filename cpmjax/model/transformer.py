@@ -1,0 +1,125 @@
+"""The MiniCPM4 forward pass (spec §1.2), a pure function of (params, tokens, positions, ...).
+
+    h = embed(tokens) * scale_emb
+    for each layer:  h += attn(norm(h)) * scale_depth/sqrt(L);  h += mlp(norm(h)) * scale_depth/sqrt(L)
+    logits = lm_head(norm(h) / (hidden_size / dim_model_base))      (float32)
+
+Layers are stacked and run under ``lax.scan`` so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from cpmjax.config import ModelConfig
+from cpmjax.model import attention as attn_lib
+from cpmjax.model.cache import KVCache, write_kv
+from cpmjax.model.layers import rms_norm, swiglu_mlp
+from cpmjax.model.params import Params
+from cpmjax.model.rope import apply_rope, rope_cos_sin
+
+REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array | None  # float32 [B, T, V], None when not asked for
+    hidden: jax.Array  # last block's output before the final norm, [B, T, d]
+    cache: KVCache | None
+
+
+def embed_tokens(params: Params, cfg: ModelConfig, tokens: jax.Array,
+                 dtype: Any = jnp.float32) -> jax.Array:
+    """Input embedding times scale_emb."""
+    return (params["embed"].astype(dtype)[tokens] * cfg.scale_emb).astype(dtype)
+
+
+def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """Final norm, division by the muP width multiplier, projection; float32 logits.
+
+    The division applies with tied heads too (the MLX port skips it there; HF does not, spec §1.2).
+    """
+    h = rms_norm(hidden, params["final_norm"], cfg.rms_norm_eps)
+    h = h / jnp.asarray(cfg.width_multiplier, h.dtype)
+    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("btd,dv->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Array,
+                  sin: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+                  cache_kv: tuple[jax.Array, jax.Array] | None,
+                  attn_impl: attn_lib.Implementation = "auto",
+                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """One pre-norm block; returns the new hidden state and the updated (k, v) cache of the layer."""
+    dt = h.dtype
+    x = rms_norm(h, layer["input_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("btd,dhk->bthk", x, layer["wq"].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", x, layer["wk"].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", x, layer["wv"].astype(dt))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache_kv is None:
+        keys, values, kv_pos, kv_seg = k, v, positions, segment_ids
+        new_cache = None
+    else:
+        keys = write_kv(cache_kv[0], k, positions)
+        values = write_kv(cache_kv[1], v, positions)
+        B, S = keys.shape[:2]
+        kv_pos = jnp.broadcast_to(jnp.arange(S, dtype=positions.dtype), (B, S))
+        kv_seg = None
+        new_cache = (keys, values)
+    out = attn_lib.attend(q, keys.astype(dt), values.astype(dt), q_pos=positions, kv_pos=kv_pos,
+                          q_seg=segment_ids if cache_kv is None else None, kv_seg=kv_seg, cfg=cfg,
+                          implementation=attn_impl, kv_is_query=cache_kv is None)
+    attn_out = jnp.einsum("bthk,hkd->btd", out, layer["wo"].astype(dt))
+    h = h + attn_out * jnp.asarray(cfg.residual_scale, dt)
+    x = rms_norm(h, layer["post_norm"], cfg.rms_norm_eps)
+    mlp_out = swiglu_mlp(x, layer["w_gate"], layer["w_up"], layer["w_down"])
+    h = h + mlp_out * jnp.asarray(cfg.residual_scale, dt)
+    return h, new_cache
+
+
+def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
+            positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+            cache: KVCache | None = None, dtype: Any = jnp.float32, return_logits: bool = True,
+            remat: str = "none", attn_impl: attn_lib.Implementation = "auto") -> ModelOutput:
+    """Run the decoder.
+
+    Args:
+      tokens: int ``[B, T]``.
+      positions: int ``[B, T]`` absolute positions (default ``arange(T)``); with a cache, tokens are
+        written at these positions and a negative position marks a padding token (not written).
+      segment_ids: int ``[B, T]`` document ids of packed rows (no attention across documents).
+        Not used with a cache.
+      cache: from :func:`cpmjax.model.cache.init_cache`; returned updated.
+      dtype: compute dtype (weights are cast to it; norms, RoPE, softmax and logits stay float32).
+      remat: a key of ``REMAT_POLICIES`` (rematerialisation of each layer in the backward pass).
+    """
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    B, T = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+    cos, sin = rope_cos_sin(cfg, jnp.maximum(positions, 0))
+    h = embed_tokens(params, cfg, tokens, dtype)
+
+    def body(carry: jax.Array, xs: tuple[Params, Any]) -> tuple[jax.Array, Any]:
+        layer, cache_kv = xs
+        return decoder_layer(carry, layer, cfg, cos=cos, sin=sin, positions=positions,
+                             segment_ids=segment_ids, cache_kv=cache_kv, attn_impl=attn_impl)
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    cache_xs = None if cache is None else (cache["k"], cache["v"])
+    h, new_kv = jax.lax.scan(body, h, (params["layers"], cache_xs))
+    new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1]}
+    logits = lm_head(params, cfg, h) if return_logits else None
+    return ModelOutput(logits, h, new_cache)

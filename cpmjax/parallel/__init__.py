@@ -1,0 +1,5 @@
+"""Mesh construction and the logical-axis rules table."""
+
+from cpmjax.parallel.rules import LOGICAL_AXIS_RULES, MESH_AXES, logical_to_spec, tree_shardings
+
+__all__ = ["LOGICAL_AXIS_RULES", "MESH_AXES", "logical_to_spec", "tree_shardings"]
