@@ -8,6 +8,7 @@ field and the rule that failed. Keys of a config.json that this class does not m
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any, Mapping
@@ -99,6 +100,9 @@ class ModelConfig:
     sparse_config: SparseConfig | None = None
     torch_dtype: str = "bfloat16"
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # Modelled keys present in the source config.json; export writes only those (plus any field
+    # changed from its default), so an imported config round-trips field for field.
+    source_keys: tuple[str, ...] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.sparse_config, Mapping):
@@ -107,6 +111,7 @@ class ModelConfig:
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.rope_scaling is not None:
             object.__setattr__(self, "rope_scaling", _freeze_rope(self.rope_scaling))
+        object.__setattr__(self, "extra", _FrozenDict(copy.deepcopy(dict(self.extra))))
         self.validate()
 
     # ---- derived quantities -------------------------------------------------------------
@@ -206,7 +211,7 @@ class ModelConfig:
         if model_type not in ("minicpm", "llama"):
             raise ConfigError(f"config field 'model_type': unsupported model type {model_type!r} "
                               "(expected 'minicpm')")
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "source_keys"}
         kwargs = {k: v for k, v in hf.items() if k in names}
         extra = {k: v for k, v in hf.items() if k not in names}
         if "head_dim" in extra and extra["head_dim"] is not None:
@@ -214,15 +219,18 @@ class ModelConfig:
             if extra["head_dim"] != head_dim:
                 _fail("head_dim", f"must equal hidden_size // num_attention_heads = {head_dim}",
                       extra["head_dim"])
-        return cls(**kwargs, extra=extra)
+        return cls(**kwargs, extra=extra, source_keys=tuple(kwargs))
 
     def to_hf_config(self) -> dict[str, Any]:
         """The config.json dict: every modelled field, then the preserved extra keys."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
-            if f.name == "extra":
+            if f.name in ("extra", "source_keys"):
                 continue
             value = getattr(self, f.name)
+            if (self.source_keys is not None and f.name not in self.source_keys
+                    and value == _default(f)):
+                continue
             if f.name == "sparse_config":
                 if value is None:
                     continue
@@ -233,11 +241,17 @@ class ModelConfig:
                 value = list(value)
             out[f.name] = value
         for k, v in self.extra.items():
-            out.setdefault(k, v)
+            out.setdefault(k, copy.deepcopy(v))
         return out
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return f.default
 
 
 def _sparse_from_dict(d: Mapping[str, Any]) -> SparseConfig:
@@ -249,19 +263,23 @@ def _sparse_from_dict(d: Mapping[str, Any]) -> SparseConfig:
 
 
 class _FrozenDict(dict):
-    """A hashable dict so ModelConfig stays hashable (it is a static jit argument)."""
+    """A read-only, hashable dict so ModelConfig can be a static jit argument."""
 
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(tuple(sorted((k, _hashable(v)) for k, v in self.items())))
 
     def _immutable(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("rope_scaling is immutable; use ModelConfig.replace")
+        raise TypeError("ModelConfig is immutable; use ModelConfig.replace")
 
     __setitem__ = __delitem__ = update = pop = clear = setdefault = _immutable  # type: ignore
 
 
 def _hashable(v: Any) -> Any:
-    return tuple(v) if isinstance(v, (list, tuple)) else v
+    if isinstance(v, Mapping):
+        return tuple(sorted((k, _hashable(x)) for k, x in v.items()))
+    if isinstance(v, (list, tuple)):
+        return tuple(_hashable(x) for x in v)
+    return v
 
 
 def _freeze_rope(rs: Mapping[str, Any]) -> _FrozenDict:

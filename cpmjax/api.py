@@ -1,0 +1,97 @@
+"""The public surface: ``cpmjax.load``, ``Model.logits`` / ``Model.generate``, ``cpmjax.save_hf``."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cpmjax.config import ModelConfig
+from cpmjax.model import forward
+from cpmjax.model.params import Params
+
+
+class Model:
+    """A loaded model: its config, its parameters and (when the folder has one) its tokenizer."""
+
+    def __init__(self, config: ModelConfig, params: Params, tokenizer: Any = None,
+                 dtype: Any = jnp.float32) -> None:
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+
+    @functools.cached_property
+    def _logits_fn(self):
+        cfg, dtype = self.config, self.dtype
+        return jax.jit(lambda params, tokens: forward(params, cfg, tokens, dtype=dtype).logits)
+
+    def check_tokens(self, tokens: Any) -> np.ndarray:
+        """Token ids as an int32 ``[B, T]`` array; a clear error for anything else."""
+        arr = np.asarray(tokens)
+        if arr.ndim == 1:
+            arr = arr[None]
+        if arr.ndim != 2 or arr.shape[1] == 0:
+            raise ValueError(f"token ids must be a non-empty [batch, length] array, got shape "
+                             f"{arr.shape}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
+        bad = (arr < 0) | (arr >= self.config.vocab_size)
+        if bad.any():
+            raise ValueError(f"token id {int(arr[bad][0])} is outside the vocabulary "
+                             f"[0, {self.config.vocab_size})")
+        return arr.astype(np.int32)
+
+    def logits(self, tokens: Any) -> jax.Array:
+        """float32 ``[B, T, vocab]`` logits for int ``[B, T]`` (or ``[T]``) token ids."""
+        return self._logits_fn(self.params, jnp.asarray(self.check_tokens(tokens)))
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
+                 temperature: float = 0.0, speculative: Any = None, **sampling: Any
+                 ) -> list[list[int]]:
+        """Generated token ids per prompt, through the serving engine's code path."""
+        from cpmjax.serve.generate import generate  # serving pulls in more; import on use
+
+        for p in prompts:
+            self.check_tokens([list(p)])
+        return generate(self.config, self.params, [list(p) for p in prompts],
+                        max_new_tokens=max_new_tokens, temperature=temperature,
+                        speculative=speculative, **sampling)
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    if (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return None
+
+
+def load(path: str | os.PathLike, dtype: Any = jnp.float32) -> Model:
+    """Load an HF MiniCPM folder (config.json + safetensors) or a cpmjax checkpoint."""
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"no checkpoint at {folder}")
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        from cpmjax.convert import load_hf
+
+        cfg, params = load_hf(folder, dtype=dtype)
+    else:
+        from cpmjax.train.checkpoint import load_model
+
+        cfg, params = load_model(folder, dtype=dtype)
+    return Model(cfg, params, tokenizer=_load_tokenizer(folder), dtype=dtype)
+
+
+def save_hf(model: Model, out_dir: str | os.PathLike, format: str = "minicpm",
+            **kwargs: Any) -> Path:
+    """Export to an HF folder: ``format="minicpm"`` (trust_remote_code) or ``"llama"`` (muP scales
+    folded into the weights, loadable by engines without MiniCPM support)."""
+    from cpmjax.convert import save_hf as _save_hf
+
+    return _save_hf(model.config, model.params, out_dir, format=format, **kwargs)
