@@ -1,0 +1,205 @@
+"""Export cpmjax params to an HF folder: the MiniCPM layout (loads with trust_remote_code through
+this project's own PyTorch modeling file) or the llama layout (muP scales folded into weights, for
+engines without MiniCPM support).
+
+Folders are written atomically: everything goes to a temporary sibling directory that is renamed
+into place at the end; an existing folder is never overwritten unless asked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors.flax import save_file
+
+from cpmjax.config import ModelConfig
+from cpmjax.convert import layout
+from cpmjax.convert.hf_import import INDEX_NAME, SINGLE_NAME
+from cpmjax.model.params import Params
+from cpmjax.model.rope import rope_frequencies
+
+HF_FILES = Path(__file__).parent / "hf_files"
+Format = Literal["minicpm", "llama"]
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as '2GB' or '500MiB'."""
+    if isinstance(size, int):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?I?B)?\s*", str(size).upper())
+        if not m:
+            raise ValueError(f"max_shard_size {size!r} is not a size such as '2GB' or 1000000")
+        value = int(float(m.group(1)) * _UNITS[m.group(2) or "B"])
+    if value <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+def _llama_scale(entry: layout.Entry, cfg: ModelConfig) -> float:
+    """The muP factor folded into a weight for the llama layout."""
+    key = entry.path[-1]
+    if entry.hf_name == "lm_head.weight":  # also a tied head, whose path is the embedding
+        return 1.0 / cfg.width_multiplier
+    if key == "embed":
+        return cfg.scale_emb
+    if key in ("wo", "w_down"):
+        return cfg.residual_scale
+    return 1.0
+
+
+def _llama_entries(cfg: ModelConfig) -> list[layout.Entry]:
+    # the llama head is always untied: embedding and head carry different folded scales
+    table = layout.entries(cfg)
+    if cfg.tie_word_embeddings:
+        table.append(layout.Entry("lm_head.weight", ("embed",), None, False))
+    return table
+
+
+def _tensors(cfg: ModelConfig, params: Params, fmt: Format,
+             dtype: Any) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, tensor) in checkpoint order, converted lazily one at a time."""
+    table = layout.entries(cfg) if fmt == "minicpm" else _llama_entries(cfg)
+    for entry in table:
+        value = params
+        for key in entry.path:
+            value = value[key]
+        scale = 1.0 if fmt == "minicpm" else _llama_scale(entry, cfg)
+        for i, name in enumerate(layout.hf_names(entry, cfg)):
+            piece = np.asarray(value[i] if entry.per_layer else value)
+            if scale != 1.0:
+                piece = (piece.astype(np.float32) * np.float32(scale))
+            yield name, layout.to_hf(entry, piece).astype(dtype)
+
+
+def llama_config(cfg: ModelConfig, dtype_name: str) -> dict[str, Any]:
+    """A LlamaForCausalLM config.json for the folded weights.
+
+    transformers' Llama picks LongRoPE long/short factors per call (long once a sequence passes
+    original_max_position_embeddings), while MiniCPM fixes the choice from max_position_embeddings.
+    Writing the factor list MiniCPM uses as both lists, with MiniCPM's scaling as
+    ``attention_factor``, makes the two agree at every length.
+    """
+    out: dict[str, Any] = {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "hidden_act": "silu", "attention_bias": False,
+        "mlp_bias": False, "tie_word_embeddings": False, "initializer_range": cfg.initializer_range,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.to_hf_config().get("eos_token_id"),
+        "pad_token_id": cfg.pad_token_id, "torch_dtype": dtype_name,
+    }
+    rs = cfg.rope_scaling
+    if rs is not None and rs.get("rope_type", rs.get("type")) == "longrope":
+        orig = rs["original_max_position_embeddings"]
+        key = "long_factor" if cfg.max_position_embeddings > orig else "short_factor"
+        _, scaling = rope_frequencies(cfg)
+        out["rope_scaling"] = {
+            "rope_type": "longrope", "long_factor": list(rs[key]), "short_factor": list(rs[key]),
+            "original_max_position_embeddings": orig, "attention_factor": scaling,
+            "factor": cfg.max_position_embeddings / orig}
+    return out
+
+
+def minicpm_config(cfg: ModelConfig, dtype_name: str) -> dict[str, Any]:
+    out = cfg.to_hf_config()
+    out["model_type"] = "minicpm"
+    out["architectures"] = ["MiniCPMForCausalLM"]
+    out["auto_map"] = {"AutoConfig": "configuration_minicpm.MiniCPMConfig",
+                       "AutoModel": "modeling_minicpm.MiniCPMModel",
+                       "AutoModelForCausalLM": "modeling_minicpm.MiniCPMForCausalLM"}
+    out["torch_dtype"] = dtype_name
+    return out
+
+
+def _plan_shards(cfg: ModelConfig, params: Params, fmt: Format, itemsize: int,
+                 max_bytes: int) -> list[list[str]]:
+    """Tensor names per shard, from shapes only, so file names are known before writing."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    table = layout.entries(cfg) if fmt == "minicpm" else _llama_entries(cfg)
+    for entry in table:
+        value = params
+        for key in entry.path:
+            value = value[key]
+        nbytes = math.prod(value.shape[1:] if entry.per_layer else value.shape) * itemsize
+        for name in layout.hf_names(entry, cfg):
+            if shards[-1] and size + nbytes > max_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+    return shards
+
+
+def save_hf(cfg: ModelConfig, params: Params, out_dir: str | os.PathLike,
+            format: Format = "minicpm", max_shard_size: int | str = "5GB",
+            dtype: str | None = None, overwrite: bool = False) -> Path:
+    """Write an HF folder; returns its path. ``dtype`` defaults to the config's torch_dtype."""
+    if format not in ("minicpm", "llama"):
+        raise ValueError(f"format must be 'minicpm' or 'llama', got {format!r}")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+    dtype_name = dtype or cfg.torch_dtype
+    np_dtype = jnp.dtype(dtype_name)
+    max_bytes = parse_size(max_shard_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        shards = _plan_shards(cfg, params, format, np_dtype.itemsize, max_bytes)
+        names = ([SINGLE_NAME] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        weight_map: dict[str, str] = {}
+        tensors = _tensors(cfg, params, format, np_dtype)
+        total = 0
+        for shard, fname in zip(shards, names):
+            batch = {}
+            for expected_name in shard:
+                name, tensor = next(tensors)
+                assert name == expected_name, (name, expected_name)
+                batch[name] = jnp.asarray(tensor)
+                total += tensor.nbytes
+                weight_map[name] = fname
+            save_file(batch, str(tmp / fname), metadata={"format": "pt"})
+            del batch
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        hf_cfg = (minicpm_config if format == "minicpm" else llama_config)(cfg, dtype_name)
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": hf_cfg.get("eos_token_id"),
+               "pad_token_id": cfg.pad_token_id}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if format == "minicpm":
+            for src in ("configuration_minicpm.py", "modeling_minicpm.py"):
+                shutil.copyfile(HF_FILES / src, tmp / src)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Move ``new`` to ``out``; an old ``out`` is removed only after the new one is in place."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(new, out)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        os.replace(new, out)
