@@ -1,0 +1,84 @@
+"""Logits parity with transformers: LlamaForCausalLM on the llama export, and the exported MiniCPM
+folder through trust_remote_code (this project's PyTorch modeling file)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+import cpmjax
+from cpmjax.config import ModelConfig
+from cpmjax.model import forward, init_cache, init_params
+from tests.conftest import tiny_hf_config
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+CONFIGS = {
+    "gqa_longrope_long_untied": tiny_hf_config(),
+    "gqa_longrope_short_tied": tiny_hf_config(tie_word_embeddings=True, max_position_embeddings=128),
+    "mha_no_rope_scaling_odd_scales": tiny_hf_config(
+        num_key_value_heads=4, rope_scaling=None, scale_emb=3.5, scale_depth=0.7,
+        dim_model_base=8),
+}
+
+
+def _tokens(cfg: ModelConfig) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 40))
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def exported(request, tmp_path_factory):
+    cfg = ModelConfig.from_hf_config(CONFIGS[request.param])
+    params = init_params(cfg, jax.random.key(1))
+    model = cpmjax.Model(cfg, params)
+    root = tmp_path_factory.mktemp(request.param)
+    cpmjax.save_hf(model, root / "minicpm", max_shard_size="40KB")
+    cpmjax.save_hf(model, root / "llama", format="llama")
+    return model, root
+
+
+def test_llama_export_matches_transformers_llama(exported):
+    model, root = exported
+    toks = _tokens(model.config)
+    hf = LlamaForCausalLM.from_pretrained(root / "llama", dtype=torch.float32)
+    with torch.no_grad():
+        theirs = hf(torch.tensor(toks)).logits.numpy()
+    ours = np.asarray(model.logits(toks))
+    assert np.abs(theirs - ours).max() <= 1e-4
+
+
+def test_minicpm_export_matches_remote_code(exported):
+    model, root = exported
+    assert len(list(root.joinpath("minicpm").glob("model-*.safetensors"))) > 1  # sharded
+    toks = _tokens(model.config)
+    hf = AutoModelForCausalLM.from_pretrained(root / "minicpm", trust_remote_code=True,
+                                              dtype=torch.float32)
+    with torch.no_grad():
+        theirs = hf(torch.tensor(toks)).logits.numpy()
+    assert np.abs(theirs - np.asarray(model.logits(toks))).max() <= 1e-4
+
+
+def test_remote_code_generate_matches_cpmjax_cached_greedy(exported):
+    model, root = exported
+    cfg = model.config
+    prompt = _tokens(cfg)[:1, :7]
+    hf = AutoModelForCausalLM.from_pretrained(root / "minicpm", trust_remote_code=True,
+                                              dtype=torch.float32)
+    theirs = hf.generate(torch.tensor(prompt), max_new_tokens=8, do_sample=False,
+                         eos_token_id=None, pad_token_id=cfg.pad_token_id)[0, 7:].tolist()
+    cache = init_cache(cfg, 1, 32)
+    out = forward(model.params, cfg, jnp.asarray(prompt), cache=cache)
+    ours, pos = [], prompt.shape[1]
+    for _ in range(8):
+        tok = int(jnp.argmax(out.logits[0, -1]))
+        ours.append(tok)
+        out = forward(model.params, cfg, jnp.array([[tok]]), positions=jnp.array([[pos]]),
+                      cache=out.cache)
+        pos += 1
+    assert ours == theirs
