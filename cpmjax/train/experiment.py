@@ -13,4 +13,45 @@ def experiment_config(model: Mapping[str, Any], name: str) -> ml_collections.Con
     cfg = ml_collections.ConfigDict()
     cfg.name = name
     cfg.model = ml_collections.ConfigDict(dict(model))
+
+    cfg.train = t = ml_collections.ConfigDict()
+    t.steps = 1000
+    t.seq_len = 256
+    t.global_batch_size = 16
+    t.grad_accum = 1
+    t.seed = 0
+    t.parametrization = "mup"  # or "standard"
+    t.lr = 1e-2  # base LR (muP: at width multiplier 1; hidden matrices get lr / m)
+    t.schedule = "wsd"  # wsd | cosine | constant
+    t.warmup_steps = 50
+    t.decay_fraction = 0.2
+    t.decay_shape = "exponential"  # exponential | linear | cosine | 1-sqrt
+    t.final_lr_ratio = 0.1
+    t.weight_decay = 0.1
+    t.decay_embeddings = False
+    t.b1, t.b2, t.eps = 0.9, 0.95, 1e-8
+    t.clip_norm = 1.0
+    t.compute_dtype = "float32"  # bfloat16 on accelerators; master weights stay float32
+    t.remat = "none"  # none | full | dots | dots_no_batch
+    t.on_nonfinite = "skip"  # skip | stop
+    t.log_every = 20
+    t.eval_every = 200
+    t.eval_batches = 8
+    t.peak_flops = 0.0  # per device; 0 = from the device kind (none on CPU)
+
+    cfg.data = d = ml_collections.ConfigDict()
+    d.cache_dir = ".cache/cpmjax"  # default corpus and tokenizer are built here once
+    d.train_files = ""  # comma-separated JSONL/text files; empty = the default corpus
+    d.valid_file = ""
+    d.source_type = "jsonl"
+    d.weights = ""  # comma-separated mixture weights, one per train file
+    d.tokenizer = ""  # folder with tokenizer.json; empty = the project's default tokenizer
+
+    cfg.mesh = m = ml_collections.ConfigDict()
+    m.data, m.fsdp, m.tensor = 1, -1, 1
+
+    cfg.checkpoint = c = ml_collections.ConfigDict()
+    c.every = 200
+    c.keep = 3
+    c.async_save = True
     return cfg

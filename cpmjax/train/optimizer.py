@@ -1,0 +1,84 @@
+"""muP parameter groups and the AdamW optimizer.
+
+muP rules (MiniCPM's muP follows Tensor Programs V / MiniCPM-1; the MiniCPM4 report gives no
+per-parameter rules, spec §1.5 and §6 item 6). With width multiplier m = hidden_size/dim_model_base:
+- "hidden" matrices (attention and MLP weights, whose fan-in grows with width): learning rate
+  lr/m, init std initializer_range/sqrt(m) (``cpmjax.model.params.init_std``);
+- "embed" (input embedding) and "ones" (RMSNorm gains): the base learning rate;
+- "output" (untied lm_head): the base rate; its muP scaling is the 1/m logit multiplier applied in
+  the forward pass.
+Under the standard parametrization every group uses the base rate. Weight decay (decoupled,
+scaled by the learning rate as in AdamW) applies to matrices; never to norm gains; to the
+embedding only if ``decay_embeddings``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cpmjax.config import ModelConfig
+from cpmjax.model.params import ParamSpec, param_specs
+from cpmjax.train import schedules
+
+
+def param_groups(cfg: ModelConfig) -> Any:
+    """Tree of group labels ("embed", "hidden", "output", "ones") matching the params."""
+    return jax.tree.map(lambda s: s.init, param_specs(cfg), is_leaf=lambda x: isinstance(x, ParamSpec))
+
+
+def lr_multipliers(cfg: ModelConfig, parametrization: str) -> Any:
+    m = cfg.width_multiplier if parametrization == "mup" else 1.0
+    return jax.tree.map(lambda g: 1.0 / m if g == "hidden" else 1.0, param_groups(cfg))
+
+
+def weight_decay_mask(cfg: ModelConfig, decay_embeddings: bool = False) -> Any:
+    return jax.tree.map(lambda g: g in ("hidden", "output") or (g == "embed" and decay_embeddings),
+                        param_groups(cfg))
+
+
+class ScaleByTreeState(NamedTuple):
+    pass
+
+
+def scale_by_tree(factors: Any) -> optax.GradientTransformation:
+    """Multiply each update leaf by its own constant factor (per-group learning rates)."""
+
+    def init(params: Any) -> ScaleByTreeState:
+        del params
+        return ScaleByTreeState()
+
+    def update(updates: Any, state: ScaleByTreeState, params: Any = None) -> tuple[Any, Any]:
+        del params
+        return jax.tree.map(lambda u, f: u * jnp.asarray(f, u.dtype), updates, factors), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_schedule(train: Any) -> schedules.Schedule:
+    if train.schedule == "wsd":
+        return schedules.wsd(train.lr, train.steps, train.warmup_steps, train.decay_fraction,
+                             train.decay_shape, train.final_lr_ratio)
+    if train.schedule == "cosine":
+        return schedules.cosine(train.lr, train.steps, train.warmup_steps, train.final_lr_ratio)
+    if train.schedule == "constant":
+        return lambda step: jnp.asarray(train.lr, jnp.float32) * jnp.minimum(
+            1.0, (jnp.asarray(step, jnp.float32) + 1) / max(train.warmup_steps, 1))
+    raise ValueError(f"config field 'train.schedule': unknown schedule {train.schedule!r} "
+                     "(expected wsd, cosine or constant)")
+
+
+def make_optimizer(train: Any, cfg: ModelConfig) -> optax.GradientTransformation:
+    """clip -> Adam moments -> decoupled weight decay -> schedule x per-group muP multiplier."""
+    schedule = make_schedule(train)
+    return optax.chain(
+        optax.clip_by_global_norm(train.clip_norm) if train.clip_norm else optax.identity(),
+        optax.scale_by_adam(b1=train.b1, b2=train.b2, eps=train.eps),
+        optax.add_decayed_weights(train.weight_decay,
+                                  mask=weight_decay_mask(cfg, train.decay_embeddings)),
+        optax.scale_by_schedule(lambda step: -schedule(step)),
+        scale_by_tree(lr_multipliers(cfg, train.parametrization)),
+    )
