@@ -70,17 +70,18 @@ def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(BATCH_AXES, mesh, shape=shape))
 
 
-def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, *, grad_accum: int = 1,
-                    dtype: Any = jnp.float32, remat: str = "none") -> Callable[..., Any]:
-    """``step(state, batch) -> (state, metrics)``; batch leaves are ``[global_batch, T]``."""
+def make_grad_fn(cfg: ModelConfig, *, grad_accum: int = 1, dtype: Any = jnp.float32,
+                 remat: str = "none") -> Callable[..., Any]:
+    """``grads(params, batch) -> (grads, loss, target count)``: the mean token loss over the whole
+    batch and its gradient, accumulated over ``grad_accum`` microbatches (scan) and normalised by
+    the total target count, so it equals one big batch whatever the per-microbatch counts."""
 
     def micro_grads(params: Any, micro: dict[str, jax.Array]) -> tuple[Any, tuple[Any, Any]]:
         (nll, count), grads = jax.value_and_grad(
             lambda p: token_loss_sums(p, cfg, micro, dtype, remat), has_aux=True)(params)
         return grads, (nll, count)
 
-    def step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
-        params = state["params"]
+    def grad_fn(params: Any, batch: dict[str, jax.Array]) -> tuple[Any, jax.Array, jax.Array]:
         if grad_accum == 1:
             grads, (nll, count) = micro_grads(params, batch)
         else:
@@ -93,9 +94,20 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, *, grad_
             zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
             (grads, nll, count), _ = jax.lax.scan(body, zeros, micro)
         count = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
-        loss = nll / count
-        grad_norm = optax.global_norm(grads)
+        return jax.tree.map(lambda g: g / count, grads), nll / count, count
+
+    return grad_fn
+
+
+def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, *, grad_accum: int = 1,
+                    dtype: Any = jnp.float32, remat: str = "none") -> Callable[..., Any]:
+    """``step(state, batch) -> (state, metrics)``; batch leaves are ``[global_batch, T]``."""
+    grad_fn = make_grad_fn(cfg, grad_accum=grad_accum, dtype=dtype, remat=remat)
+
+    def step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
+        params = state["params"]
+        grads, loss, count = grad_fn(params, batch)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
