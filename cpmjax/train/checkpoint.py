@@ -1,0 +1,172 @@
+"""Checkpoints: orbax training checkpoints (state + data iterator + config) and cpmjax model
+checkpoints (config.json + params) that ``cpmjax.load`` reads.
+
+A training checkpoint that fails to restore (a partial or corrupt latest step) is reported with a
+warning and the previous good step is used; nothing is ever loaded silently from a broken one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from cpmjax.config import ModelConfig
+from cpmjax.model.params import Params, abstract_params
+
+CKPT_DIR = "checkpoints"
+
+
+INTEGRITY_FILE = "cpmjax_integrity.json"
+ITEMS = ("state", "data", "config")
+
+
+def _file_digests(step_dir: Path) -> dict[str, list[Any]]:
+    files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != INTEGRITY_FILE)
+    return {str(p.relative_to(step_dir)): [p.stat().st_size,
+                                           hashlib.sha256(p.read_bytes()).hexdigest()]
+            for p in files}
+
+
+def seal(step_dir: Path) -> None:
+    """Record size and sha256 of every file of a finished save (written atomically, last)."""
+    tmp = step_dir / f".{INTEGRITY_FILE}.tmp"
+    tmp.write_text(json.dumps(_file_digests(step_dir)))
+    os.replace(tmp, step_dir / INTEGRITY_FILE)
+
+
+def check_sealed(step_dir: Path) -> str | None:
+    """None if the step's files match its seal, else why not (missing seal = unfinished save)."""
+    seal_file = step_dir / INTEGRITY_FILE
+    if not seal_file.is_file():
+        return f"no {INTEGRITY_FILE} (the save did not finish)"
+    want, have = json.loads(seal_file.read_text()), _file_digests(step_dir)
+    bad = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+    return f"{len(bad)} file(s) missing or changed, e.g. {bad[0]}" if bad else None
+
+
+class TrainCheckpointer:
+    """Orbax ``CheckpointManager`` (async, keep-N) of state + data-iterator state + config.
+
+    Orbax only renames a step into place once written, but a finished step can still be damaged
+    later; so each step this process saved is sealed with a checksum file once orbax reports it
+    finished, and restoring walks back from the newest step to the newest one whose seal matches
+    and which restores, warning about every step it skips.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, max_to_keep: int = 3,
+                 async_save: bool = True) -> None:
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                               enable_async_checkpointing=async_save)
+        self.directory = Path(workdir).absolute() / CKPT_DIR
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self._unsealed: list[int] = []
+
+    def _seal_finished(self) -> None:
+        self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            for step in self._unsealed:
+                if (self.directory / str(step)).is_dir():  # keep-N may have removed it
+                    seal(self.directory / str(step))
+        self._unsealed = []
+
+    def save(self, step: int, state: Any, data_state: dict, config: dict) -> None:
+        self._seal_finished()
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        data=ocp.args.JsonSave(data_state),
+                                                        config=ocp.args.JsonSave(config)))
+        self._unsealed.append(step)
+
+    def restore(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+        """(step, state, data iterator state) of the newest good checkpoint, or None."""
+        for step in good_steps(self.directory, self.manager.all_steps()):
+            try:
+                out = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+                return step, out["state"], out["data"]
+            except Exception as e:  # orbax raises many types for a damaged step
+                warnings.warn(f"checkpoint step {step} under {self.directory} could not be "
+                              f"restored ({type(e).__name__}: {e}); using the previous one")
+        return None
+
+    def close(self) -> None:
+        self._seal_finished()
+        self.manager.close()
+
+
+def good_steps(directory: Path, steps: Any) -> Iterator[int]:
+    """Steps newest first whose seal matches, warning about each one skipped."""
+    for step in sorted(steps, reverse=True):
+        problem = check_sealed(directory / str(step))
+        if problem is None:
+            yield step
+        else:
+            warnings.warn(f"checkpoint step {step} under {directory} is damaged or partial "
+                          f"({problem}); falling back to the previous one")
+
+
+def save_model(cfg: ModelConfig, params: Params, path: str | os.PathLike,
+               overwrite: bool = False) -> Path:
+    """A cpmjax model checkpoint: ``config.json`` + orbax ``params/``, written atomically."""
+    out = Path(path).absolute()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2) + "\n")
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "params", params)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_model(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[ModelConfig, Params]:
+    """(config, params) from a model checkpoint or from a training run's workdir (its newest
+    restorable step)."""
+    folder = Path(path).absolute()
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{folder} is neither an HF folder nor a cpmjax checkpoint "
+                                "(no config.json)")
+    cfg = ModelConfig.from_hf_config(json.loads(cfg_file.read_text()))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          abstract_params(cfg))
+    if (folder / "params").is_dir():
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(folder / "params", target)
+    elif (folder / CKPT_DIR).is_dir():
+        params = _params_from_run(folder, target)
+    else:
+        raise FileNotFoundError(f"{folder} has config.json but neither params/ nor {CKPT_DIR}/")
+    norm = lambda path, x: x if str(path[-1]).strip("[]'\"").endswith("norm") else x.astype(dtype)
+    return cfg, jax.tree.map_with_path(norm, params)
+
+
+def _params_from_run(workdir: Path, target: Params) -> Params:
+    directory = workdir / CKPT_DIR
+    manager = ocp.CheckpointManager(directory, item_names=ITEMS)
+    for step in good_steps(directory, manager.all_steps()):
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(partial_restore=True, item={"params": target})))
+            return restored["state"]["params"]
+        except Exception as e:
+            warnings.warn(f"checkpoint step {step} of {workdir} could not be restored "
+                          f"({type(e).__name__}: {e}); trying the previous one")
+    raise FileNotFoundError(f"no restorable checkpoint under {directory}")

@@ -1,0 +1,151 @@
+"""The training loop: data, sharded state, steps, evaluation, metrics and checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cpmjax.config import ConfigError, ModelConfig
+from cpmjax.data import (Source, eval_batches, get_or_build_default_tokenizer, load_tokenizer,
+                         make_batch_iterator, read_documents, tokenize_documents, unigram_loss)
+from cpmjax.data.corpus import build_default_corpus
+from cpmjax.parallel import make_mesh
+from cpmjax.train import checkpoint as ckpt
+from cpmjax.train.metrics import MetricsWriter, device_peak_flops, flops_per_token
+from cpmjax.train.optimizer import make_optimizer, make_schedule
+from cpmjax.train.step import (batch_sharding, init_state, jit_train_step, make_eval_step,
+                               make_train_step, state_shardings)
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Raised with ``train.on_nonfinite=stop`` when a step has a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class DataSetup:
+    train_sources: list[Source]
+    valid: Source
+    tokenizer: str
+
+
+def resolve_data(cfg: ml_collections.ConfigDict, vocab_size: int) -> DataSetup:
+    d = cfg.data
+    if d.train_files:
+        files = [f.strip() for f in d.train_files.split(",") if f.strip()]
+        weights = ([float(w) for w in d.weights.split(",")] if d.weights else [1.0] * len(files))
+        if len(weights) != len(files):
+            raise ConfigError(f"config field 'data.weights': {len(weights)} weights for "
+                              f"{len(files)} train files")
+        sources = [Source(f, d.source_type, w) for f, w in zip(files, weights)]
+        valid = Source(d.valid_file or files[0], d.source_type)
+    else:
+        corpus = build_default_corpus(d.cache_dir)
+        sources = [Source(str(corpus / "train.jsonl"))]
+        valid = Source(str(corpus / "valid.jsonl"))
+    tokenizer = d.tokenizer or str(get_or_build_default_tokenizer(d.cache_dir, vocab_size))
+    tok_vocab = load_tokenizer(tokenizer).get_vocab_size()
+    if tok_vocab > vocab_size:
+        raise ConfigError(f"config field 'model.vocab_size': {vocab_size} is smaller than the "
+                          f"tokenizer's vocabulary ({tok_vocab}) at {tokenizer}")
+    return DataSetup(sources, valid, tokenizer)
+
+
+def _unigram_baseline(data: DataSetup, vocab_size: int) -> float:
+    train = tokenize_documents(read_documents(data.train_sources[0].path,
+                                              data.train_sources[0].type), data.tokenizer)
+    valid = tokenize_documents(read_documents(data.valid.path, data.valid.type), data.tokenizer)
+    return unigram_loss(train, valid, vocab_size)
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train (resuming from the newest good checkpoint in ``workdir``); returns final metrics."""
+    t = cfg.train
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    model_cfg = ModelConfig.from_hf_config(cfg.model.to_dict())
+    (work / "config.json").write_text(json.dumps(model_cfg.to_hf_config(), indent=2) + "\n")
+    (work / "experiment.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
+    data = resolve_data(cfg, model_cfg.vocab_size)
+
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    dtype = jnp.dtype(t.compute_dtype)
+    tx = make_optimizer(t, model_cfg)
+    schedule = make_schedule(t)
+    abstract = jax.eval_shape(lambda k: init_state(model_cfg, tx, k, t.parametrization),
+                              jax.random.key(t.seed))
+    state_sh = state_shardings(model_cfg, abstract, mesh)
+    batch_shape = (t.global_batch_size, t.seq_len)
+    step_fn = jit_train_step(make_train_step(model_cfg, tx, grad_accum=t.grad_accum, dtype=dtype,
+                                             remat=t.remat), state_sh, mesh, batch_shape)
+    eval_fn = jax.jit(make_eval_step(model_cfg, dtype))
+
+    checkpointer = ckpt.TrainCheckpointer(work, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    restored = checkpointer.restore(jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh))
+    iterator = make_batch_iterator(data.train_sources, data.tokenizer, t.seq_len,
+                                   t.global_batch_size, t.seed, jax.process_index(),
+                                   jax.process_count())
+    if restored is None:
+        state = jax.jit(lambda k: init_state(model_cfg, tx, k, t.parametrization),
+                        out_shardings=state_sh)(jax.random.key(t.seed))
+        start = 0
+    else:
+        start, state, data_state = restored
+        iterator.set_state(data_state)
+        print(f"resumed from step {start}", flush=True)
+
+    evals = eval_batches(data.valid, data.tokenizer, t.seq_len, t.global_batch_size,
+                         t.eval_batches)
+    baseline = _unigram_baseline(data, model_cfg.vocab_size)
+    writer = MetricsWriter(work, enabled=jax.process_index() == 0)
+    peak = device_peak_flops(t.peak_flops or None)
+    flops_tok = flops_per_token(model_cfg, t.seq_len)
+    bsh = batch_sharding(mesh, batch_shape)
+    print(f"training {cfg.name}: {t.steps} steps, unigram baseline loss {baseline:.4f}", flush=True)
+
+    def evaluate(params: Any) -> float:
+        sums = [eval_fn(params, {k: jnp.asarray(v) for k, v in b.items()}) for b in evals]
+        return float(sum(s for s, _ in sums) / sum(c for _, c in sums))
+
+    last: dict[str, Any] = {"unigram_loss": baseline}
+    window_start, window_tokens = time.perf_counter(), 0
+    for step in range(start, t.steps):
+        batch = jax.make_array_from_process_local_data(bsh, next(iterator), batch_shape)
+        state, m = step_fn(state, batch)
+        window_tokens += t.global_batch_size * t.seq_len
+        done = step + 1
+        if not bool(m["finite"]):
+            log.warning("step %d: non-finite loss or gradient; update skipped", done)
+            if t.on_nonfinite == "stop":
+                raise NonFiniteError(f"non-finite loss or gradient at step {done}")
+        if done % t.log_every == 0 or done == t.steps:
+            loss = float(m["loss"])
+            elapsed = time.perf_counter() - window_start
+            steps_in_window = (done - 1) % t.log_every + 1
+            tps = window_tokens / elapsed
+            last.update(loss=loss, lr=float(schedule(done - 1)), grad_norm=float(m["grad_norm"]),
+                        tokens_per_sec=tps, step_time=elapsed / steps_in_window,
+                        mfu=(tps * flops_tok / (peak * jax.device_count())) if peak else None,
+                        nonfinite_steps=int(state["nonfinite_steps"]))
+            if done % t.eval_every == 0 or done == t.steps:
+                last["eval_loss"] = evaluate(state["params"])
+            else:
+                last.pop("eval_loss", None)
+            writer.write(done, {k: v for k, v in last.items() if k != "unigram_loss"})
+            window_start, window_tokens = time.perf_counter(), 0
+        if done % cfg.checkpoint.every == 0 or done == t.steps:
+            checkpointer.save(done, state, iterator.get_state(), cfg.to_dict())
+    checkpointer.close()
+    writer.close()
+    return last
