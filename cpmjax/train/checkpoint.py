@@ -164,7 +164,10 @@ def _params_from_run(workdir: Path, target: Params) -> Params:
     for step in good_steps(directory, manager.all_steps()):
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(partial_restore=True, item={"params": target})))
+                state=ocp.args.PyTreeRestore(
+                    item={"params": target}, partial_restore=True,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(
+                        {"params": target}))))
             return restored["state"]["params"]
         except Exception as e:
             warnings.warn(f"checkpoint step {step} of {workdir} could not be restored "

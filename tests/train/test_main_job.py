@@ -1,0 +1,93 @@
+"""The main job end to end (launch/train.py in subprocesses on the tiny preset, few short steps):
+metrics.jsonl and TensorBoard output, a loadable final checkpoint, and exact resume after SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cpmjax.train.checkpoint import load_model
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 60
+FIELDS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "step_time", "mfu"}
+
+
+def _cmd(workdir: Path) -> list[str]:
+    return [sys.executable, "launch/train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
+            f"--config.train.steps={STEPS}", "--config.train.seq_len=128",
+            "--config.train.global_batch_size=8", "--config.train.warmup_steps=5",
+            "--config.train.log_every=1", "--config.train.eval_every=20",
+            "--config.train.eval_batches=1", "--config.checkpoint.every=4",
+            f"--config.data.cache_dir={ROOT / '.cache' / 'cpmjax'}"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+
+
+def _records(workdir: Path) -> dict[int, dict]:
+    """Last record per step (a resumed run appends the steps it repeats)."""
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines)}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("full")
+    proc = subprocess.run(_cmd(work), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "unigram baseline" in proc.stdout
+    return work
+
+
+def test_metrics_and_outputs(full_run: Path) -> None:
+    recs = _records(full_run)
+    assert sorted(recs) == list(range(1, STEPS + 1))
+    for r in recs.values():
+        assert FIELDS <= r.keys(), r
+        assert r["mfu"] is None  # CPU: no meaningful peak unless train.peak_flops is set
+        assert r["tokens_per_sec"] > 0 and r["step_time"] > 0 and r["lr"] > 0
+    assert {s for s, r in recs.items() if "eval_loss" in r} == {20, 40, 60}
+    assert recs[STEPS]["loss"] < recs[1]["loss"] - 0.5
+    assert list((full_run / "tensorboard").glob("events.out.tfevents.*"))
+    cfg, params = load_model(full_run)  # the run's workdir is a loadable model checkpoint
+    assert cfg.hidden_size == 128 and params["embed"].shape == (4096, 128)
+
+
+def test_sigkill_resume_is_bit_exact(full_run: Path, tmp_path: Path) -> None:
+    work = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(work), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (work / "metrics.jsonl").is_file() and max(_records(work), default=0) >= 14:
+            break
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(_records(work))
+    assert killed_at < STEPS
+
+    resumed = subprocess.run(_cmd(work), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    start = int(resumed.stdout.split("resumed from step ")[1].split()[0])
+    assert 4 <= start <= killed_at and start % 4 == 0
+    want, got = _records(full_run), _records(work)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(start + 1, STEPS + 1):
+        assert (got[step]["loss"], got[step]["grad_norm"]) == \
+            (want[step]["loss"], want[step]["grad_norm"]), step
+        assert got[step].get("eval_loss") == want[step].get("eval_loss")
