@@ -91,3 +91,21 @@ def test_sigkill_resume_is_bit_exact(full_run: Path, tmp_path: Path) -> None:
         assert (got[step]["loss"], got[step]["grad_norm"]) == \
             (want[step]["loss"], want[step]["grad_norm"]), step
         assert got[step].get("eval_loss") == want[step].get("eval_loss")
+
+
+@pytest.mark.parametrize("mode", ["skip", "stop"])
+def test_nonfinite_policy_end_to_end(tmp_path: Path, mode: str) -> None:
+    """A huge learning rate makes the first update overflow; every later step is non-finite."""
+    cmd = [c for c in _cmd(tmp_path) if "train.steps" not in c] + [
+        "--config.train.steps=4", "--config.train.lr=1e30", "--config.train.warmup_steps=0",
+        f"--config.train.on_nonfinite={mode}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    if mode == "stop":
+        assert proc.returncode != 0
+        assert "non-finite loss or gradient at step 2" in proc.stderr
+        assert not (tmp_path / "checkpoints" / "4").exists()
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        recs = _records(tmp_path)
+        assert [recs[s]["nonfinite_steps"] for s in (1, 2, 3, 4)] == [0, 1, 2, 3]
+        assert "update skipped" in proc.stderr

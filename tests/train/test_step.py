@@ -58,3 +58,13 @@ def test_nonfinite_step_is_skipped_and_counted() -> None:
     changed = [not np.array_equal(a, b) for a, b in
                zip(jax.tree.leaves(before["params"]), jax.tree.leaves(state["params"]))]
     assert all(changed)
+
+
+def test_bf16_compute_keeps_float32_master_weights() -> None:
+    cfg, mesh, sh, tx, state = setup()
+    b = batch(4)
+    s32, m32 = step_fn(cfg, tx, sh, mesh, (4, 32))(jax.tree.map(jnp.copy, state), b)
+    s16, m16 = step_fn(cfg, tx, sh, mesh, (4, 32), dtype=jnp.bfloat16)(state, b)
+    assert {x.dtype for x in jax.tree.leaves(s16["params"])} == {jnp.dtype(jnp.float32)}
+    assert float(m16["loss"]) != float(m32["loss"])  # the compute really ran in bfloat16
+    np.testing.assert_allclose(float(m16["loss"]), float(m32["loss"]), rtol=2e-2)
