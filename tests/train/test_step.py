@@ -68,3 +68,14 @@ def test_bf16_compute_keeps_float32_master_weights() -> None:
     assert {x.dtype for x in jax.tree.leaves(s16["params"])} == {jnp.dtype(jnp.float32)}
     assert float(m16["loss"]) != float(m32["loss"])  # the compute really ran in bfloat16
     np.testing.assert_allclose(float(m16["loss"]), float(m32["loss"]), rtol=2e-2)
+
+
+def test_remat_policies_give_the_same_gradients() -> None:
+    cfg, _, _, _, state = setup()
+    b = batch(5)
+    g0, l0, _ = jax.jit(make_grad_fn(cfg))(state["params"], b)
+    for policy in ("full", "dots"):
+        g1, l1, _ = jax.jit(make_grad_fn(cfg, remat=policy))(state["params"], b)
+        np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+        for a, c in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+            np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max()))
