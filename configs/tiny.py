@@ -11,7 +11,7 @@ from cpmjax.train.experiment import experiment_config
 def get_config():
     cfg = experiment_config(presets.tiny(), name="tiny")
     t = cfg.train
-    t.steps, t.warmup_steps, t.seq_len, t.global_batch_size = 200, 20, 256, 16
-    t.log_every, t.eval_every = 10, 50
-    cfg.checkpoint.every = 100
+    t.steps, t.warmup_steps, t.seq_len, t.global_batch_size = 160, 20, 256, 16
+    t.log_every, t.eval_every = 10, 40
+    cfg.checkpoint.every = 80
     return cfg

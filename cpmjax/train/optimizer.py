@@ -1,15 +1,20 @@
 """muP parameter groups and the AdamW optimizer.
 
-muP rules (MiniCPM's muP follows Tensor Programs V / MiniCPM-1; the MiniCPM4 report gives no
-per-parameter rules, spec §1.5 and §6 item 6). With width multiplier m = hidden_size/dim_model_base:
-- "hidden" matrices (attention and MLP weights, whose fan-in grows with width): learning rate
-  lr/m, init std initializer_range/sqrt(m) (``cpmjax.model.params.init_std``);
-- "embed" (input embedding) and "ones" (RMSNorm gains): the base learning rate;
-- "output" (untied lm_head): the base rate; its muP scaling is the 1/m logit multiplier applied in
-  the forward pass.
+The MiniCPM4 report gives no per-parameter muP rules (spec §1.5 marks them [?], §6 item 6); these
+follow MiniCPM-1 (Hu et al. 2024, arXiv:2404.06395, "Model Wind Tunnel" / muP appendix) and the
+Adam table of Tensor Programs V (Yang et al. 2022, arXiv:2203.03466, Table 3). With width
+multiplier m = hidden_size / dim_model_base:
+
+- "hidden" matrices (attention and MLP weights, fan-in grows with width): learning rate lr/m,
+  init std initializer_range/sqrt(m) (``cpmjax.model.params.init_std``);
+- "embed" (input embedding; its output is scaled by scale_emb in the forward pass) and "ones"
+  (RMSNorm gains): the base learning rate;
+- "output" (untied lm_head): the base rate; its muP scaling is the 1/m logit multiplier in the
+  forward pass (TP-V's output-multiplier form), with init std initializer_range/sqrt(m).
+
 Under the standard parametrization every group uses the base rate. Weight decay (decoupled,
-scaled by the learning rate as in AdamW) applies to matrices; never to norm gains; to the
-embedding only if ``decay_embeddings``.
+multiplied by the scheduled learning rate and the group multiplier, as AdamW) applies to the
+matrices; never to norm gains; to the embedding only if ``decay_embeddings``.
 """
 
 from __future__ import annotations
