@@ -34,6 +34,7 @@ def experiment_config(model: Mapping[str, Any], name: str) -> ml_collections.Con
     t.compute_dtype = "float32"  # bfloat16 on accelerators; master weights stay float32
     t.remat = "none"  # none | full | dots | dots_no_batch
     t.on_nonfinite = "skip"  # skip | stop
+    t.mtp_weight = 0.0  # lambda of the multi-token-prediction loss (spec §4.3); 0 = no MTP head
     t.log_every = 20
     t.eval_every = 200
     t.eval_batches = 8

@@ -68,9 +68,25 @@ def _unigram_baseline(data: DataSetup, vocab_size: int) -> float:
     return unigram_loss(train, valid, vocab_size)
 
 
+def check_train_config(t: ml_collections.ConfigDict) -> None:
+    """Fail before any compile with a message naming the bad field."""
+    if t.on_nonfinite not in ("skip", "stop"):
+        raise ConfigError(f"config field 'train.on_nonfinite': {t.on_nonfinite!r} is not "
+                          "'skip' or 'stop'")
+    if t.grad_accum < 1 or t.global_batch_size % t.grad_accum:
+        raise ConfigError(f"config field 'train.grad_accum': {t.grad_accum} must be >= 1 and "
+                          f"divide train.global_batch_size ({t.global_batch_size})")
+    if t.mtp_weight < 0:
+        raise ConfigError(f"config field 'train.mtp_weight': {t.mtp_weight} is negative")
+    for field in ("steps", "seq_len", "global_batch_size", "log_every", "eval_every"):
+        if t[field] < 1:
+            raise ConfigError(f"config field 'train.{field}': {t[field]} must be >= 1")
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train (resuming from the newest good checkpoint in ``workdir``); returns final metrics."""
     t = cfg.train
+    check_train_config(t)
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     model_cfg = ModelConfig.from_hf_config(cfg.model.to_dict())
@@ -82,12 +98,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     dtype = jnp.dtype(t.compute_dtype)
     tx = make_optimizer(t, model_cfg)
     schedule = make_schedule(t)
-    abstract = jax.eval_shape(lambda k: init_state(model_cfg, tx, k, t.parametrization),
-                              jax.random.key(t.seed))
+    with_mtp = t.mtp_weight > 0
+    init = lambda k: init_state(model_cfg, tx, k, t.parametrization, with_mtp)
+    abstract = jax.eval_shape(init, jax.random.key(t.seed))
     state_sh = state_shardings(model_cfg, abstract, mesh)
     batch_shape = (t.global_batch_size, t.seq_len)
     step_fn = jit_train_step(make_train_step(model_cfg, tx, grad_accum=t.grad_accum, dtype=dtype,
-                                             remat=t.remat), state_sh, mesh, batch_shape)
+                                             remat=t.remat, mtp_weight=t.mtp_weight),
+                             state_sh, mesh, batch_shape)
     eval_fn = jax.jit(make_eval_step(model_cfg, dtype))
 
     checkpointer = ckpt.TrainCheckpointer(work, cfg.checkpoint.keep, cfg.checkpoint.async_save)
@@ -97,8 +115,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                    t.global_batch_size, t.seed, jax.process_index(),
                                    jax.process_count())
     if restored is None:
-        state = jax.jit(lambda k: init_state(model_cfg, tx, k, t.parametrization),
-                        out_shardings=state_sh)(jax.random.key(t.seed))
+        state = jax.jit(init, out_shardings=state_sh)(jax.random.key(t.seed))
         start = 0
     else:
         start, state, data_state = restored
@@ -118,18 +135,20 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         sums = [eval_fn(params, {k: jnp.asarray(v) for k, v in b.items()}) for b in evals]
         return float(sum(s for s, _ in sums) / sum(c for _, c in sums))
 
-    last: dict[str, Any] = {"unigram_loss": baseline}
+    last: dict[str, Any] = {"unigram_loss": baseline, "nonfinite_steps": 0}
     window_start, window_tokens = time.perf_counter(), 0
     for step in range(start, t.steps):
         batch = jax.make_array_from_process_local_data(bsh, next(iterator), batch_shape)
         state, m = step_fn(state, batch)
         window_tokens += t.global_batch_size * t.seq_len
         done = step + 1
-        if not bool(m["finite"]):
-            log.warning("step %d: non-finite loss or gradient; update skipped", done)
-            if t.on_nonfinite == "stop":
-                raise NonFiniteError(f"non-finite loss or gradient at step {done}")
+        if t.on_nonfinite == "stop" and not bool(m["finite"]):  # a host sync every step
+            raise NonFiniteError(f"non-finite loss or gradient at step {done}")
         if done % t.log_every == 0 or done == t.steps:
+            skipped = int(state["nonfinite_steps"])
+            if skipped > last.get("nonfinite_steps", 0):
+                log.warning("%d step(s) up to step %d had a non-finite loss or gradient; their "
+                            "updates were skipped", skipped - last.get("nonfinite_steps", 0), done)
             loss = float(m["loss"])
             elapsed = time.perf_counter() - window_start
             steps_in_window = (done - 1) % t.log_every + 1
@@ -137,7 +156,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             last.update(loss=loss, lr=float(schedule(done - 1)), grad_norm=float(m["grad_norm"]),
                         tokens_per_sec=tps, step_time=elapsed / steps_in_window,
                         mfu=(tps * flops_tok / (peak * jax.device_count())) if peak else None,
-                        nonfinite_steps=int(state["nonfinite_steps"]))
+                        nonfinite_steps=skipped)
+            if "mtp_loss" in m:
+                last["mtp_loss"] = float(m["mtp_loss"])
             if done % t.eval_every == 0 or done == t.steps:
                 last["eval_loss"] = evaluate(state["params"])
             else:

@@ -35,14 +35,33 @@ def param_groups(cfg: ModelConfig) -> Any:
     return jax.tree.map(lambda s: s.init, param_specs(cfg), is_leaf=lambda x: isinstance(x, ParamSpec))
 
 
-def lr_multipliers(cfg: ModelConfig, parametrization: str) -> Any:
+def mtp_param_groups(cfg: ModelConfig) -> Any:
+    """Group labels of the MTP head: its matrices are hidden (fan-in grows with width), its 1-D
+    leaves (norm gains, biases) take the base rate without decay, like the model's norms."""
+    from cpmjax.model.mtp import init_mtp_params
+
+    shapes = jax.eval_shape(lambda k: init_mtp_params(cfg, k), jax.random.key(0))
+    return jax.tree.map(lambda x: "hidden" if x.ndim >= 2 else "ones", shapes)
+
+
+def trainable_groups(cfg: ModelConfig, with_mtp: bool = False) -> Any:
+    """Labels of the tree the optimizer sees: the params, or {"model", "mtp"} with an MTP head."""
+    groups = param_groups(cfg)
+    return {"model": groups, "mtp": mtp_param_groups(cfg)} if with_mtp else groups
+
+
+def lr_multipliers(cfg: ModelConfig, parametrization: str, groups: Any = None) -> Any:
+    """Per-leaf learning-rate factor: 1/m for hidden matrices under muP, else 1."""
     m = cfg.width_multiplier if parametrization == "mup" else 1.0
-    return jax.tree.map(lambda g: 1.0 / m if g == "hidden" else 1.0, param_groups(cfg))
+    groups = param_groups(cfg) if groups is None else groups
+    return jax.tree.map(lambda g: 1.0 / m if g == "hidden" else 1.0, groups)
 
 
-def weight_decay_mask(cfg: ModelConfig, decay_embeddings: bool = False) -> Any:
+def weight_decay_mask(cfg: ModelConfig, decay_embeddings: bool = False,
+                      groups: Any = None) -> Any:
+    groups = param_groups(cfg) if groups is None else groups
     return jax.tree.map(lambda g: g in ("hidden", "output") or (g == "embed" and decay_embeddings),
-                        param_groups(cfg))
+                        groups)
 
 
 class ScaleByTreeState(NamedTuple):
@@ -77,13 +96,15 @@ def make_schedule(train: Any) -> schedules.Schedule:
 
 
 def make_optimizer(train: Any, cfg: ModelConfig) -> optax.GradientTransformation:
-    """clip -> Adam moments -> decoupled weight decay -> schedule x per-group muP multiplier."""
+    """clip -> Adam moments -> decoupled weight decay -> schedule x per-group muP multiplier, for
+    the params, or for {"model": params, "mtp": mtp_params} when ``train.mtp_weight > 0``."""
     schedule = make_schedule(train)
+    groups = trainable_groups(cfg, train.get("mtp_weight", 0.0) > 0)
     return optax.chain(
         optax.clip_by_global_norm(train.clip_norm) if train.clip_norm else optax.identity(),
         optax.scale_by_adam(b1=train.b1, b2=train.b2, eps=train.eps),
         optax.add_decayed_weights(train.weight_decay,
-                                  mask=weight_decay_mask(cfg, train.decay_embeddings)),
+                                  mask=weight_decay_mask(cfg, train.decay_embeddings, groups)),
         optax.scale_by_schedule(lambda step: -schedule(step)),
-        scale_by_tree(lr_multipliers(cfg, train.parametrization)),
+        scale_by_tree(lr_multipliers(cfg, train.parametrization, groups)),
     )

@@ -1,9 +1,15 @@
 """The train state and the jitted, sharded train / eval steps.
 
-The state is a plain pytree ``{"step", "params", "opt_state", "nonfinite_steps"}``. Master weights
-are float32; the forward pass casts them to the compute dtype. Gradient accumulation scans over
-microbatches and normalises by the total number of target tokens, so it equals one big batch. A
-step whose loss or gradients are not finite is not applied (the state is kept and the count grows).
+The state is a plain pytree ``{"step", "params", "opt_state", "nonfinite_steps"}`` plus
+``"mtp_params"`` (the multi-token-prediction head, kept under its own key so it exports separately)
+when ``mtp_weight > 0``; the optimizer then sees ``{"model": params, "mtp": mtp_params}``. Master
+weights are float32; the forward pass casts them to the compute dtype. Target counts come from the
+batch's loss mask up front, so gradient accumulation (a scan over microbatches) sums gradients of
+already-normalised losses and equals one big batch. A step whose loss or gradients are not finite
+is not applied (the state is kept and the count grows).
+
+Objective (spec §4.3, MiniCPM4 TR §2.3.2): mean CE of x_{i+1} + mtp_weight x mean CE of x_{i+2},
+the latter from the MTP head on (h_i, x_{i+1}) through the shared output head.
 """
 
 from __future__ import annotations
@@ -16,29 +22,56 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cpmjax.config import ModelConfig
-from cpmjax.model import forward, init_params, param_axes
+from cpmjax.model import forward, init_params, lm_head, param_axes
 from cpmjax.parallel.rules import logical_to_spec
 
 State = dict[str, Any]
 BATCH_AXES = ("batch", "length")
 
 
+def _nll_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * mask)
+
+
 def token_loss_sums(params: Any, cfg: ModelConfig, batch: dict[str, jax.Array], dtype: Any,
                     remat: str) -> tuple[jax.Array, jax.Array]:
-    """(sum of target NLL over unmasked tokens, number of such tokens)."""
+    """(sum of next-token NLL over unmasked targets, number of such targets)."""
     out = forward(params, cfg, batch["inputs"], positions=batch["positions"],
                   segment_ids=batch["segment_ids"], dtype=dtype, remat=remat)
-    logp = jax.nn.log_softmax(out.logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-    mask = batch["loss_mask"]
-    return jnp.sum(nll * mask), jnp.sum(mask)
+    return _nll_sum(out.logits, batch["targets"], batch["loss_mask"]), jnp.sum(batch["loss_mask"])
+
+
+def mtp_targets(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(x_{i+2}, mask) per position i: valid where x_{i+1} and x_{i+2} are both targets of the
+    same document as x_i (two consecutive loss-mask ones); the last position has none."""
+    tgt = jnp.pad(batch["targets"][:, 1:], ((0, 0), (0, 1)))
+    mask = jnp.pad(batch["loss_mask"][:, 1:], ((0, 0), (0, 1))) * batch["loss_mask"]
+    return tgt, mask
+
+
+def split_trainable(tree: Any, with_mtp: bool) -> tuple[Any, Any]:
+    """(model params, MTP params or None) from the tree the optimizer sees."""
+    return (tree["model"], tree["mtp"]) if with_mtp else (tree, None)
+
+
+def trainable(state: State) -> Any:
+    return ({"model": state["params"], "mtp": state["mtp_params"]} if "mtp_params" in state
+            else state["params"])
 
 
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, key: jax.Array,
-               parametrization: str = "mup") -> State:
+               parametrization: str = "mup", with_mtp: bool = False) -> State:
     params = init_params(cfg, key, dtype=jnp.float32, parametrization=parametrization)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "nonfinite_steps": jnp.zeros((), jnp.int32)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "nonfinite_steps": jnp.zeros((), jnp.int32)}
+    if with_mtp:
+        from cpmjax.model.mtp import init_mtp_params
+
+        state["mtp_params"] = init_mtp_params(cfg, jax.random.fold_in(key, 1))
+    state["opt_state"] = tx.init(trainable(state))
+    return state
 
 
 def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
@@ -71,53 +104,75 @@ def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
 
 
 def make_grad_fn(cfg: ModelConfig, *, grad_accum: int = 1, dtype: Any = jnp.float32,
-                 remat: str = "none") -> Callable[..., Any]:
-    """``grads(params, batch) -> (grads, loss, target count)``: the mean token loss over the whole
-    batch and its gradient, accumulated over ``grad_accum`` microbatches (scan) and normalised by
-    the total target count, so it equals one big batch whatever the per-microbatch counts."""
+                 remat: str = "none", mtp_weight: float = 0.0) -> Callable[..., Any]:
+    """``grads(tree, batch) -> (grads, metrics)`` of the mean-token objective over the whole batch,
+    accumulated over ``grad_accum`` microbatches (scan); ``tree`` is what the optimizer sees."""
+    with_mtp = mtp_weight > 0
 
-    def micro_grads(params: Any, micro: dict[str, jax.Array]) -> tuple[Any, tuple[Any, Any]]:
-        (nll, count), grads = jax.value_and_grad(
-            lambda p: token_loss_sums(p, cfg, micro, dtype, remat), has_aux=True)(params)
-        return grads, (nll, count)
+    def objective(tree: Any, micro: dict[str, jax.Array], counts: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+        params, mtp_params = split_trainable(tree, with_mtp)
+        out = forward(params, cfg, micro["inputs"], positions=micro["positions"],
+                      segment_ids=micro["segment_ids"], dtype=dtype, remat=remat)
+        sums = [_nll_sum(out.logits, micro["targets"], micro["loss_mask"])]
+        if with_mtp:
+            from cpmjax.model.mtp import mtp_forward
 
-    def grad_fn(params: Any, batch: dict[str, jax.Array]) -> tuple[Any, jax.Array, jax.Array]:
+            h = mtp_forward(mtp_params, params, cfg, out.hidden, micro["targets"],
+                            micro["positions"], micro["segment_ids"])
+            sums.append(_nll_sum(lm_head(params, cfg, h), *mtp_targets(micro)))
+        sums = jnp.stack(sums)
+        weights = jnp.asarray([1.0, mtp_weight][:len(sums)])
+        return jnp.sum(weights * sums / counts), sums
+
+    def grad_fn(tree: Any, batch: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
+        counts = [jnp.sum(batch["loss_mask"])] + ([jnp.sum(mtp_targets(batch)[1])]
+                                                   if with_mtp else [])
+        counts = jnp.maximum(jnp.stack(counts), 1.0)
+        value_and_grad = jax.value_and_grad(objective, has_aux=True)
         if grad_accum == 1:
-            grads, (nll, count) = micro_grads(params, batch)
+            (_, sums), grads = value_and_grad(tree, batch, counts)
         else:
             micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
 
             def body(acc: Any, mb: dict[str, jax.Array]) -> tuple[Any, None]:
-                g, (n, c) = micro_grads(params, mb)
-                return jax.tree.map(jnp.add, acc, (g, n, c)), None
+                (_, s), g = value_and_grad(tree, mb, counts)
+                return jax.tree.map(jnp.add, acc, (g, s)), None
 
-            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
-            (grads, nll, count), _ = jax.lax.scan(body, zeros, micro)
-        count = jnp.maximum(count, 1.0)
-        return jax.tree.map(lambda g: g / count, grads), nll / count, count
+            zeros = (jax.tree.map(jnp.zeros_like, tree), jnp.zeros(counts.shape))
+            (grads, sums), _ = jax.lax.scan(body, zeros, micro)
+        losses = sums / counts
+        metrics = {"loss": losses[0], "tokens": counts[0]}
+        if with_mtp:
+            metrics["mtp_loss"] = losses[1]
+        return grads, metrics
 
     return grad_fn
 
 
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, *, grad_accum: int = 1,
-                    dtype: Any = jnp.float32, remat: str = "none") -> Callable[..., Any]:
+                    dtype: Any = jnp.float32, remat: str = "none",
+                    mtp_weight: float = 0.0) -> Callable[..., Any]:
     """``step(state, batch) -> (state, metrics)``; batch leaves are ``[global_batch, T]``."""
-    grad_fn = make_grad_fn(cfg, grad_accum=grad_accum, dtype=dtype, remat=remat)
+    grad_fn = make_grad_fn(cfg, grad_accum=grad_accum, dtype=dtype, remat=remat,
+                           mtp_weight=mtp_weight)
 
     def step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
-        params = state["params"]
-        grads, loss, count = grad_fn(params, batch)
+        tree = trainable(state)
+        grads, metrics = grad_fn(tree, batch)
+        loss = metrics["loss"] + mtp_weight * metrics.get("mtp_loss", 0.0)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
+        updates, opt_state = tx.update(grads, state["opt_state"], tree)
+        new_tree = optax.apply_updates(tree, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = {"step": state["step"] + 1,
-                     "params": keep(new_params, params),
+        params, mtp_params = split_trainable(keep(new_tree, tree), "mtp_params" in state)
+        new_state = {**state, "step": state["step"] + 1, "params": params,
                      "opt_state": keep(opt_state, state["opt_state"]),
                      "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32)}
-        return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite,
-                           "tokens": count}
+        if mtp_params is not None:
+            new_state["mtp_params"] = mtp_params
+        return new_state, {**metrics, "grad_norm": grad_norm, "finite": finite}
 
     return step
 

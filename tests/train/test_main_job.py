@@ -108,4 +108,4 @@ def test_nonfinite_policy_end_to_end(tmp_path: Path, mode: str) -> None:
         assert proc.returncode == 0, proc.stderr[-3000:]
         recs = _records(tmp_path)
         assert [recs[s]["nonfinite_steps"] for s in (1, 2, 3, 4)] == [0, 1, 2, 3]
-        assert "update skipped" in proc.stderr
+        assert "updates were skipped" in proc.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cpmjax.train.step import make_grad_fn
 
@@ -29,15 +30,15 @@ def test_grad_accumulation_equals_big_batch() -> None:
     cfg, _, _, _, state = setup()
     b = batch(1, b=8)
     b["loss_mask"] = b["loss_mask"].at[:4, :10].set(0.0)  # first microbatch has fewer targets
-    g1, l1, c1 = jax.jit(make_grad_fn(cfg))(state["params"], b)
-    g2, l2, c2 = jax.jit(make_grad_fn(cfg, grad_accum=2))(state["params"], b)
-    assert float(c1) == float(c2) == 8 * 31 - 4 * 10
-    np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
+    g1, m1 = jax.jit(make_grad_fn(cfg))(state["params"], b)
+    g2, m2 = jax.jit(make_grad_fn(cfg, grad_accum=2))(state["params"], b)
+    assert float(m1["tokens"]) == float(m2["tokens"]) == 8 * 31 - 4 * 10
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
     for a, c in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         scale = float(jnp.abs(a).max())
         assert scale > 0
         np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-5 * scale)
-    wrong, _, _ = jax.jit(make_grad_fn(cfg))(state["params"], {k: v[4:] for k, v in b.items()})
+    wrong, _ = jax.jit(make_grad_fn(cfg))(state["params"], {k: v[4:] for k, v in b.items()})
     assert not np.allclose(wrong["embed"], g1["embed"], rtol=1e-3)  # the test can tell apart
 
 
@@ -73,9 +74,24 @@ def test_bf16_compute_keeps_float32_master_weights() -> None:
 def test_remat_policies_give_the_same_gradients() -> None:
     cfg, _, _, _, state = setup()
     b = batch(5)
-    g0, l0, _ = jax.jit(make_grad_fn(cfg))(state["params"], b)
+    g0, m0 = jax.jit(make_grad_fn(cfg))(state["params"], b)
     for policy in ("full", "dots"):
-        g1, l1, _ = jax.jit(make_grad_fn(cfg, remat=policy))(state["params"], b)
-        np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+        g1, m1 = jax.jit(make_grad_fn(cfg, remat=policy))(state["params"], b)
+        np.testing.assert_allclose(float(m1["loss"]), float(m0["loss"]), rtol=1e-6)
         for a, c in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
             np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max()))
+
+
+def test_bad_train_config_names_the_field() -> None:
+    from cpmjax.config import ConfigError
+    from cpmjax.train.experiment import experiment_config
+    from cpmjax.train.loop import check_train_config
+    from tests.conftest import tiny_hf_config
+
+    for field, value, match in [("on_nonfinite", "ignore", "train.on_nonfinite"),
+                                ("grad_accum", 3, "train.grad_accum"),
+                                ("steps", 0, "train.steps")]:
+        t = experiment_config(tiny_hf_config(), "t").train
+        t[field] = value
+        with pytest.raises(ConfigError, match=match):
+            check_train_config(t)
