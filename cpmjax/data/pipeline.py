@@ -3,11 +3,18 @@ positions, mix sources by weight, shuffle as a function of the seed, batch, and 
 
 Packing concatenates ``<s> doc </s>`` sequences and cuts rows of ``seq_len + 1`` tokens; a document
 longer than a row continues in the next row, where its positions start again at 0 (nothing is
-dropped but the final partial row). In
-each row, ``segment_ids`` number the documents from 1 and ``positions`` restart at 0 for each of
-them; ``loss_mask`` is 0 where a target token belongs to another document, so no prediction
-crosses a document boundary. The batch at step s is a pure function of (seed, s), and the grain
-iterator's state restores the stream exactly.
+dropped but the final partial row). In each row, ``segment_ids`` number the documents from 1 and
+``positions`` restart at 0 for each of them; ``loss_mask`` is 0 where a target token belongs to another document, so no prediction
+crosses a document boundary. Rows carry no padding, so every segment id is >= 1. The batch at
+step s is a pure function of (seed, s); each epoch of a source is reshuffled (grain derives the
+order from the seed and the epoch).
+
+Resume: ``make_batch_iterator(...).get_state()`` is a small JSON-able dict; store it with the train
+state (e.g. ``ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(iterator))``, or as JSON)
+and ``set_state`` it on a fresh iterator built with the same arguments.
+
+Every source is read, tokenized and packed in memory when the dataset is built (seconds for a few
+MB); that is why there are no grain worker processes: row access is an array slice.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ Batch = dict[str, np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class Source:
+    """One training source: a file (or folder of .txt files), its format, and its mixture weight."""
+
     path: str
     type: SourceType = "jsonl"
     weight: float = 1.0
@@ -33,6 +42,7 @@ class Source:
 
 
 def tokenize_documents(docs: Sequence[str], tokenizer_path: str) -> list[np.ndarray]:
+    """``<s> doc </s>`` token ids per document, as MiniCPM frames its pretraining documents."""
     tok = load_tokenizer(tokenizer_path)
     return [np.asarray(encode(tok, d, add_bos=True, add_eos=True), np.int32) for d in docs]
 
@@ -75,12 +85,14 @@ class PackedRows:
 
 
 def packed_dataset(source: Source, tokenizer_path: str, seq_len: int) -> grain.MapDataset:
+    """Unshuffled packed rows of one source, in document order."""
     docs = read_documents(source.path, source.type, source.text_field)
     return grain.MapDataset.source(PackedRows(*pack_rows(
         tokenize_documents(docs, tokenizer_path), seq_len)))
 
 
 def _host_slice(batch: Batch, shard_index: int, shard_count: int) -> Batch:
+    """This host's contiguous block of the global batch (hosts agree on the global batch)."""
     per_host = len(batch["inputs"]) // shard_count
     return {k: v[shard_index * per_host:(shard_index + 1) * per_host] for k, v in batch.items()}
 

@@ -1,7 +1,8 @@
 """Document sources: plain text, JSONL and ArrayRecord files, read into lists of strings.
 
-Text: one document per ``.txt`` file (a file, or every ``.txt`` under a folder). JSONL: one document per line, from a text field. ArrayRecord: one
-UTF-8 document per record. Errors name the file (and the line for JSONL).
+Text: one document per ``.txt`` file (a file, or every ``.txt`` under a folder, sorted by path).
+JSONL: one document per line, from a text field; blank lines are skipped. ArrayRecord: one UTF-8
+document per record (not pre-tokenized ids: the tokenizer stays a pipeline parameter). Errors name the file (and the line for JSONL).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ class DataError(ValueError):
 
 
 def read_documents(path: str | Path, type: SourceType, text_field: str = "text") -> list[str]:
+    """All documents of one source, in file order, so packing and splits are deterministic."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"data source {p} does not exist")

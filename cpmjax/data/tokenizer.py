@@ -61,11 +61,13 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 
 def encode(tok: Tokenizer, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
+    """Token ids of ``text``; bos/eos are added here, not by the tokenizer, so callers choose."""
     ids = tok.encode(text, add_special_tokens=False).ids
     return ([BOS_ID] if add_bos else []) + ids + ([EOS_ID] if add_eos else [])
 
 
 def _corpus_texts(corpus_dir: Path) -> Iterator[str]:
+    """Training texts streamed from the corpus's train split (never the held-out one)."""
     with open(corpus_dir / "train.jsonl", encoding="utf-8") as f:
         for line in f:
             yield json.loads(line)["text"]
