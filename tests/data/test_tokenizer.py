@@ -10,7 +10,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from cpmjax.data import BOS_ID, EOS_ID, SPECIAL_TOKENS, encode, load_tokenizer
+from cpmjax.data import (BOS_ID, EOS_ID, SPECIAL_TOKENS, build_default_corpus, encode,
+                         get_or_build_default_tokenizer, load_tokenizer)
 from cpmjax.data.corpus import HELD_OUT_EVERY, iter_documents
 from cpmjax.data.tokenizer import train_tokenizer
 
@@ -83,3 +84,12 @@ def test_build_tokenizer_cli(tmp_path: Path) -> None:
                           f"--source={tmp_path / 'missing.jsonl'}"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert bad.returncode == 1 and "missing.jsonl" in bad.stderr
+
+
+def test_corpus_and_tokenizer_are_cached(data_cache: Path, corpus_dir: Path,
+                                         tokenizer_dir: Path) -> None:
+    files = [corpus_dir / "train.jsonl", corpus_dir / "valid.jsonl", tokenizer_dir / "tokenizer.json"]
+    before = [f.stat().st_mtime_ns for f in files]
+    assert build_default_corpus(data_cache) == corpus_dir
+    assert get_or_build_default_tokenizer(data_cache, vocab_size=1024) == tokenizer_dir
+    assert [f.stat().st_mtime_ns for f in files] == before  # reused, not rebuilt
