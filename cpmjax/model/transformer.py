@@ -41,14 +41,19 @@ def embed_tokens(params: Params, cfg: ModelConfig, tokens: jax.Array,
     return (params["embed"].astype(dtype)[tokens] * cfg.scale_emb).astype(dtype)
 
 
-def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array,
+            vocab_ids: jax.Array | None = None) -> jax.Array:
     """Final norm, division by the muP width multiplier, projection; float32 logits.
 
     The division applies with tied heads too (the MLX port skips it there; HF does not, spec §1.2).
+    ``vocab_ids`` restricts the projection to those rows (FR-Spec draft head, spec §3.2); logits
+    then index the subset, ``[..., len(vocab_ids)]``.
     """
     h = rms_norm(hidden, params["final_norm"], cfg.rms_norm_eps)
     h = h / jnp.asarray(cfg.width_multiplier, h.dtype)
     w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    if vocab_ids is not None:
+        w = jnp.take(w, vocab_ids, axis=1)
     return jnp.einsum("btd,dv->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
 
 
@@ -56,9 +61,15 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
                   sin: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
                   cache_kv: tuple[jax.Array, jax.Array] | None,
                   attn_impl: attn_lib.Implementation = "auto",
+                  residual_scale: float | None = None,
                   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """One pre-norm block; returns the new hidden state and the updated (k, v) cache of the layer."""
+    """One pre-norm block; returns the new hidden state and the updated (k, v) cache of the layer.
+
+    ``residual_scale`` defaults to ``cfg.residual_scale``; the MTP/EAGLE draft layer passes
+    scale_depth/sqrt(L+1) because it counts as layer L+1 (spec §1.5, CPM.cu ``speculative/eagle.py``).
+    """
     dt = h.dtype
+    scale = jnp.asarray(cfg.residual_scale if residual_scale is None else residual_scale, dt)
     x = rms_norm(h, layer["input_norm"], cfg.rms_norm_eps)
     q = jnp.einsum("btd,dhk->bthk", x, layer["wq"].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", x, layer["wk"].astype(dt))
@@ -78,10 +89,10 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
                           q_seg=segment_ids if cache_kv is None else None, kv_seg=kv_seg, cfg=cfg,
                           implementation=attn_impl, kv_is_query=cache_kv is None)
     attn_out = jnp.einsum("bthk,hkd->btd", out, layer["wo"].astype(dt))
-    h = h + attn_out * jnp.asarray(cfg.residual_scale, dt)
+    h = h + attn_out * scale
     x = rms_norm(h, layer["post_norm"], cfg.rms_norm_eps)
     mlp_out = swiglu_mlp(x, layer["w_gate"], layer["w_up"], layer["w_down"])
-    h = h + mlp_out * jnp.asarray(cfg.residual_scale, dt)
+    h = h + mlp_out * scale
     return h, new_cache
 
 
