@@ -16,14 +16,15 @@ from cpmjax.train.step import init_state, jit_train_step, make_train_step, state
 from tests.conftest import tiny_hf_config
 
 
-def setup(grad_accum: int = 1, mesh=None, **train: Any):
-    """(model cfg, jitted step, initial state) on ``mesh`` (default: all devices on fsdp)."""
+def setup(mesh=None, **train: Any):
+    """(model cfg, mesh, state shardings, optimizer, initial state) on ``mesh`` (default: all
+    devices on fsdp); ``train`` overrides fields of the experiment's train config."""
     exp = experiment_config(tiny_hf_config(), "t")
     exp.train.update(dict(lr=1e-2, warmup_steps=2, steps=50, **train))
     cfg = ModelConfig.from_hf_config(exp.model.to_dict())
     tx = make_optimizer(exp.train, cfg)
     mesh = mesh or make_mesh()
-    init = lambda k: init_state(cfg, tx, k)
+    init = lambda k: init_state(cfg, tx, k, with_mtp=exp.train.mtp_weight > 0)
     sh = state_shardings(cfg, jax.eval_shape(init, jax.random.key(0)), mesh)
     state = jax.jit(init, out_shardings=sh)(jax.random.key(0))
     return cfg, mesh, sh, tx, state
