@@ -1,0 +1,102 @@
+"""Public InfLLM v2 API: block selection (stage 1) and block-sparse attention (stage 2).
+
+Standalone: depends only on jax. Spec: /work/shared/spec/MINICPM4.md §2.2 (steps A-H).
+MiniCPM4 callers pass `topk = sparse_config.topk + window_size // block_size` (64 + 32 = 96)
+and `local_blocks = window_size // block_size` (32), as HF does (spec §2.1).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+
+from .attention_xla import sparse_attention_xla
+from .reference import select_blocks_reference, sparse_attention_reference
+from .selection import select_blocks_chunked
+
+Implementation = Literal["auto", "xla", "reference", "pallas_tpu", "pallas_gpu", "pallas_interpret",
+                         "pallas_gpu_interpret"]
+
+
+def select_blocks(q: jax.Array, k: jax.Array, *, kernel_size: int, kernel_stride: int,
+                  block_size: int, topk: int, init_blocks: int, local_blocks: int,
+                  lse_approx: bool = True, cache_len: int = 0, query_chunk: int = 256,
+                  implementation: Literal["xla", "reference"] = "xla") -> jax.Array:
+    """Stage 1: per (batch, KV head, query) the ascending list of selected blocks, -1 padded.
+
+    q [B, Tq, H, D] and k [B, Tk, KV, D] after RoPE, Tk = cache_len + Tq. Query t has absolute
+    position cache_len + t. Decode (Tq == 1, cache_len > 0) sees every full kernel, as HF's
+    non-causal decode stage 1. Returns int32 [B, KV, Tq, topk], no gradient.
+    """
+    _check_lengths(q, k, cache_len)
+    kw = dict(kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size,
+              topk=topk, init_blocks=init_blocks, local_blocks=local_blocks,
+              lse_approx=lse_approx, cache_len=cache_len)
+    if implementation == "reference":
+        return select_blocks_reference(q, k, **kw)
+    return select_blocks_chunked(q, k, query_chunk=query_chunk, **kw)
+
+
+def _check_lengths(q: jax.Array, k: jax.Array, cache_len: int) -> None:
+    if k.shape[1] != cache_len + q.shape[1]:
+        raise ValueError(f"need Tk == cache_len + Tq, got Tk={k.shape[1]}, cache_len={cache_len}, "
+                         f"Tq={q.shape[1]}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"H={q.shape[2]} is not a multiple of KV={k.shape[2]}")
+
+
+def _pallas_forward(kind: str):
+    """Forward function of a Pallas variant; imported lazily so CPU-only use needs no GPU bits."""
+    if kind in ("pallas_tpu", "pallas_interpret"):
+        from .pallas_tpu import sparse_attention_fwd
+        return functools.partial(sparse_attention_fwd, interpret=kind == "pallas_interpret")
+    from .pallas_gpu import sparse_attention_fwd
+    return functools.partial(sparse_attention_fwd, interpret=kind == "pallas_gpu_interpret")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _kernel_attention(q, k, v, block_idx, kind, block_size, cache_len, scale):
+    return _pallas_forward(kind)(q, k, v, block_idx, block_size=block_size, cache_len=cache_len,
+                                 softmax_scale=scale)
+
+
+def _kernel_attention_fwd(q, k, v, block_idx, kind, block_size, cache_len, scale):
+    out = _kernel_attention(q, k, v, block_idx, kind, block_size, cache_len, scale)
+    return out, (q, k, v, block_idx)
+
+
+def _kernel_attention_bwd(kind, block_size, cache_len, scale, res, g):
+    # Backward = VJP of the chunked XLA gather path (recomputes the probabilities; memory
+    # O(chunk * topk * block_size * D)). A Pallas backward kernel is future work (README).
+    q, k, v, block_idx = res
+    _, vjp = jax.vjp(lambda q_, k_, v_: sparse_attention_xla(
+        q_, k_, v_, block_idx, block_size=block_size, cache_len=cache_len, softmax_scale=scale),
+        q, k, v)
+    return (*vjp(g), None)
+
+
+_kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
+
+
+def default_implementation() -> str:
+    """Pallas on TPU; the XLA gather path elsewhere (the GPU kernel is opt-in, see pallas_gpu)."""
+    return "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
+
+
+def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax.Array, *,
+                     block_size: int, cache_len: int = 0, softmax_scale: float | None = None,
+                     implementation: Implementation = "auto") -> jax.Array:
+    """Stage 2: each query attends, causally at token level, only to its group's selected blocks.
+
+    q [B, Tq, H, D], k/v [B, Tk, KV, D], block_idx from `select_blocks`. Differentiable in
+    q, k, v. Rows with no visible key return zeros.
+    """
+    _check_lengths(q, k, cache_len)
+    impl = default_implementation() if implementation == "auto" else implementation
+    kw = dict(block_size=block_size, cache_len=cache_len, softmax_scale=softmax_scale)
+    if impl == "reference":
+        return sparse_attention_reference(q, k, v, block_idx, **kw)
+    if impl == "xla":
+        return sparse_attention_xla(q, k, v, block_idx, **kw)
+    return _kernel_attention(q, k, v, block_idx, impl, block_size, cache_len, softmax_scale)

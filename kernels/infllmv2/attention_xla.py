@@ -1,0 +1,64 @@
+"""Stage 2 of InfLLM v2 (spec MINICPM4.md §2.2 step H) in plain XLA, gather formulation.
+
+Each query token gathers only its KV group's selected blocks ([topk*block_size] keys), over
+query chunks with `lax.map` and per-chunk rematerialisation, so memory is
+O(chunk * topk * block_size * D) and FLOPs scale with the selected tokens, not Tk.
+Differentiable by ordinary autodiff (the gather's transpose is a scatter-add into dk/dv).
+It is also the backward pass of the Pallas kernels (see `api.py`).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax.Array, *,
+                         block_size: int, cache_len: int = 0, softmax_scale: float | None = None,
+                         query_chunk: int = 128) -> jax.Array:
+    """q [B, Tq, H, D], k/v [B, Tk, KV, D], block_idx int32 [B, KV, Tq, topk] -> [B, Tq, H, D]."""
+    b, tq, h, d = q.shape
+    tk, kvh = k.shape[1], k.shape[2]
+    g, topk = h // kvh, block_idx.shape[-1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    n_blocks = -(-tk // block_size)
+    pad_k = n_blocks * block_size - tk
+
+    def blocked(x: jax.Array) -> jax.Array:  # [B, KV, n_blocks, bs, D]
+        x = jnp.pad(x, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
+        return x.reshape(b, n_blocks, block_size, kvh, d).transpose(0, 3, 1, 2, 4)
+
+    kb, vb = blocked(k), blocked(v)
+    chunk = min(query_chunk, tq)
+    n_chunks = -(-tq // chunk)
+    tp = n_chunks * chunk
+    qc = jnp.pad(q, ((0, 0), (0, tp - tq), (0, 0), (0, 0)))
+    qc = qc.reshape(b, n_chunks, chunk, kvh, g, d).transpose(1, 0, 3, 2, 4, 5)  # [n,B,KV,c,G,D]
+    ic = jnp.pad(block_idx, ((0, 0), (0, 0), (0, tp - tq), (0, 0)), constant_values=-1)
+    ic = ic.reshape(b, kvh, n_chunks, chunk, topk).transpose(2, 0, 1, 3, 4)  # [n,B,KV,c,topk]
+    pos = (cache_len + jnp.arange(tp)).reshape(n_chunks, chunk)
+
+    gather = jax.vmap(jax.vmap(lambda xb, i: xb[i]))  # over B, KV: [nb,bs,D][c,topk] -> [c,topk,bs,D]
+
+    @jax.checkpoint
+    def one_chunk(kb: jax.Array, vb: jax.Array, qch: jax.Array, idx: jax.Array,
+                  qpos: jax.Array) -> jax.Array:
+        safe = jnp.maximum(idx, 0)
+        ks, vs = gather(kb, safe), gather(vb, safe)  # [B, KV, c, topk, bs, D]
+        s = jnp.einsum("bkcgd,bkctsd->bkcgts", qch, ks,
+                       preferred_element_type=jnp.float32) * scale
+        key_pos = idx[..., None] * block_size + jnp.arange(block_size)  # [B, KV, c, topk, bs]
+        mask = (idx[..., None] >= 0) & (key_pos <= qpos[None, None, :, None, None])
+        mask = mask[:, :, :, None]  # broadcast over G
+        s = jnp.where(mask, s, -jnp.inf)
+        m = jnp.max(s, axis=(-2, -1), keepdims=True)
+        p = jnp.where(mask, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+        den = p.sum(axis=(-2, -1), keepdims=True)
+        p = p / jnp.where(den > 0, den, 1.0)
+        o = jnp.einsum("bkcgts,bkctsd->bkcgd", p.astype(v.dtype), vs,
+                       preferred_element_type=jnp.float32)
+        return o.astype(q.dtype)
+
+    out = jax.lax.map(lambda a: one_chunk(kb, vb, *a), (qc, ic, pos))  # [n, B, KV, c, G, D]
+    return out.transpose(1, 0, 3, 2, 4, 5).reshape(b, tp, h, d)[:, :tq]
