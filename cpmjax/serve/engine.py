@@ -1,0 +1,197 @@
+"""Decode engine with the JetStream contract: ``prefill`` / ``insert`` / ``generate``.
+
+The contract follows JetStream's ``engine_api.Engine`` (archived Feb 2026; ideas only, see
+/work/shared/spec/JAX_ANCHORS.md §1 "Serving API shape"): a prompt is prefilled into its own
+prefix cache, ``insert`` copies that prefix into one slot of a preallocated decode cache, and one
+jitted ``generate`` step advances every slot at once. Shapes never depend on a request:
+
+* prefill runs fixed-length chunks (``chunk`` tokens; the tail chunk is padded with position -1,
+  which the model's cache does not write), so one compilation serves every prompt length;
+* the decode cache is ``[L, max_slots, max_len, KV, hd]``; an idle slot has length -1, so its
+  token writes nothing and its output is ignored. Stale keys left by a previous request in a slot
+  need no clearing: the model masks cache entries at positions after the query
+  (``cpmjax.model.attention.attention_mask``) and a new prompt overwrites the positions before it.
+
+Attention goes through ``cpmjax.model.forward``, so whatever attention the model uses (dense,
+cuDNN, InfLLM v2 sparse) the engine inherits. Every jitted function counts its traces in
+``compilations`` so tests and ``/metrics`` can show the number of compilations stays fixed.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cpmjax.config import ModelConfig
+from cpmjax.model import forward, init_cache, lm_head
+from cpmjax.model.cache import KVCache
+from cpmjax.model.params import Params
+from cpmjax.serve.sampling import SamplingParams, sample
+
+
+class Prefix(NamedTuple):
+    """A prefilled prompt, ready for ``insert``."""
+
+    cache: KVCache  # [L, 1, max_len, KV, hd]
+    logits: jax.Array  # float32 [V], at the prompt's last token
+    seen: jax.Array  # bool [V], tokens of the prompt (for the repetition penalty)
+    length: int
+
+
+class DecodeState(NamedTuple):
+    """Everything the decode step reads, one row per slot."""
+
+    cache: KVCache  # [L, B, max_len, KV, hd]
+    tokens: jax.Array  # int32 [B], the last sampled token (not yet in the cache)
+    lengths: jax.Array  # int32 [B], where ``tokens`` goes in the cache; -1 = idle slot
+    steps: jax.Array  # int32 [B], tokens generated so far (the sampling key's counter)
+    seen: jax.Array  # bool [B, V]
+    temperature: jax.Array  # float32 [B]
+    top_k: jax.Array  # int32 [B]
+    top_p: jax.Array  # float32 [B]
+    repetition_penalty: jax.Array  # float32 [B]
+    seed: jax.Array  # int32 [B]
+
+
+def _sampling_kwargs(state: DecodeState) -> dict[str, jax.Array]:
+    return {"temperature": state.temperature, "top_k": state.top_k, "top_p": state.top_p,
+            "repetition_penalty": state.repetition_penalty, "seed": state.seed}
+
+
+class DecodeEngine:
+    """Jitted prefill/insert/generate for one model config and one static batch shape."""
+
+    def __init__(self, cfg: ModelConfig, *, max_slots: int = 8, max_len: int | None = None,
+                 chunk: int = 64, dtype: Any = jnp.float32) -> None:
+        max_len = cfg.max_position_embeddings if max_len is None else max_len
+        if max_slots < 1 or chunk < 1:
+            raise ValueError(f"max_slots and chunk must be >= 1, got {max_slots}, {chunk}")
+        if not 1 < max_len <= cfg.max_position_embeddings:
+            raise ValueError(f"max_len must be in (1, max_position_embeddings="
+                             f"{cfg.max_position_embeddings}], got {max_len}")
+        self.cfg, self.max_slots, self.max_len, self.chunk = cfg, max_slots, max_len, chunk
+        self.dtype = dtype
+        self.compilations: collections.Counter[str] = collections.Counter()
+        self._prefill_chunk = self._jit("prefill", self._prefill_chunk_impl, donate=(1, 2))
+        self._insert = self._jit("insert", self._insert_impl, donate=(0,))
+        self._generate = self._jit("generate", self._generate_impl, donate=(1,))
+        self._release = self._jit("release", self._release_impl, donate=(0,))
+
+    def _jit(self, name: str, fn: Callable[..., Any], donate: tuple[int, ...]) -> Callable[..., Any]:
+        """``jax.jit`` that counts its traces (one per compilation) under ``name``."""
+
+        @functools.wraps(fn)
+        def counted(*args: Any) -> Any:
+            self.compilations[name] += 1
+            return fn(*args)
+
+        return jax.jit(counted, donate_argnums=donate)
+
+    @property
+    def total_compilations(self) -> int:
+        return sum(self.compilations.values())
+
+    # ---- prefill -------------------------------------------------------------------------
+    def _prefill_chunk_impl(self, params: Params, cache: KVCache, seen: jax.Array,
+                            tokens: jax.Array, positions: jax.Array, last: jax.Array
+                            ) -> tuple[KVCache, jax.Array, jax.Array]:
+        out = forward(params, self.cfg, tokens, positions=positions, cache=cache, dtype=self.dtype,
+                      return_logits=False)
+        logits = lm_head(params, self.cfg, out.hidden[:, last][:, None])[0, 0]
+        V = seen.shape[0]
+        seen = seen.at[jnp.where(positions[0] >= 0, tokens[0], V)].set(True, mode="drop")
+        return out.cache, logits, seen
+
+    def prefill(self, params: Params, tokens: list[int]) -> Prefix:
+        """Run the prompt through the model in fixed-size chunks; returns its prefix cache."""
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("prompt must contain at least one token")
+        if n >= self.max_len:
+            raise ValueError(f"prompt of {n} tokens does not fit the context of {self.max_len} "
+                             f"(at least one position must remain for generation)")
+        cache = init_cache(self.cfg, 1, self.max_len, self.dtype)
+        seen = jnp.zeros((self.cfg.vocab_size,), bool)
+        logits = None
+        for start in range(0, n, self.chunk):
+            piece = tokens[start:start + self.chunk]
+            m = len(piece)
+            tok = np.zeros((1, self.chunk), np.int32)
+            tok[0, :m] = piece
+            pos = np.full((1, self.chunk), -1, np.int32)
+            pos[0, :m] = np.arange(start, start + m)
+            cache, logits, seen = self._prefill_chunk(params, cache, seen, tok, pos,
+                                                      np.int32(m - 1))
+        return Prefix(cache, logits, seen, n)
+
+    # ---- decode state --------------------------------------------------------------------
+    def init_decode_state(self) -> DecodeState:
+        B, V = self.max_slots, self.cfg.vocab_size
+        # Distinct buffers for every field: the jitted steps donate the whole state.
+        def zi() -> jax.Array:
+            return jnp.zeros((B,), jnp.int32)
+
+        return DecodeState(cache=init_cache(self.cfg, B, self.max_len, self.dtype), tokens=zi(),
+                           lengths=jnp.full((B,), -1, jnp.int32), steps=zi(),
+                           seen=jnp.zeros((B, V), bool), temperature=jnp.zeros((B,), jnp.float32),
+                           top_k=zi(), top_p=jnp.ones((B,), jnp.float32),
+                           repetition_penalty=jnp.ones((B,), jnp.float32), seed=zi())
+
+    def _insert_impl(self, state: DecodeState, prefix_cache: KVCache, logits: jax.Array,
+                     seen: jax.Array, length: jax.Array, slot: jax.Array, temperature: jax.Array,
+                     top_k: jax.Array, top_p: jax.Array, repetition_penalty: jax.Array,
+                     seed: jax.Array) -> tuple[DecodeState, jax.Array]:
+        params = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                  "repetition_penalty": repetition_penalty, "seed": seed}
+        first = sample(logits[None], seen[None], jnp.zeros((1,), jnp.int32),
+                       **{k: v[None] for k, v in params.items()})[0]
+        cache = {k: jax.lax.dynamic_update_slice_in_dim(state.cache[k], prefix_cache[k], slot,
+                                                        axis=1) for k in state.cache}
+        row = seen.at[first].set(True)
+        new = state._replace(cache=cache, tokens=state.tokens.at[slot].set(first),
+                             lengths=state.lengths.at[slot].set(length),
+                             steps=state.steps.at[slot].set(1), seen=state.seen.at[slot].set(row),
+                             **{k: getattr(state, k).at[slot].set(v) for k, v in params.items()})
+        return new, first
+
+    def insert(self, prefix: Prefix, state: DecodeState, slot: int,
+               sampling: SamplingParams = SamplingParams()) -> tuple[DecodeState, jax.Array]:
+        """Put a prefilled prompt into ``slot``; returns the new state and the first token."""
+        if not 0 <= slot < self.max_slots:
+            raise ValueError(f"slot must be in [0, {self.max_slots}), got {slot}")
+        return self._insert(state, prefix.cache, prefix.logits, prefix.seen,
+                            np.int32(prefix.length), np.int32(slot),
+                            np.float32(sampling.temperature), np.int32(sampling.top_k),
+                            np.float32(sampling.top_p), np.float32(sampling.repetition_penalty),
+                            np.int32(sampling.seed))
+
+    # ---- generate ------------------------------------------------------------------------
+    def _generate_impl(self, params: Params, state: DecodeState) -> tuple[DecodeState, jax.Array]:
+        active = state.lengths >= 0
+        out = forward(params, self.cfg, state.tokens[:, None], positions=state.lengths[:, None],
+                      cache=state.cache, dtype=self.dtype)
+        nxt = sample(out.logits[:, 0], state.seen, state.steps, **_sampling_kwargs(state))
+        V = self.cfg.vocab_size
+        seen = state.seen.at[jnp.arange(self.max_slots), jnp.where(active, nxt, V)].set(
+            True, mode="drop")
+        new = state._replace(cache=out.cache, tokens=nxt, seen=seen,
+                             lengths=jnp.where(active, state.lengths + 1, -1),
+                             steps=state.steps + active.astype(jnp.int32))
+        return new, nxt
+
+    def generate(self, params: Params, state: DecodeState) -> tuple[DecodeState, jax.Array]:
+        """One decode step for every slot; returns the new state and the sampled tokens ``[B]``
+        (rows of idle slots are meaningless)."""
+        return self._generate(params, state)
+
+    def _release_impl(self, state: DecodeState, slot: jax.Array) -> DecodeState:
+        return state._replace(lengths=state.lengths.at[slot].set(-1))
+
+    def release(self, state: DecodeState, slot: int) -> DecodeState:
+        """Mark ``slot`` idle so the decode step stops writing to it."""
+        return self._release(state, np.int32(slot))

@@ -1,0 +1,251 @@
+"""Continuous batching over a :class:`DecodeEngine`: a bounded request queue, slots that requests
+join and leave between decode steps, streaming, stop conditions and cancellation.
+
+The same ``Scheduler.step`` drives both the background serving thread (``start``) and the
+synchronous ``cpmjax.serve.generate.generate`` (``run_until_done``), so offline generation and the
+HTTP server share one code path.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from cpmjax.model.params import Params
+from cpmjax.serve.engine import DecodeEngine, DecodeState
+from cpmjax.serve.sampling import SamplingParams
+
+
+class QueueFull(RuntimeError):
+    """The request queue is at its limit; the caller should retry later (HTTP 429)."""
+
+
+@dataclass
+class Request:
+    """One generation request and its progress. Tokens stream out through ``events``."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams
+    stop_token_ids: frozenset[int]
+    stop: tuple[str, ...] = ()
+    on_token: Callable[["Request", int | None], None] | None = None
+    id: int = 0
+    output: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    text: str | None = None  # detokenized output (cut before a stop string), when a detokenizer is set
+    events: "queue.Queue[int | None]" = field(default_factory=queue.Queue)
+    submitted_at: float = field(default_factory=time.monotonic)
+    _cancel: threading.Event = field(default_factory=threading.Event)
+    _done: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Ask the scheduler to drop this request and free its slot at the next step."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def __iter__(self) -> Iterator[int]:
+        """Tokens as they are generated; ends when the request finishes."""
+        while True:
+            tok = self.events.get()
+            if tok is None:
+                return
+            yield tok
+
+
+class Scheduler:
+    """Admits queued requests into free slots and runs decode steps while any slot is busy."""
+
+    def __init__(self, engine: DecodeEngine, params: Params, *, max_queue: int = 64,
+                 detokenize: Callable[[list[int]], str] | None = None) -> None:
+        self.engine, self.params, self.max_queue = engine, params, max_queue
+        self.detokenize = detokenize
+        self.state: DecodeState = engine.init_decode_state()
+        self.slots: list[Request | None] = [None] * engine.max_slots
+        self._pending: collections.deque[Request] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count()
+        self._token_times: collections.deque[tuple[float, int]] = collections.deque()
+        self.tokens_generated = 0
+        self.requests_finished = 0
+        self.error: BaseException | None = None
+
+    # ---- submission ----------------------------------------------------------------------
+    def submit(self, prompt: Sequence[int], max_new_tokens: int = 64,
+               sampling: SamplingParams = SamplingParams(),
+               stop_token_ids: Sequence[int] | None = None, stop: Sequence[str] = (),
+               on_token: Callable[[Request, int | None], None] | None = None) -> Request:
+        """Queue a request; raises ``ValueError`` for one that cannot run, ``QueueFull`` when full."""
+        prompt = [int(t) for t in prompt]
+        V = self.engine.cfg.vocab_size
+        if not prompt:
+            raise ValueError("prompt must contain at least one token")
+        bad = [t for t in prompt if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {V})")
+        if len(prompt) >= self.engine.max_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of "
+                             f"{self.engine.max_len} tokens")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if stop and self.detokenize is None:
+            raise ValueError("stop strings need a tokenizer to detokenize the output")
+        stops = set(self.engine.cfg.eos_token_ids) | set(stop_token_ids or ())
+        req = Request(prompt, max_new_tokens, sampling, frozenset(stops), tuple(stop), on_token,
+                      id=next(self._ids))
+        with self._lock:
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"request queue is full ({self.max_queue} waiting)")
+            self._pending.append(req)
+        self._wake.set()
+        return req
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Generated tokens per second over the last ``window`` seconds."""
+        now = time.monotonic()
+        while self._token_times and self._token_times[0][0] < now - window:
+            self._token_times.popleft()
+        return sum(n for _, n in self._token_times) / window
+
+    # ---- the loop ------------------------------------------------------------------------
+    def _finish(self, slot: int | None, req: Request, reason: str) -> None:
+        req.finish_reason = reason
+        if slot is not None:
+            self.slots[slot] = None
+            self.state = self.engine.release(self.state, slot)
+        self.requests_finished += 1
+        req._done.set()
+        req.events.put(None)
+        if req.on_token is not None:
+            req.on_token(req, None)
+
+    def _emit(self, slot: int, req: Request, token: int) -> None:
+        """Record one generated token and finish the request if a stop condition holds."""
+        req.output.append(token)
+        req.events.put(token)
+        if req.on_token is not None:
+            req.on_token(req, token)
+        reason = None
+        if token in req.stop_token_ids:
+            reason = "stop"
+        if self.detokenize is not None:
+            body = req.output[:-1] if reason else req.output
+            req.text = self.detokenize(body)
+            for s in req.stop:
+                cut = req.text.find(s)
+                if cut >= 0:
+                    req.text, reason = req.text[:cut], "stop"
+        if reason is None and (len(req.output) >= req.max_new_tokens or
+                               len(req.prompt) + len(req.output) >= self.engine.max_len):
+            reason = "length"
+        if reason:
+            self._finish(slot, req, reason)
+
+    def _admit(self) -> None:
+        """Prefill queued requests into free slots (each prompt in fixed-size chunks)."""
+        for slot in range(self.engine.max_slots):
+            if self.slots[slot] is not None:
+                continue
+            with self._lock:
+                req = self._pending.popleft() if self._pending else None
+            if req is None:
+                return
+            if req.cancelled:
+                self._finish(None, req, "cancelled")
+                continue
+            prefix = self.engine.prefill(self.params, req.prompt)
+            self.state, first = self.engine.insert(prefix, self.state, slot, req.sampling)
+            self.slots[slot] = req
+            self._emit(slot, req, int(first))
+
+    def step(self) -> bool:
+        """Admit, then one decode step over all slots. Returns whether any work was done."""
+        for slot, req in enumerate(self.slots):
+            if req is not None and req.cancelled:
+                self._finish(slot, req, "cancelled")
+        self._admit()
+        if self.active == 0:
+            return False
+        self.state, tokens = self.engine.generate(self.params, self.state)
+        tokens = np.asarray(tokens)
+        n = 0
+        for slot, req in enumerate(self.slots):
+            if req is not None:
+                n += 1
+                self._emit(slot, req, int(tokens[slot]))
+        self.tokens_generated += n
+        self._token_times.append((time.monotonic(), n))
+        return True
+
+    def run_until_done(self) -> None:
+        """Step until the queue and all slots are empty (synchronous use)."""
+        while self.step() or self._pending:
+            pass
+
+    # ---- background thread ---------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self.step():
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+        except BaseException as e:  # noqa: BLE001 - fail every waiter loudly rather than hang them
+            self.error = e
+            with self._lock:
+                waiting = list(self._pending)
+                self._pending.clear()
+            for slot, req in enumerate(self.slots):
+                if req is not None:
+                    self.slots[slot] = None
+                    self._finish(None, req, "error")
+            for req in waiting:
+                self._finish(None, req, "error")
+            raise
+
+    def start(self) -> None:
+        """Run the loop in a daemon thread (the HTTP server's engine thread)."""
+        self._thread = threading.Thread(target=self._loop, name="cpmjax-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def metrics(self) -> dict[str, Any]:
+        return {"queue_depth": self.queue_depth, "active_slots": self.active,
+                "max_slots": self.engine.max_slots, "max_queue": self.max_queue,
+                "tokens_generated": self.tokens_generated,
+                "requests_finished": self.requests_finished,
+                "tokens_per_second": self.tokens_per_second(),
+                "compilations": dict(self.engine.compilations),
+                "engine_error": None if self.error is None else repr(self.error)}
