@@ -135,41 +135,57 @@ def save_model(cfg: ModelConfig, params: Params, path: str | os.PathLike,
     return out
 
 
-def load_model(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[ModelConfig, Params]:
-    """(config, params) from a model checkpoint or from a training run's workdir (its newest
-    restorable step)."""
+def _resolve(path: str | os.PathLike) -> tuple[Path, int | None]:
+    """(folder holding config.json, training step or None) for a model checkpoint, a run's
+    workdir, its ``checkpoints/`` folder, or one ``checkpoints/<step>`` of it."""
     folder = Path(path).absolute()
-    cfg_file = folder / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{folder} is neither an HF folder nor a cpmjax checkpoint "
-                                "(no config.json)")
-    cfg = ModelConfig.from_hf_config(json.loads(cfg_file.read_text()))
+    candidates = [(folder, None), (folder.parent, None)]
+    if folder.name.isdigit() and folder.parent.name == CKPT_DIR:
+        candidates.append((folder.parent.parent, int(folder.name)))
+    for root, step in candidates:
+        if (root / "config.json").is_file() and (root == folder or (root / CKPT_DIR).is_dir()):
+            return root, step
+    raise FileNotFoundError(f"{folder} is neither an HF folder nor a cpmjax checkpoint or "
+                            "training run (no config.json)")
+
+
+def _on_device(tree: Any) -> Any:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          abstract_params(cfg))
-    if (folder / "params").is_dir():
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
+
+
+def load_model(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[ModelConfig, Params]:
+    """(config, params) from a model checkpoint (``save_model``) or a training run: its workdir
+    or ``checkpoints/`` (the newest good step) or one ``checkpoints/<step>``. Norm gains stay
+    float32; the rest is cast to ``dtype``."""
+    root, step = _resolve(path)
+    cfg = ModelConfig.from_hf_config(json.loads((root / "config.json").read_text()))
+    target = _on_device(abstract_params(cfg))
+    if step is None and (root / "params").is_dir():
         with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(folder / "params", target)
-    elif (folder / CKPT_DIR).is_dir():
-        params = _params_from_run(folder, target)
+            params = ckptr.restore(root / "params", target)
+    elif (root / CKPT_DIR).is_dir():
+        params = restore_from_run(root, {"params": target}, step)["params"]
     else:
-        raise FileNotFoundError(f"{folder} has config.json but neither params/ nor {CKPT_DIR}/")
+        raise FileNotFoundError(f"{root} has config.json but neither params/ nor {CKPT_DIR}/")
     norm = lambda path, x: x if str(path[-1]).strip("[]'\"").endswith("norm") else x.astype(dtype)
     return cfg, jax.tree.map_with_path(norm, params)
 
 
-def _params_from_run(workdir: Path, target: Params) -> Params:
+def restore_from_run(workdir: Path, item: dict[str, Any], step: int | None = None
+                     ) -> dict[str, Any]:
+    """The state entries named in ``item`` (abstract targets) from a run's newest good step, or
+    from ``step`` alone (a damaged one is then an error, not silently replaced)."""
     directory = workdir / CKPT_DIR
     manager = ocp.CheckpointManager(directory, item_names=ITEMS)
-    for step in good_steps(directory, manager.all_steps()):
+    for s in good_steps(directory, manager.all_steps() if step is None else [step]):
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item={"params": target}, partial_restore=True,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(
-                        {"params": target}))))
-            return restored["state"]["params"]
+            restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=item, partial_restore=True,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(item))))
+            return restored["state"]
         except Exception as e:
-            warnings.warn(f"checkpoint step {step} of {workdir} could not be restored "
+            warnings.warn(f"checkpoint step {s} of {workdir} could not be restored "
                           f"({type(e).__name__}: {e}); trying the previous one")
-    raise FileNotFoundError(f"no restorable checkpoint under {directory}")
+    which = f"step {step}" if step is not None else "checkpoint"
+    raise FileNotFoundError(f"no restorable {which} under {directory}")

@@ -3,6 +3,7 @@ detected, warned about and skipped. Model checkpoints: save/load round trip, no 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -79,3 +80,27 @@ def test_model_checkpoint_round_trip_and_no_overwrite(tmp_path: Path) -> None:
     assert load_model(out)[0] == cfg  # the refused save left the checkpoint intact
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_model(tmp_path)
+
+
+def test_load_model_from_run_paths(tmp_path: Path) -> None:
+    """A run's workdir, its checkpoints/ and one checkpoints/<step> all load; a damaged step
+    named explicitly is an error, not silently replaced."""
+    cfg = ModelConfig.from_hf_config(tiny_hf_config())
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_config()))
+    ck = TrainCheckpointer(tmp_path, max_to_keep=5)
+    for s in (1, 2):
+        params = init_params(cfg, jax.random.key(s))
+        ck.save(s, {"step": jnp.asarray(s), "params": params}, {}, {})
+    ck.close()
+    want = init_params(cfg, jax.random.key(2))
+    for path in (tmp_path, tmp_path / "checkpoints", tmp_path / "checkpoints" / "2"):
+        got = load_model(path)[1]
+        np.testing.assert_array_equal(got["embed"], want["embed"])
+    old = load_model(tmp_path / "checkpoints" / "1")[1]
+    np.testing.assert_array_equal(old["embed"], init_params(cfg, jax.random.key(1))["embed"])
+    (tmp_path / "checkpoints" / "2" / INTEGRITY_FILE).unlink()
+    with pytest.warns(UserWarning, match="step 2"), pytest.raises(FileNotFoundError,
+                                                                   match="no restorable step 2"):
+        load_model(tmp_path / "checkpoints" / "2")
+    with pytest.warns(UserWarning, match="step 2"):
+        np.testing.assert_array_equal(load_model(tmp_path)[1]["embed"], old["embed"])
