@@ -19,7 +19,7 @@ from typing import Any, Iterator, Literal
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors.flax import save_file
+from safetensors.numpy import save_file
 
 from cpmjax.config import ModelConfig
 from cpmjax.convert import layout
@@ -85,10 +85,14 @@ def _tensors(cfg: ModelConfig, params: Params, fmt: Format,
 def llama_config(cfg: ModelConfig, dtype_name: str) -> dict[str, Any]:
     """A LlamaForCausalLM config.json for the folded weights.
 
-    transformers' Llama picks LongRoPE long/short factors per call (long once a sequence passes
-    original_max_position_embeddings), while MiniCPM fixes the choice from max_position_embeddings.
-    Writing the factor list MiniCPM uses as both lists, with MiniCPM's scaling as
-    ``attention_factor``, makes the two agree at every length.
+    The difference: transformers' Llama (5.x ``dynamic_rope_update``) picks LongRoPE long/short
+    factors per call, long once the sequence passes original_max_position_embeddings, while
+    MiniCPM fixes the choice once from max_position_embeddings > original_max_position_embeddings.
+    Writing the list MiniCPM uses as both lists, with MiniCPM's cos/sin scale as
+    ``attention_factor`` (otherwise Llama derives its own from ``factor``), makes the two agree at
+    every length, below and above original_max_position_embeddings (tested on both sides).
+    The RoPE goes under ``rope_parameters`` (what transformers >= 5 reads, rope_theta inside) and
+    also under the older ``rope_scaling`` key for engines that read only that.
     """
     out: dict[str, Any] = {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"],
@@ -111,6 +115,8 @@ def llama_config(cfg: ModelConfig, dtype_name: str) -> dict[str, Any]:
             "rope_type": "longrope", "long_factor": list(rs[key]), "short_factor": list(rs[key]),
             "original_max_position_embeddings": orig, "attention_factor": scaling,
             "factor": cfg.max_position_embeddings / orig}
+    rope = dict(out.get("rope_scaling") or {"rope_type": "default"})
+    out["rope_parameters"] = dict(rope, rope_theta=cfg.rope_theta)
     return out
 
 
@@ -171,7 +177,7 @@ def save_hf(cfg: ModelConfig, params: Params, out_dir: str | os.PathLike,
             for expected_name in shard:
                 name, tensor = next(tensors)
                 assert name == expected_name, (name, expected_name)
-                batch[name] = jnp.asarray(tensor)
+                batch[name] = tensor
                 total += tensor.nbytes
                 weight_map[name] = fname
             save_file(batch, str(tmp / fname), metadata={"format": "pt"})

@@ -1,13 +1,19 @@
 """Import an HF MiniCPM folder (config.json + safetensors, single or sharded) into cpmjax params.
 
-Each cpmjax parameter is assembled from its per-layer tensors, moved to a jax array, and its host
-buffer freed before the next one, so the checkpoint is never held twice in memory. Every way the
-folder can be wrong gives an error that names the file or tensor.
+Each cpmjax parameter is assembled from its per-layer tensors (read one at a time with
+``safe_open(..., framework="numpy")``, so nothing passes through an accelerator), moved to a jax
+array, and its host buffer freed before the next one, so the checkpoint is never held twice in
+memory. Every way the folder can be wrong gives an error that names the file or tensor.
+
+A llama-layout folder written by ``save_hf(format="llama")`` also loads: its muP scales are
+already folded into the weights, so it becomes a MiniCPM config with neutral scales (see
+``llama_as_minicpm``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -39,9 +45,55 @@ def read_config(folder: Path) -> ModelConfig:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
     try:
+        if isinstance(hf, dict) and hf.get("model_type") == "llama":
+            hf = llama_as_minicpm(hf)
         return ModelConfig.from_hf_config(hf)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from e
+
+
+def llama_as_minicpm(hf: dict[str, Any]) -> dict[str, Any]:
+    """The MiniCPM config.json equivalent to a Llama one: scale_emb 1, scale_depth sqrt(L) (so the
+    residual scale scale_depth/sqrt(L) is 1) and dim_model_base = hidden_size (width multiplier 1).
+
+    Only the RoPE that cpmjax computes exactly is accepted: none/default, or the longrope form our
+    llama export writes (equal long and short factors, attention_factor equal to MiniCPM's
+    sqrt(1 + ln(s)/ln(orig))). Llama picks long/short factors per sequence length
+    (transformers ``dynamic_rope_update``); cpmjax fixes one list, so unequal lists cannot be
+    represented and are refused rather than silently mis-rotated.
+    """
+    out = dict(hf)
+    rope = out.pop("rope_parameters", None) or out.get("rope_scaling")
+    out.pop("rope_scaling", None)
+    if rope is not None:
+        rope = dict(rope)
+        out["rope_theta"] = rope.pop("rope_theta", out.get("rope_theta", 10000.0))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind == "longrope":
+            if list(rope["long_factor"]) != list(rope["short_factor"]):
+                raise ConfigError("config field 'rope_scaling': a llama longrope config with "
+                                  "different long_factor and short_factor switches lists per "
+                                  "sequence length, which cpmjax cannot represent")
+            orig = rope["original_max_position_embeddings"]
+            s = out["max_position_embeddings"] / orig
+            want = math.sqrt(1 + math.log(s) / math.log(orig))
+            got = rope.get("attention_factor", want)
+            if not math.isclose(got, want, rel_tol=1e-6):
+                raise ConfigError(f"config field 'rope_scaling.attention_factor': {got} differs "
+                                  f"from MiniCPM's sqrt(1 + ln(s)/ln(orig)) = {want}")
+            out["rope_scaling"] = {"rope_type": "longrope", "long_factor": rope["long_factor"],
+                                   "short_factor": rope["short_factor"],
+                                   "original_max_position_embeddings": orig}
+        elif kind != "default":
+            raise ConfigError(f"config field 'rope_scaling': llama rope_type {kind!r} is not "
+                              "supported (only default and longrope)")
+    out.update(model_type="minicpm", scale_emb=1.0, dim_model_base=out["hidden_size"],
+               scale_depth=math.sqrt(out["num_hidden_layers"]))
+    if out.pop("mlp_bias", False):
+        raise ConfigError("config field 'mlp_bias': MiniCPM4 MLPs have no bias; true is not "
+                          "supported")
+    out.pop("architectures", None)
+    return out
 
 
 def check_safetensors_file(path: Path) -> dict[str, Any]:
@@ -158,9 +210,9 @@ class _ShardReader:
     def get(self, path: Path, name: str) -> np.ndarray:
         if path != self._path:
             self._close()
-            self._handle = safe_open(str(path), framework="flax").__enter__()
+            self._handle = safe_open(str(path), framework="numpy").__enter__()
             self._path = path
-        return np.asarray(self._handle.get_tensor(name))
+        return self._handle.get_tensor(name)
 
 
 def _get(tree: Params, path: tuple[str, ...]) -> Any:

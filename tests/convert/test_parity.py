@@ -28,8 +28,8 @@ CONFIGS = {
 }
 
 
-def _tokens(cfg: ModelConfig) -> np.ndarray:
-    return np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 40))
+def _tokens(cfg: ModelConfig, length: int = 40) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, cfg.vocab_size, (2, length))
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -43,14 +43,26 @@ def exported(request, tmp_path_factory):
     return model, root
 
 
-def test_llama_export_matches_transformers_llama(exported):
+# 150 > original_max_position_embeddings (128): transformers' Llama switches LongRoPE lists per
+# sequence length, MiniCPM does not; the export makes both lengths agree.
+@pytest.mark.parametrize("length", [40, 150])
+def test_llama_export_matches_transformers_llama(exported, length):
     model, root = exported
-    toks = _tokens(model.config)
+    toks = _tokens(model.config, length)
     hf = LlamaForCausalLM.from_pretrained(root / "llama", dtype=torch.float32)
     with torch.no_grad():
         theirs = hf(torch.tensor(toks)).logits.numpy()
     ours = np.asarray(model.logits(toks))
     assert np.abs(theirs - ours).max() <= 1e-4
+
+
+def test_llama_export_loads_back_into_cpmjax(exported):
+    model, root = exported
+    back = cpmjax.load(root / "llama")
+    assert back.config.scale_emb == 1.0 and back.config.residual_scale == pytest.approx(1.0)
+    toks = _tokens(model.config)
+    diff = np.abs(np.asarray(back.logits(toks)) - np.asarray(model.logits(toks))).max()
+    assert diff <= 1e-4
 
 
 def test_minicpm_export_matches_remote_code(exported):
@@ -72,13 +84,13 @@ def test_remote_code_generate_matches_cpmjax_cached_greedy(exported):
                                               dtype=torch.float32)
     theirs = hf.generate(torch.tensor(prompt), max_new_tokens=8, do_sample=False,
                          eos_token_id=None, pad_token_id=cfg.pad_token_id)[0, 7:].tolist()
-    cache = init_cache(cfg, 1, 32)
-    out = forward(model.params, cfg, jnp.asarray(prompt), cache=cache)
+    step = jax.jit(lambda p, t, pos, c: forward(p, cfg, t, positions=pos, cache=c))
+    positions = jnp.arange(prompt.shape[1])[None]
+    out = step(model.params, jnp.asarray(prompt), positions, init_cache(cfg, 1, 32))
     ours, pos = [], prompt.shape[1]
     for _ in range(8):
         tok = int(jnp.argmax(out.logits[0, -1]))
         ours.append(tok)
-        out = forward(model.params, cfg, jnp.array([[tok]]), positions=jnp.array([[pos]]),
-                      cache=out.cache)
+        out = step(model.params, jnp.array([[tok]]), jnp.array([[pos]]), out.cache)
         pos += 1
     assert ours == theirs
