@@ -151,3 +151,18 @@ def test_cpmjax_load_of_hf_folder_and_token_validation(good_folder):
         model.logits([[1.5, 2.0]])
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         cpmjax.load(folder / "nope")
+
+
+def test_unsupported_model_type_is_named(good_folder):
+    folder, hf_cfg = good_folder
+    (folder / "config.json").write_text(json.dumps(dict(hf_cfg, model_type="qwen2")))
+    with pytest.raises(ConfigError, match=r"config.json.*model_type.*'qwen2'"):
+        load_hf(folder)
+
+
+def test_llama_config_with_per_length_longrope_lists_is_refused(good_folder):
+    folder, hf_cfg = good_folder  # hf_cfg's long and short factor lists differ
+    llama = dict(hf_cfg, model_type="llama", architectures=["LlamaForCausalLM"])
+    (folder / "config.json").write_text(json.dumps(llama))
+    with pytest.raises(ConfigError, match=r"config.json.*different long_factor and short_factor"):
+        load_hf(folder)
