@@ -131,8 +131,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     bsh = batch_sharding(mesh, batch_shape)
     print(f"training {cfg.name}: {t.steps} steps, unigram baseline loss {baseline:.4f}", flush=True)
 
+    per_host = t.global_batch_size // jax.process_count()
+    host_rows = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
+
     def evaluate(params: Any) -> float:
-        sums = [eval_fn(params, {k: jnp.asarray(v) for k, v in b.items()}) for b in evals]
+        """Held-out NLL per token; every host holds the full eval batches and feeds its rows."""
+        sums = [eval_fn(params, jax.make_array_from_process_local_data(
+            bsh, {k: v[host_rows] for k, v in b.items()}, batch_shape)) for b in evals]
         return float(sum(s for s, _ in sums) / sum(c for _, c in sums))
 
     last: dict[str, Any] = {"unigram_loss": baseline, "nonfinite_steps": 0}
