@@ -94,3 +94,20 @@ def test_remote_code_generate_matches_cpmjax_cached_greedy(exported):
         out = step(model.params, jnp.array([[tok]]), jnp.array([[pos]]), out.cache)
         pos += 1
     assert ours == theirs
+
+
+def test_remote_code_accepts_sparse_config_and_runs_dense(tmp_path, caplog):
+    sparse = {"kernel_size": 8, "kernel_stride": 4, "init_blocks": 1, "block_size": 16,
+              "window_size": 32, "topk": 2, "use_nope": False, "dense_len": 64}
+    cfg = ModelConfig.from_hf_config(tiny_hf_config(sparse_config=sparse))
+    params = init_params(cfg, jax.random.key(2))
+    cpmjax.save_hf(cpmjax.Model(cfg, params), tmp_path / "sparse")
+    with caplog.at_level("WARNING"):
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "sparse", trust_remote_code=True,
+                                                  dtype=torch.float32)
+    assert "runs dense attention" in caplog.text
+    toks = _tokens(cfg, 100)  # longer than dense_len: cpmjax would go sparse, PyTorch stays dense
+    with torch.no_grad():
+        theirs = hf(torch.tensor(toks)).logits.numpy()
+    dense = cpmjax.Model(cfg.replace(sparse_config=None), params)
+    assert np.abs(theirs - np.asarray(dense.logits(toks))).max() <= 1e-4
