@@ -172,7 +172,7 @@ def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[ModelCon
             is_norm = entry.path[-1].endswith("norm")
             out_dtype = np.float32 if is_norm else jnp.dtype(dtype)
             one_shape = target.shape[1:] if entry.per_layer else target.shape
-            host = np.empty(target.shape, out_dtype)
+            host = np.empty(target.shape, out_dtype) if entry.per_layer else None
             for i, name in enumerate(layout.hf_names(entry, cfg)):
                 t = reader.get(files[name], name)
                 want = layout.hf_shape(entry, one_shape)
@@ -184,6 +184,7 @@ def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[ModelCon
                     host[i] = piece
                 else:
                     host = piece
+                del t, piece
             _set(params, entry.path, jnp.asarray(host))
             del host
     return cfg, params

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 import cpmjax
 from tests.conftest import tiny_hf_config
@@ -49,6 +50,19 @@ def test_converts_to_sharded_bf16_llama_then_refuses_to_overwrite(src, tmp_path)
     assert again.returncode == 1
     assert f"{dst} exists and is not empty" in again.stderr
     assert json.loads((dst / "config.json").read_text()) == config  # untouched
+
+
+def test_hf_to_cpmjax_checkpoint_and_back_is_bit_exact(src, tmp_path):
+    ckpt, back = tmp_path / "ckpt", tmp_path / "back"
+    done = _convert(f"--src={src}", f"--dst={ckpt}", "--format=cpmjax")
+    assert done.returncode == 0, done.stderr
+    assert (ckpt / "params").is_dir()
+    done = _convert(f"--src={ckpt}", f"--dst={back}", "--format=hf")
+    assert done.returncode == 0, done.stderr
+    before = {k: v for f in src.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    after = load_file(str(back / "model.safetensors"))
+    assert set(after) == set(before)
+    assert all(np.array_equal(after[k], v) for k, v in before.items())
 
 
 def test_missing_src_is_named(tmp_path):
