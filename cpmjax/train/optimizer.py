@@ -36,12 +36,11 @@ def param_groups(cfg: ModelConfig) -> Any:
 
 
 def mtp_param_groups(cfg: ModelConfig) -> Any:
-    """Group labels of the MTP head: its matrices are hidden (fan-in grows with width), its 1-D
-    leaves (norm gains, biases) take the base rate without decay, like the model's norms."""
-    from cpmjax.model.mtp import init_mtp_params
+    """Group labels of the MTP head from its own table (its layer and fc are hidden matrices)."""
+    from cpmjax.model.mtp import mtp_param_specs
 
-    shapes = jax.eval_shape(lambda k: init_mtp_params(cfg, k), jax.random.key(0))
-    return jax.tree.map(lambda x: "hidden" if x.ndim >= 2 else "ones", shapes)
+    return jax.tree.map(lambda s: s.init, mtp_param_specs(cfg),
+                        is_leaf=lambda x: isinstance(x, ParamSpec))
 
 
 def trainable_groups(cfg: ModelConfig, with_mtp: bool = False) -> Any:

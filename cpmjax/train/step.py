@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cpmjax.config import ModelConfig
-from cpmjax.model import forward, init_params, lm_head, param_axes
+from cpmjax.model import forward, init_params, param_axes
 from cpmjax.parallel.rules import logical_to_spec
 
 State = dict[str, Any]
@@ -43,12 +43,12 @@ def token_loss_sums(params: Any, cfg: ModelConfig, batch: dict[str, jax.Array], 
     return _nll_sum(out.logits, batch["targets"], batch["loss_mask"]), jnp.sum(batch["loss_mask"])
 
 
-def mtp_targets(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """(x_{i+2}, mask) per position i: valid where x_{i+1} and x_{i+2} are both targets of the
-    same document as x_i (two consecutive loss-mask ones); the last position has none."""
-    tgt = jnp.pad(batch["targets"][:, 1:], ((0, 0), (0, 1)))
-    mask = jnp.pad(batch["loss_mask"][:, 1:], ((0, 0), (0, 1))) * batch["loss_mask"]
-    return tgt, mask
+def mtp_mask(batch: dict[str, jax.Array]) -> jax.Array:
+    """[B, T-1]: position i has an MTP target x_{i+2} iff targets i and i+1 are both loss
+    targets of x_i's document; the same rule as ``cpmjax.model.mtp.mtp_loss`` (a test pins it),
+    needed here before the forward pass to normalise accumulated microbatches."""
+    seg = batch["segment_ids"]
+    return batch["loss_mask"][:, :-1] * batch["loss_mask"][:, 1:] * (seg[:, :-1] == seg[:, 1:])
 
 
 def split_trainable(tree: Any, with_mtp: bool) -> tuple[Any, Any]:
@@ -78,15 +78,26 @@ def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
+def _axes_by_path(cfg: ModelConfig, with_mtp: bool) -> dict[tuple[str, ...], tuple]:
+    """Logical axes keyed by key path: the params, and the MTP head both as stored in the state
+    (``mtp_params``) and as seen by the optimizer (``mtp``)."""
+    leaves = lambda tree: jax.tree.leaves_with_path(tree, is_leaf=lambda a: isinstance(a, tuple))
+    out = {_path_names(p): a for p, a in leaves(param_axes(cfg))}
+    if with_mtp:
+        from cpmjax.model.mtp import mtp_param_axes
+
+        for p, a in leaves(mtp_param_axes(cfg)):
+            out[("mtp_params", *_path_names(p))] = out[("mtp", *_path_names(p))] = a
+    return out
+
+
 def state_shardings(cfg: ModelConfig, abstract_state: State, mesh: Mesh) -> State:
     """Shardings of every state leaf from the one rules table.
 
     Optimizer-state leaves (Adam moments) mirror the params; each takes the logical axes of the
     parameter whose key path ends its own path, and scalars are replicated.
     """
-    axes = param_axes(cfg)
-    by_path = {_path_names(p): a for p, a in
-               jax.tree.leaves_with_path(axes, is_leaf=lambda a: isinstance(a, tuple))}
+    by_path = _axes_by_path(cfg, "mtp_params" in abstract_state)
 
     def leaf_sharding(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
         names = _path_names(path)
@@ -116,18 +127,15 @@ def make_grad_fn(cfg: ModelConfig, *, grad_accum: int = 1, dtype: Any = jnp.floa
                       segment_ids=micro["segment_ids"], dtype=dtype, remat=remat)
         sums = [_nll_sum(out.logits, micro["targets"], micro["loss_mask"])]
         if with_mtp:
-            from cpmjax.model.mtp import mtp_forward
+            from cpmjax.model.mtp import mtp_loss
 
-            h = mtp_forward(mtp_params, params, cfg, out.hidden, micro["targets"],
-                            micro["positions"], micro["segment_ids"])
-            sums.append(_nll_sum(lm_head(params, cfg, h), *mtp_targets(micro)))
+            sums.append(mtp_loss(mtp_params, params, cfg, out.hidden, micro)[0])
         sums = jnp.stack(sums)
         weights = jnp.asarray([1.0, mtp_weight][:len(sums)])
         return jnp.sum(weights * sums / counts), sums
 
     def grad_fn(tree: Any, batch: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
-        counts = [jnp.sum(batch["loss_mask"])] + ([jnp.sum(mtp_targets(batch)[1])]
-                                                   if with_mtp else [])
+        counts = [jnp.sum(batch["loss_mask"])] + ([jnp.sum(mtp_mask(batch))] if with_mtp else [])
         counts = jnp.maximum(jnp.stack(counts), 1.0)
         value_and_grad = jax.value_and_grad(objective, has_aux=True)
         if grad_accum == 1:
