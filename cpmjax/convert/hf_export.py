@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
@@ -24,11 +25,12 @@ from safetensors.numpy import save_file
 from cpmjax.config import ModelConfig
 from cpmjax.convert import layout
 from cpmjax.convert.hf_import import INDEX_NAME, SINGLE_NAME
-from cpmjax.model.params import Params
+from cpmjax.model.params import Params, abstract_params
 from cpmjax.model.rope import rope_frequencies
 
 HF_FILES = Path(__file__).parent / "hf_files"
 Format = Literal["minicpm", "llama"]
+_DTYPES = ("float32", "bfloat16", "float16")
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -44,6 +46,22 @@ def parse_size(size: int | str) -> int:
     if value <= 0:
         raise ValueError(f"max_shard_size must be positive, got {size!r}")
     return value
+
+
+def check_params(cfg: ModelConfig, params: Params) -> None:
+    """Params against the config's shapes before anything is written: a mismatch would otherwise
+    give a folder that loads as a different model, or not at all."""
+    def flat(tree: Any) -> dict[str, tuple[int, ...]]:
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {jax.tree_util.keystr(path): tuple(np.shape(x)) for path, x in leaves}
+
+    want, got = flat(abstract_params(cfg)), flat(params)
+    if want.keys() != got.keys():
+        raise ValueError(f"params do not match the config: missing {sorted(want - got.keys())}, "
+                         f"unexpected {sorted(got.keys() - want.keys())}")
+    for name, shape in want.items():
+        if got[name] != shape:
+            raise ValueError(f"params{name} has shape {got[name]}, the config expects {shape}")
 
 
 def _llama_scale(entry: layout.Entry, cfg: ModelConfig) -> float:
@@ -161,6 +179,9 @@ def save_hf(cfg: ModelConfig, params: Params, out_dir: str | os.PathLike,
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
     dtype_name = dtype or cfg.torch_dtype
+    if dtype_name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype_name!r}")
+    check_params(cfg, params)
     np_dtype = jnp.dtype(dtype_name)
     max_bytes = parse_size(max_shard_size)
     out.parent.mkdir(parents=True, exist_ok=True)

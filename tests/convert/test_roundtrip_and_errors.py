@@ -166,3 +166,15 @@ def test_llama_config_with_per_length_longrope_lists_is_refused(good_folder):
     (folder / "config.json").write_text(json.dumps(llama))
     with pytest.raises(ConfigError, match=r"config.json.*different long_factor and short_factor"):
         load_hf(folder)
+
+
+def test_export_checks_params_and_dtype_before_writing(good_folder, tmp_path):
+    folder, _ = good_folder
+    cfg, params = load_hf(folder)
+    bad = dict(params, layers=dict(params["layers"], wk=params["layers"]["wk"][:, :, :1]))
+    with pytest.raises(ValueError, match=r"params\['layers'\]\['wk'\] has shape \(3, 64, 1, 16\)"
+                                         r", the config expects \(3, 64, 2, 16\)"):
+        save_hf(cfg, bad, tmp_path / "out")
+    with pytest.raises(ValueError, match="dtype must be one of .* got 'int8'"):
+        save_hf(cfg, params, tmp_path / "out", dtype="int8")
+    assert not any(tmp_path.glob("*out*"))
