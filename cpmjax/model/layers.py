@@ -16,8 +16,12 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return normed * weight.astype(x.dtype)
 
 
-def swiglu_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """``down(silu(gate(x)) * up(x))`` with no biases."""
+def swiglu_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
+               taps: dict[str, jax.Array] | None = None) -> jax.Array:
+    """``down(silu(gate(x)) * up(x))`` with no biases; ``taps["down_in"]`` gets down's input."""
     dt = x.dtype
     gate = jax.nn.silu(x @ w_gate.astype(dt))
-    return (gate * (x @ w_up.astype(dt))) @ w_down.astype(dt)
+    inner = gate * (x @ w_up.astype(dt))
+    if taps is not None:
+        taps["down_in"] = inner
+    return inner @ w_down.astype(dt)

@@ -61,16 +61,20 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
                   sin: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
                   cache_kv: tuple[jax.Array, jax.Array] | None,
                   attn_impl: attn_lib.Implementation = "auto",
-                  residual_scale: float | None = None,
+                  residual_scale: float | None = None, taps: dict[str, jax.Array] | None = None,
                   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """One pre-norm block; returns the new hidden state and the updated (k, v) cache of the layer.
 
     ``residual_scale`` defaults to ``cfg.residual_scale``; the MTP/EAGLE draft layer passes
     scale_depth/sqrt(L+1) because it counts as layer L+1 (spec §1.5, CPM.cu ``speculative/eagle.py``).
+    ``taps``, when given, receives the input of every linear (``attn_in``, ``wo_in``, ``mlp_in``,
+    ``down_in``) so GPTQ calibration (``cpmjax.quant``) reads the exact activations of this code.
     """
     dt = h.dtype
     scale = jnp.asarray(cfg.residual_scale if residual_scale is None else residual_scale, dt)
     x = rms_norm(h, layer["input_norm"], cfg.rms_norm_eps)
+    if taps is not None:
+        taps["attn_in"] = x
     q = jnp.einsum("btd,dhk->bthk", x, layer["wq"].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", x, layer["wk"].astype(dt))
     v = jnp.einsum("btd,dhk->bthk", x, layer["wv"].astype(dt))
@@ -88,10 +92,14 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
     out = attn_lib.attend(q, keys.astype(dt), values.astype(dt), q_pos=positions, kv_pos=kv_pos,
                           q_seg=segment_ids if cache_kv is None else None, kv_seg=kv_seg, cfg=cfg,
                           implementation=attn_impl, kv_is_query=cache_kv is None)
+    if taps is not None:
+        taps["wo_in"] = out
     attn_out = jnp.einsum("bthk,hkd->btd", out, layer["wo"].astype(dt))
     h = h + attn_out * scale
     x = rms_norm(h, layer["post_norm"], cfg.rms_norm_eps)
-    mlp_out = swiglu_mlp(x, layer["w_gate"], layer["w_up"], layer["w_down"])
+    if taps is not None:
+        taps["mlp_in"] = x
+    mlp_out = swiglu_mlp(x, layer["w_gate"], layer["w_up"], layer["w_down"], taps)
     h = h + mlp_out * scale
     return h, new_cache
 
@@ -99,7 +107,8 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
             positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
             cache: KVCache | None = None, dtype: Any = jnp.float32, return_logits: bool = True,
-            remat: str = "none", attn_impl: attn_lib.Implementation = "auto") -> ModelOutput:
+            remat: str = "none", attn_impl: attn_lib.Implementation = "auto",
+            layer_transform: Callable[[Params], Params] | None = None) -> ModelOutput:
     """Run the decoder.
 
     Args:
@@ -111,6 +120,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
       cache: from :func:`cpmjax.model.cache.init_cache`; returned updated.
       dtype: compute dtype (weights are cast to it; norms, RoPE, softmax and logits stay float32).
       remat: a key of ``REMAT_POLICIES`` (rematerialisation of each layer in the backward pass).
+      layer_transform: maps one layer's params before use, inside the scan (``cpmjax.quant``
+        dequantizes packed weights there, so only one layer is ever dequantized at a time).
     """
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
@@ -124,6 +135,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
 
     def body(carry: jax.Array, xs: tuple[Params, Any]) -> tuple[jax.Array, Any]:
         layer, cache_kv = xs
+        if layer_transform is not None:
+            layer = layer_transform(layer)
         return decoder_layer(carry, layer, cfg, cos=cos, sin=sin, positions=positions,
                              segment_ids=segment_ids, cache_kv=cache_kv, attn_impl=attn_impl)
 
