@@ -111,3 +111,17 @@ def test_remote_code_accepts_sparse_config_and_runs_dense(tmp_path, caplog):
         theirs = hf(torch.tensor(toks)).logits.numpy()
     dense = cpmjax.Model(cfg.replace(sparse_config=None), params)
     assert np.abs(theirs - np.asarray(dense.logits(toks))).max() <= 1e-4
+
+
+def test_remote_code_left_padding_with_attention_mask(exported):
+    model, root = exported
+    toks = _tokens(model.config, 12)[:1]
+    hf = AutoModelForCausalLM.from_pretrained(root / "minicpm", trust_remote_code=True,
+                                              dtype=torch.float32)
+    padded = np.concatenate([np.full((1, 3), model.config.pad_token_id), toks], axis=1)
+    mask = np.concatenate([np.zeros((1, 3)), np.ones((1, 12))], axis=1)
+    positions = np.concatenate([np.zeros((1, 3)), np.arange(12)[None]], axis=1)
+    with torch.no_grad():
+        theirs = hf(torch.tensor(padded), attention_mask=torch.tensor(mask, dtype=torch.long),
+                    position_ids=torch.tensor(positions, dtype=torch.long)).logits.numpy()
+    assert np.abs(theirs[:, 3:] - np.asarray(model.logits(toks))).max() <= 1e-4
