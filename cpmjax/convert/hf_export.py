@@ -214,11 +214,22 @@ def save_hf(cfg: ModelConfig, params: Params, out_dir: str | os.PathLike,
         if format == "minicpm":
             for src in ("configuration_minicpm.py", "modeling_minicpm.py"):
                 shutil.copyfile(HF_FILES / src, tmp / src)
+        _usual_permissions(tmp)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _usual_permissions(folder: Path) -> None:
+    """mkdtemp makes a 0700 folder and safetensors writes 0600 files; give the finished export the
+    permissions any new folder would get (umask applied), so it can be shared like a download."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 def _replace_dir(new: Path, out: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -139,6 +140,10 @@ def test_export_refuses_to_overwrite_and_keeps_the_old_folder(good_folder, tmp_p
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
     save_hf(cfg, params, dst, overwrite=True)
     assert not (dst / "precious.txt").exists() and (dst / "config.json").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dst.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    assert (dst / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_cpmjax_load_of_hf_folder_and_token_validation(good_folder):
