@@ -1,0 +1,9 @@
+"""Weight-only quantization (spec §3.3): int8/int4 symmetric group-wise RTN, GPTQ and P-GPTQ, and
+a forward pass that dequantizes one layer at a time inside the scan."""
+
+from cpmjax.quant.gptq import gptq_quantize, layer_hessians
+from cpmjax.quant.packing import dequantize, pack_int4, quantize_rtn, unpack_int4
+from cpmjax.quant.qforward import qforward, quantize_params
+
+__all__ = ["dequantize", "gptq_quantize", "layer_hessians", "pack_int4", "qforward",
+           "quantize_params", "quantize_rtn", "unpack_int4"]

@@ -1,0 +1,108 @@
+"""Quantize a model's decoder linears and run it with weights dequantized on the fly.
+
+The quantized params are the model's tree with each of ``wq wk wv wo w_gate w_up w_down`` under
+``layers`` replaced by a packed tensor ``{"qweight": [L, ...], "scales": [L, in/group, out]}``;
+embedding, norms and lm_head stay in floating point (as GPTQ checkpoints do). ``qforward`` is
+``cpmjax.model.forward`` with a ``layer_transform`` that dequantizes the current layer inside the
+scan, so the full-precision weights of only one layer exist at a time.
+
+GPTQ runs sequentially (Frantar et al. §4 "sequential"): each layer's Hessians are measured on
+the outputs of the already-quantized layers below it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterable, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cpmjax.config import ModelConfig
+from cpmjax.model import embed_tokens, forward, param_specs
+from cpmjax.model.params import Params
+from cpmjax.quant.gptq import LINEAR_INPUTS, gptq_quantize, layer_hessians
+from cpmjax.quant.packing import dequantize, quantize_rtn
+
+Method = Literal["rtn", "gptq", "pgptq"]
+PGPTQ_SKIP = 4  # positions dropped from the Hessian by P-GPTQ (spec §3.3)
+
+
+def _as_2d(w: np.ndarray, n_in: int) -> np.ndarray:
+    return w.reshape(int(np.prod(w.shape[:n_in])), -1)
+
+
+def dequantize_layer(cfg: ModelConfig, dtype: Any = jnp.float32):
+    """``layer_transform`` for :func:`cpmjax.model.forward`: packed leaves -> dense weights."""
+    shapes = {k: s.shape[1:] for k, s in param_specs(cfg)["layers"].items()}
+
+    def transform(layer: Params) -> Params:
+        return {k: dequantize(v, dtype).reshape(shapes[k]) if isinstance(v, dict) else v
+                for k, v in layer.items()}
+
+    return transform
+
+
+def qforward(qparams: Params, cfg: ModelConfig, tokens: jax.Array, **kwargs: Any):
+    """``cpmjax.model.forward`` on quantized params (same keyword arguments)."""
+    return forward(qparams, cfg, tokens, layer_transform=dequantize_layer(cfg), **kwargs)
+
+
+def _calibration(batches: Iterable[dict[str, Any]]) -> tuple[jax.Array, jax.Array, Any]:
+    rows = list(batches)
+    if not rows:
+        raise ValueError("GPTQ needs at least one calibration batch")
+    cat = lambda k: jnp.concatenate([jnp.asarray(b[k]) for b in rows])
+    seg = cat("segment_ids") if all("segment_ids" in b for b in rows) else None
+    return cat("inputs"), cat("positions"), seg
+
+
+def quantize_params(cfg: ModelConfig, params: Params, method: Method = "rtn", *, bits: int = 4,
+                    group_size: int = 128, calibration: Iterable[dict[str, Any]] | None = None,
+                    damp: float = 0.01) -> Params:
+    """Quantized copy of ``params`` (the input is not modified).
+
+    ``calibration`` (GPTQ/P-GPTQ only): batches with ``inputs`` and ``positions`` ``[B, T]``
+    (optionally ``segment_ids``), e.g. from ``cpmjax.data.make_batch_iterator``.
+    """
+    if method not in ("rtn", "gptq", "pgptq"):
+        raise ValueError(f"method must be 'rtn', 'gptq' or 'pgptq', got {method!r}")
+    if method == "rtn" and calibration is not None:
+        warnings.warn("calibration batches are ignored by RTN quantization", stacklevel=2)
+    if method != "rtn" and calibration is None:
+        raise ValueError(f"method {method!r} needs calibration batches")
+    L = cfg.num_hidden_layers
+    layers = {k: np.asarray(v) for k, v in params["layers"].items()}
+    out: dict[str, list] = {k: [] for k in LINEAR_INPUTS}
+    if method != "rtn":
+        tokens, positions, seg = _calibration(calibration)
+        h = embed_tokens(params, cfg, tokens)
+    for l in range(L):
+        layer = {k: jnp.asarray(v[l]) for k, v in layers.items()}
+        if method != "rtn":
+            hess, _ = layer_hessians(h, layer, cfg, positions, seg,
+                                     PGPTQ_SKIP if method == "pgptq" else 0)
+        for name, (tap, n_in) in LINEAR_INPUTS.items():
+            w2 = _as_2d(layers[name][l], n_in)
+            qt = (quantize_rtn(w2, bits, group_size) if method == "rtn" else
+                  gptq_quantize(w2, hess[tap], bits, group_size, damp))
+            out[name].append(qt)
+            if method != "rtn":
+                layer[name] = dequantize(qt).reshape(layers[name][l].shape)
+        if method != "rtn":  # the next layer calibrates on this layer's quantized output
+            _, h = layer_hessians(h, layer, cfg, positions, seg)
+    qlayers = {k: jnp.asarray(v) for k, v in params["layers"].items() if k not in LINEAR_INPUTS}
+    for name, qts in out.items():
+        qlayers[name] = {f: jnp.asarray(np.stack([q[f] for q in qts])) for f in ("qweight", "scales")}
+    return {**{k: v for k, v in params.items() if k != "layers"}, "layers": qlayers}
+
+
+def check_spec_quant(target_quantized: bool, draft_quantized: bool) -> None:
+    """Warn on a quantized draft with an unquantized target: the draft's proposals then drift from
+    a full-precision target and acceptance drops for no speed gain on the (large) target; CPM.cu
+    quantizes the draft only together with its W4A16 target (CPM.cu issue 4, spec §3.2)."""
+    if draft_quantized and not target_quantized:
+        warnings.warn("quantized draft with a full-precision target: acceptance length drops and "
+                      "the target's cost (the one that matters) is unchanged; quantize the target "
+                      "too or keep the draft in full precision", stacklevel=2)
