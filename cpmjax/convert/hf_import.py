@@ -191,7 +191,9 @@ def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[ModelCon
 
 
 class _ShardReader:
-    """Keeps at most one safetensors file open at a time (tensors are read in file order)."""
+    """Keeps at most one safetensors file open (mapped) at a time. A stacked param gathers its
+    layers from several shards, so a shard may be reopened; that costs a header parse, while the
+    tensor bytes are read once either way."""
 
     def __init__(self) -> None:
         self._path: Path | None = None
