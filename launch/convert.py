@@ -44,6 +44,8 @@ def main(argv: list[str]) -> int:
         print(f"convert: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {f.format} checkpoint to {out}")
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        print(f"  {path.relative_to(out)}  {path.stat().st_size:,} bytes")
     return 0
 
 

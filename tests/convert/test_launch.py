@@ -38,6 +38,7 @@ def test_converts_to_sharded_bf16_llama_then_refuses_to_overwrite(src, tmp_path)
                     "--max_shard_size=20KB")
     assert done.returncode == 0, done.stderr
     assert f"wrote llama checkpoint to {dst}" in done.stdout
+    assert "model.safetensors.index.json" in done.stdout and "config.json" in done.stdout
     config = json.loads((dst / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["torch_dtype"] == "bfloat16"
     index = json.loads((dst / "model.safetensors.index.json").read_text())
