@@ -88,6 +88,7 @@ class Scheduler:
         self._token_times: collections.deque[tuple[float, int]] = collections.deque()
         self.tokens_generated = 0
         self.requests_finished = 0
+        self.finish_reasons: collections.Counter[str] = collections.Counter()
         self.error: BaseException | None = None
 
     # ---- submission ----------------------------------------------------------------------
@@ -138,10 +139,11 @@ class Scheduler:
     # ---- the loop ------------------------------------------------------------------------
     def _finish(self, slot: int | None, req: Request, reason: str) -> None:
         req.finish_reason = reason
-        if slot is not None:
-            self.slots[slot] = None
-            self.state = self.engine.release(self.state, slot)
         self.requests_finished += 1
+        self.finish_reasons[reason] += 1
+        if slot is not None:  # counted before the slot shows free, so metrics never lag behind
+            self.state = self.engine.release(self.state, slot)
+            self.slots[slot] = None
         req._done.set()
         req.events.put(None)
         if req.on_token is not None:
@@ -246,6 +248,7 @@ class Scheduler:
                 "max_slots": self.engine.max_slots, "max_queue": self.max_queue,
                 "tokens_generated": self.tokens_generated,
                 "requests_finished": self.requests_finished,
+                "finish_reasons": dict(self.finish_reasons),
                 "tokens_per_second": self.tokens_per_second(),
                 "compilations": dict(self.engine.compilations),
                 "engine_error": None if self.error is None else repr(self.error)}
