@@ -16,10 +16,11 @@ import jax.numpy as jnp
 
 from cpmjax.config import ModelConfig
 from cpmjax.model import attention as attn_lib
-from cpmjax.model.cache import KVCache, write_kv
+from cpmjax.model.cache import CACHE_FIELDS, KVCache, write_kv
 from cpmjax.model.layers import rms_norm, swiglu_mlp
 from cpmjax.model.params import Params
 from cpmjax.model.rope import apply_rope, rope_cos_sin
+from cpmjax.sparse.cache import update_compressed
 
 REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "none": None,
@@ -59,11 +60,14 @@ def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array,
 
 def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Array,
                   sin: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
-                  cache_kv: tuple[jax.Array, jax.Array] | None,
+                  cache_kv: tuple[jax.Array, ...] | None,
                   attn_impl: attn_lib.Implementation = "auto",
                   residual_scale: float | None = None, taps: dict[str, jax.Array] | None = None,
-                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+                  ) -> tuple[jax.Array, tuple[jax.Array, ...] | None]:
     """One pre-norm block; returns the new hidden state and the updated (k, v) cache of the layer.
+
+    A sparse model's cache tuple is (k, v, kc1, kc2): the compressed keys are updated after the
+    new keys are written and passed to attention (InfLLM v2 decode, spec §2.3).
 
     ``residual_scale`` defaults to ``cfg.residual_scale``; the MTP/EAGLE draft layer passes
     scale_depth/sqrt(L+1) because it counts as layer L+1 (spec §1.5, CPM.cu ``speculative/eagle.py``).
@@ -89,9 +93,14 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
         kv_pos = jnp.broadcast_to(jnp.arange(S, dtype=positions.dtype), (B, S))
         kv_seg = None
         new_cache = (keys, values)
+    compressed = None
+    if cache_kv is not None and len(cache_kv) == 4 and cfg.sparse_config is not None:
+        compressed = update_compressed(cache_kv[2:], keys, positions, cfg.sparse_config)
+        new_cache = new_cache + compressed
     out = attn_lib.attend(q, keys.astype(dt), values.astype(dt), q_pos=positions, kv_pos=kv_pos,
                           q_seg=segment_ids if cache_kv is None else None, kv_seg=kv_seg, cfg=cfg,
-                          implementation=attn_impl, kv_is_query=cache_kv is None)
+                          implementation=attn_impl, kv_is_query=cache_kv is None,
+                          compressed=compressed)
     if taps is not None:
         taps["wo_in"] = out
     attn_out = jnp.einsum("bthk,hkd->btd", out, layer["wo"].astype(dt))
@@ -142,8 +151,9 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    cache_xs = None if cache is None else (cache["k"], cache["v"])
+    names = None if cache is None else [n for n in CACHE_FIELDS if n in cache]
+    cache_xs = None if cache is None else tuple(cache[n] for n in names)
     h, new_kv = jax.lax.scan(body, h, (params["layers"], cache_xs))
-    new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1]}
+    new_cache = None if cache is None else dict(zip(names, new_kv))
     logits = lm_head(params, cfg, h) if return_logits else None
     return ModelOutput(logits, h, new_cache)

@@ -1,0 +1,85 @@
+"""InfLLM v2 for one layer: the dense/sparse switch and the choice of sparse path.
+
+Paths (spec MINICPM4.md §2.2-2.3):
+- *fast*: one sequence per row at positions 0..T-1, no cache (training, plain prefill) ->
+  ``kernels.infllmv2.select_blocks`` + ``sparse_attention`` (gather-based: FLOPs scale with the
+  selected blocks).
+- *masked*: packed rows (segment ids) or a KV cache (prefill into a cache, decode) -> selection on
+  document-relative positions (`cpmjax.sparse.masked`) and dense attention under the selected
+  block mask. Exact per document; costs as much as dense attention.
+
+Dense/sparse switch, as HF: ``max(position) + 1 < dense_len`` -> dense; ``dense_len == -1``
+-> always sparse. Decided statically when the key length settles it (key length below
+``dense_len`` -> dense; ``dense_len`` in {-1, 0} -> sparse), else by ``lax.cond`` on the
+positions. The static rule assumes positions are smaller than the key length, which holds for
+default positions, packed rows and cache slots.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from cpmjax.config import ConfigError, ModelConfig, SparseConfig
+from cpmjax.sparse import masked
+from cpmjax.sparse.cache import Compressed, kernel_ends, kernel_shapes
+from kernels import infllmv2
+
+DenseFn = Callable[[jax.Array], jax.Array]  # mask [B, Tq, Tk] or [B, KV, Tq, Tk] -> output
+
+
+def check_supported(sc: SparseConfig) -> None:
+    """Reject what this integration does not implement, naming the field."""
+    if sc.use_nope:
+        raise ConfigError("sparse_config.use_nope=True (block selection on un-rotated q/k) is not "
+                          "supported by cpmjax; set it to false (MiniCPM4 releases use false)")
+
+
+def sparse_attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Array,
+                  kv_pos: jax.Array, q_seg: jax.Array | None, kv_seg: jax.Array | None,
+                  base_mask: jax.Array, cfg: ModelConfig, dense: DenseFn, kv_is_query: bool,
+                  compressed: Compressed | None = None) -> jax.Array:
+    """InfLLM v2 attention of one layer with HF's dense/sparse switch; ``[B, Tq, H, D]``.
+
+    ``dense(mask)`` is the caller's dense attention; ``base_mask`` its causal/document mask.
+    ``compressed`` are the layer's cached kernels (decode); without them kernels are pooled
+    from ``k``.
+    """
+    sc = cfg.sparse_config
+    check_supported(sc)
+
+    def sparse() -> jax.Array:
+        if kv_is_query and q_seg is None:
+            return _fast(q, k, v, sc, cfg.head_dim ** -0.5)
+        n_blocks = -(-k.shape[1] // sc.block_size)
+        fine, coarse = _kernels(k, kv_pos, kv_seg, sc, compressed)
+        chosen = masked.select_masked(q, q_pos, q_seg, fine, coarse, sc, n_blocks)
+        return dense(masked.token_mask(chosen, base_mask, kv_pos, sc.block_size))
+
+    if sc.dense_len in (-1, 0):
+        return sparse()
+    if k.shape[1] < sc.dense_len:
+        return dense(base_mask)
+    return jax.lax.cond(jnp.max(q_pos) + 1 < sc.dense_len, lambda: dense(base_mask), sparse)
+
+
+def _fast(q: jax.Array, k: jax.Array, v: jax.Array, sc: SparseConfig, scale: float) -> jax.Array:
+    idx = infllmv2.select_blocks(q, k, kernel_size=sc.kernel_size, kernel_stride=sc.kernel_stride,
+                                 block_size=sc.block_size, topk=sc.total_topk,
+                                 init_blocks=sc.init_blocks, local_blocks=sc.local_blocks)
+    return infllmv2.sparse_attention(q, k, v, idx, block_size=sc.block_size, softmax_scale=scale)
+
+
+def _kernels(k: jax.Array, kv_pos: jax.Array, kv_seg: jax.Array | None, sc: SparseConfig,
+             compressed: Compressed | None) -> tuple[masked.Kernels, masked.Kernels]:
+    """Fine and coarse kernels with their end positions (and documents, for packed rows)."""
+    out = []
+    for i, (size, stride) in enumerate(kernel_shapes(sc)):
+        if compressed is None:
+            kc, ends = masked.window_kernels(k, kv_pos, kv_seg, size, stride)
+            out.append((kc, ends, kv_seg))
+        else:
+            kc = jnp.transpose(compressed[i], (0, 2, 1, 3))
+            out.append((kc, kernel_ends(kc.shape[2], size, stride, k.shape[0]), None))
+    return out[0], out[1]

@@ -1,0 +1,108 @@
+"""Block selection on document-relative positions, for rows the fast op cannot take as they are.
+
+``kernels/infllmv2.select_blocks`` takes one sequence per row at positions ``0..T-1`` with a
+static ``cache_len``. Packed rows (several documents, positions restarting at 0) and decode
+steps (dynamic position in a preallocated cache) are not of that form. Here every kernel and
+block is indexed by its position *inside its document*, so a packed row selects, per document,
+exactly what the document alone would select (spec MINICPM4.md §2.2 steps A-G), and stage 2
+becomes a token mask for dense attention: exact, but with dense cost (it saves no FLOPs).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from cpmjax.config import SparseConfig
+
+_FAR = 2 ** 30  # end position of a kernel that does not exist: never visible
+
+
+def window_kernels(k: jax.Array, kv_pos: jax.Array, kv_seg: jax.Array | None, size: int,
+                   stride: int) -> tuple[jax.Array, jax.Array]:
+    """Mean of the ``size`` keys ending at every row position, and the kernel's end position.
+
+    Returns kernels ``[B, KV, Tk, D]`` f32 and ends ``[B, Tk]``: the document-relative position
+    of the kernel's last key, or ``_FAR`` where no kernel of the document ends there (kernel j
+    of a document spans positions ``stride*j .. stride*j+size-1``, spec §2.2 step A).
+    """
+    b, tk = kv_pos.shape
+    sums = jax.lax.reduce_window(k.astype(jnp.float32), 0.0, jax.lax.add, (1, size, 1, 1),
+                                 (1, 1, 1, 1), ((0, 0), (size - 1, 0), (0, 0), (0, 0)))
+    start = jnp.pad(kv_pos, ((0, 0), (size - 1, 0)), constant_values=-1)[:, :tk]
+    ok = (kv_pos >= size - 1) & ((kv_pos - size + 1) % stride == 0) & (start == kv_pos - size + 1)
+    if kv_seg is not None:
+        ok &= jnp.pad(kv_seg, ((0, 0), (size - 1, 0)), constant_values=-1)[:, :tk] == kv_seg
+    return jnp.transpose(sums / size, (0, 2, 1, 3)), jnp.where(ok, kv_pos, _FAR)
+
+
+def _block_scores(p: jax.Array, ends: jax.Array, size: int, block_size: int,
+                  n_blocks: int) -> jax.Array:
+    """Step F: per block, max of the group-summed scores of the kernels intersecting it.
+
+    ``p [B, KV, Tq, N]``, ``ends [B, N]``; blocks without an existing kernel score -inf, as in
+    the reference (kernels that exist but are not yet visible score 0).
+    """
+    starts = ends - size + 1
+    width = (size - 1) // block_size + 2
+
+    def one_row(p_row: jax.Array, s_row: jax.Array, e_row: jax.Array) -> jax.Array:
+        out = jnp.full(p_row.shape[:-1] + (n_blocks,), -jnp.inf, p_row.dtype)
+        for o in range(width):
+            blk = s_row // block_size + o
+            hit = (blk <= e_row // block_size) & (e_row < _FAR)
+            out = out.at[..., jnp.where(hit, blk, n_blocks)].max(p_row, mode="drop")
+        return out
+
+    return jax.vmap(one_row)(p, starts, ends)
+
+
+Kernels = tuple[jax.Array, jax.Array, jax.Array | None]  # (kernels [B,KV,N,D], ends [B,N], docs [B,N])
+
+
+def select_masked(q: jax.Array, q_pos: jax.Array, q_seg: jax.Array | None, fine: Kernels,
+                  coarse: Kernels, sc: SparseConfig, n_blocks: int) -> jax.Array:
+    """Steps C-G with document-relative positions -> selected-block mask ``[B, KV, Tq, n_blocks]``.
+
+    ``fine`` (kernel_size/stride) and ``coarse`` (4x, for the LSE approximation) kernels come
+    with their end positions and, for packed rows, their document ids. Visibility is
+    ``end <= q_pos`` within q's document; in decode this equals HF's non-causal stage 1, since
+    every complete kernel ends at or before the query.
+    """
+    b, tq, h, d = q.shape
+    kvh = fine[0].shape[1]
+    qf = q.astype(jnp.float32).reshape(b, tq, kvh, h // kvh, d)
+    scale = 1.0 / math.sqrt(d)
+
+    def scores(kern: Kernels) -> tuple[jax.Array, jax.Array, jax.Array]:
+        kc, ends, docs = kern
+        s = jnp.einsum("btkgd,bknd->bkgtn", qf, kc) * scale
+        mine = (jnp.ones((b, tq, ends.shape[1]), bool) if docs is None
+                else q_seg[:, :, None] == docs[:, None, :])
+        vis = mine & (ends[:, None, :] <= q_pos[:, :, None])
+        return s, vis[:, None, None], mine[:, None]
+
+    s1, vis1, mine1 = scores(fine)
+    s2, vis2, _ = scores(coarse)
+    lse = jax.nn.logsumexp(jnp.where(vis2, s2, -jnp.inf), axis=-1, keepdims=True)
+    p = jnp.where(vis1, jnp.exp(s1 - lse), 0.0)
+    shared = jnp.where(jnp.isfinite(p), p, 0.0).sum(axis=2)  # step E: [B, KV, Tq, N]
+    shared = jnp.where(mine1, shared, -jnp.inf)  # other documents' kernels do not exist here
+    score = _block_scores(shared, fine[1], sc.kernel_size, sc.block_size, n_blocks)
+    blocks = jnp.arange(n_blocks)
+    qblock = (q_pos // sc.block_size)[:, None, :, None]
+    forced = (blocks < sc.init_blocks) | ((blocks >= qblock - sc.local_blocks) & (blocks <= qblock))
+    score = jnp.where(forced, jnp.inf, score)
+    _, idx = jax.lax.top_k(score, min(sc.total_topk, n_blocks))  # step G
+    chosen = jax.nn.one_hot(idx, n_blocks, dtype=bool).any(axis=-2)
+    return jax.lax.stop_gradient(chosen & (blocks <= qblock))
+
+
+def token_mask(chosen: jax.Array, base: jax.Array, kv_pos: jax.Array,
+               block_size: int) -> jax.Array:
+    """Stage 2 as a mask ``[B, KV, Tq, Tk]``: key visible iff its document block is selected
+    and the ordinary causal/document mask ``base [B, Tq, Tk]`` allows it."""
+    blk = jnp.clip(kv_pos // block_size, 0, chosen.shape[-1] - 1)
+    picked = jax.vmap(lambda c, bl: c[..., bl])(chosen, blk)
+    return picked & base[:, None]
