@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it at import
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,8 +18,6 @@ import cpmjax
 from cpmjax.config import ModelConfig
 from cpmjax.model import forward, init_cache, init_params
 from tests.conftest import tiny_hf_config
-
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 CONFIGS = {
     "gqa_longrope_long_untied": tiny_hf_config(),
