@@ -33,7 +33,7 @@ LINEAR_INPUTS = {"wq": ("attn_in", 1), "wk": ("attn_in", 1), "wv": ("attn_in", 1
 def gptq_quantize(w: Any, hessian: Any, bits: int = 4, group_size: int = 128,
                   damp: float = 0.01, block: int = 128) -> QTensor:
     """GPTQ of a 2-D weight ``[in, out]`` given ``hessian [in, in]`` of its inputs."""
-    W = np.asarray(w, np.float64).T.copy()  # [out, in]: columns are input rows
+    W = np.asarray(w, np.float32).astype(np.float64).T.copy()  # [out, in]; f32 values as RTN
     H = np.asarray(hessian, np.float64).copy()
     n_in = W.shape[1]
     check_bits_group(bits, group_size, n_in)

@@ -42,9 +42,12 @@ def group_scales(w: np.ndarray, bits: int, group_size: int) -> np.ndarray:
 
 
 def quantize_with_scales(w: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
-    """Signed integer codes (int32 values in range) of ``w`` rows given per-row ``scales``."""
+    """Signed integer codes (int32 values in range) of ``w`` rows given per-row ``scales``.
+
+    The ratio is rounded in float32 whatever the input precision: -absmax/scale is exactly the tie
+    -(2**bits - 1)/2 by construction, and float64 GPTQ must break it like float32 RTN does."""
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return np.clip(np.round(w / scales), lo, hi).astype(np.int32)
+    return np.clip(np.round((w / scales).astype(np.float32)), lo, hi).astype(np.int32)
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:

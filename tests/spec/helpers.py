@@ -22,9 +22,13 @@ def small_models(vocab: int = 97, seed: int = 0, **overrides) -> tuple[ModelConf
 
 
 def greedy_oracle(cfg: ModelConfig, params: dict, prompt: list[int], n: int) -> list[int]:
-    """Plain greedy decoding by full recompute (no cache): the reference output."""
-    seq = list(prompt)
-    for _ in range(n):
-        logits = forward(params, cfg, jnp.asarray([seq], jnp.int32)).logits
-        seq.append(int(np.argmax(np.asarray(logits[0, -1]))))
-    return seq[len(prompt):]
+    """Plain greedy decoding by full recompute (no cache): the reference output. The row is
+    right-padded to one fixed length (causal attention: padding after a token cannot change it),
+    so the forward compiles once."""
+    width = len(prompt) + n
+    seq = np.zeros((1, width), np.int32)
+    seq[0, :len(prompt)] = prompt
+    fwd = jax.jit(lambda t: forward(params, cfg, t).logits[0])
+    for i in range(len(prompt), width):
+        seq[0, i] = int(np.argmax(np.asarray(fwd(jnp.asarray(seq))[i - 1])))
+    return seq[0, len(prompt):].tolist()
