@@ -186,6 +186,8 @@ class Scheduler:
             prefix = self.engine.prefill(self.params, req.prompt)
             self.state, first = self.engine.insert(prefix, self.state, slot, req.sampling)
             self.slots[slot] = req
+            self.tokens_generated += 1
+            self._token_times.append((time.monotonic(), 1))
             self._emit(slot, req, int(first))
 
     def step(self) -> bool:
