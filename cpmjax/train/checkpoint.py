@@ -172,6 +172,21 @@ def load_model(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[Model
     return cfg, jax.tree.map_with_path(norm, params)
 
 
+def load_mtp_params(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
+    """(config, MTP head params) from a training run trained with ``train.mtp_weight > 0``
+    (same paths as :func:`load_model`); ``cpmjax.model.mtp.save_mtp`` writes them as an EAGLE
+    draft for speculative decoding."""
+    from cpmjax.model.mtp import init_mtp_params
+
+    root, step = _resolve(path)
+    cfg = ModelConfig.from_hf_config(json.loads((root / "config.json").read_text()))
+    if not (root / CKPT_DIR).is_dir():
+        raise FileNotFoundError(f"{root} is not a training run (no {CKPT_DIR}/); MTP heads are "
+                                "kept in training checkpoints")
+    target = _on_device(jax.eval_shape(lambda k: init_mtp_params(cfg, k), jax.random.key(0)))
+    return cfg, restore_from_run(root, {"mtp_params": target}, step)["mtp_params"]
+
+
 def restore_from_run(workdir: Path, item: dict[str, Any], step: int | None = None
                      ) -> dict[str, Any]:
     """The state entries named in ``item`` (abstract targets) from a run's newest good step, or
@@ -182,10 +197,17 @@ def restore_from_run(workdir: Path, item: dict[str, Any], step: int | None = Non
         try:
             restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                 item=item, partial_restore=True,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(item))))
-            return restored["state"]
+                restore_args=ocp.checkpoint_utils.construct_restore_args(item))))["state"]
         except Exception as e:
             warnings.warn(f"checkpoint step {s} of {workdir} could not be restored "
                           f"({type(e).__name__}: {e}); trying the previous one")
+            continue
+        # orbax's partial restore hands back the abstract target for entries the step lacks
+        missing = sorted({jax.tree_util.keystr(p[:1]) for p, x in
+                          jax.tree.leaves_with_path(restored) if not isinstance(x, jax.Array)})
+        if missing:
+            raise KeyError(f"checkpoint step {s} of {workdir} has no {', '.join(missing)} "
+                           "(an MTP head exists only in runs with train.mtp_weight > 0)")
+        return restored
     which = f"step {step}" if step is not None else "checkpoint"
     raise FileNotFoundError(f"no restorable {which} under {directory}")

@@ -104,3 +104,25 @@ def test_load_model_from_run_paths(tmp_path: Path) -> None:
         load_model(tmp_path / "checkpoints" / "2")
     with pytest.warns(UserWarning, match="step 2"):
         np.testing.assert_array_equal(load_model(tmp_path)[1]["embed"], old["embed"])
+
+
+def test_load_mtp_params_from_run(tmp_path: Path) -> None:
+    """The head is exportable on its own from a run with MTP; a run without one is an error."""
+    from cpmjax.model.mtp import init_mtp_params
+    from cpmjax.train.checkpoint import load_mtp_params
+
+    cfg = ModelConfig.from_hf_config(tiny_hf_config())
+    head = init_mtp_params(cfg, jax.random.key(3))
+    for run, state in [("with", {"params": init_params(cfg, jax.random.key(0)),
+                                 "mtp_params": head}),
+                       ("without", {"params": init_params(cfg, jax.random.key(0))})]:
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "config.json").write_text(json.dumps(cfg.to_hf_config()))
+        ck = TrainCheckpointer(tmp_path / run)
+        ck.save(1, state, {}, {})
+        ck.close()
+    got = load_mtp_params(tmp_path / "with")[1]
+    for a, b in zip(jax.tree.leaves(head), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(KeyError, match=r"no \['mtp_params'\].*mtp_weight"):
+        load_mtp_params(tmp_path / "without")
