@@ -19,6 +19,9 @@ Implementation = Literal["auto", "xla", "reference", "pallas_tpu", "pallas_gpu",
                          "pallas_gpu_interpret"]
 
 
+@functools.partial(jax.jit, static_argnames=(
+    "kernel_size", "kernel_stride", "block_size", "topk", "init_blocks", "local_blocks",
+    "lse_approx", "cache_len", "query_chunk", "implementation"))
 def select_blocks(q: jax.Array, k: jax.Array, *, kernel_size: int, kernel_stride: int,
                   block_size: int, topk: int, init_blocks: int, local_blocks: int,
                   lse_approx: bool = True, cache_len: int = 0, query_chunk: int = 256,
@@ -84,6 +87,8 @@ def default_implementation() -> str:
     return "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
 
 
+@functools.partial(jax.jit, static_argnames=(
+    "block_size", "cache_len", "softmax_scale", "implementation"))
 def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax.Array, *,
                      block_size: int, cache_len: int = 0, softmax_scale: float | None = None,
                      implementation: Implementation = "auto") -> jax.Array:

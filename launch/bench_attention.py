@@ -1,0 +1,122 @@
+"""InfLLM v2 attention benchmark on this machine: sparse (XLA path) vs dense causal (XLA).
+
+``run()`` times forward and forward+backward of
+  sparse = `select_blocks` (chunked stage 1) + `sparse_attention(implementation="xla")`
+  dense  = query-chunked softmax attention over all keys with a causal mask (what
+           `jax.nn.dot_product_attention(is_causal=True)` computes through XLA, chunked over
+           queries so 32K fits in memory; it does not skip masked-out key tiles),
+prints a table and appends JSON lines to bench/results/attention_cpu.jsonl.
+Head shapes: MiniCPM4-8B has G = 16 query heads per KV head and D = 128; for a 2-core CPU we use
+one KV head, G = 8, D = 32 (FLOP ratios do not depend on H or D), and fwd+bwd only up to
+8K, so the whole run takes minutes on a shared 2-core machine. Block 64, kernels 32/16,
+topk 96, local 32 blocks, init 1 (MiniCPM4 sparse_config, spec MINICPM4.md §2.1).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels.infllmv2 import select_blocks, sparse_attention  # noqa: E402
+
+SPARSE = dict(kernel_size=32, kernel_stride=16, block_size=64, topk=96, init_blocks=1,
+              local_blocks=32)
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "bench", "results", "attention_cpu.jsonl")
+
+
+def dense_causal(q: jax.Array, k: jax.Array, v: jax.Array, query_chunk: int = 512) -> jax.Array:
+    """Causal softmax attention, query-chunked (full key range per chunk, masked)."""
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    n = t // query_chunk
+    qc = q.reshape(b, n, query_chunk, kvh, g, d).transpose(1, 0, 2, 3, 4, 5)
+
+    @jax.checkpoint
+    def chunk(args: tuple[jax.Array, jax.Array]) -> jax.Array:
+        qch, start = args
+        s = jnp.einsum("bckgd,bskd->bkgcs", qch, k) / math.sqrt(d)
+        mask = jnp.arange(t)[None, :] <= (start + jnp.arange(query_chunk))[:, None]
+        p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+        return jnp.einsum("bkgcs,bskd->bckgd", p, v)
+
+    out = jax.lax.map(chunk, (qc, jnp.arange(n) * query_chunk))
+    return out.transpose(1, 0, 2, 3, 4, 5).reshape(b, t, h, d)
+
+
+def sparse(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    idx = select_blocks(q, k, **SPARSE)
+    return sparse_attention(q, k, v, idx, block_size=SPARSE["block_size"], implementation="xla")
+
+
+def _time(fn: Callable, *args: jax.Array) -> float:
+    """Seconds for one call of an AOT-compiled function (compile excluded)."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    return time.perf_counter() - t0
+
+
+def _fwd_bwd(fn: Callable) -> Callable:
+    return jax.grad(lambda q, k, v: fn(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+
+
+def run(lengths: tuple[int, ...] = (4096, 8192, 16384, 32768), heads_per_kv: int = 8,
+        head_dim: int = 32, backward_up_to: int = 8192, out_path: str = RESULTS) -> list[dict[str, Any]]:
+    """Benchmark each length; fwd+bwd only for lengths <= backward_up_to. Returns the records."""
+    dev = jax.devices()[0]
+    device = f"{dev.platform}:{dev.device_kind} x{jax.device_count()} ({os.cpu_count()} cpu)"
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    records = []
+    for t in lengths:
+        ks = jax.random.split(jax.random.key(t), 3)
+        q = jax.random.normal(ks[0], (1, t, heads_per_kv, head_dim), jnp.float32)
+        k = jax.random.normal(ks[1], (1, t, 1, head_dim), jnp.float32)
+        v = jax.random.normal(ks[2], (1, t, 1, head_dim), jnp.float32)
+        idx = select_blocks(q, k, **SPARSE)
+        bs = SPARSE["block_size"]
+        # attended tokens: selected blocks, minus the causal tail of the current block
+        key_pos = idx[..., None] * bs + jnp.arange(bs)
+        visible = (idx[..., None] >= 0) & (key_pos <= jnp.arange(t)[:, None, None])
+        attended = float(visible.sum()) / t
+        dense_causal_keys = (t + 1) / 2
+        n1 = (t - 32) // 16 + 1
+        # per query & head multiply-adds: stage 1 (fine + coarse kernels) + stage 2 (QK, PV)
+        slots = min(SPARSE["topk"], -(-t // bs))  # the gather path reads every slot
+        sparse_flops = 2 * head_dim * (n1 * 1.25) + 4 * head_dim * slots * bs
+        dense_flops = 4 * head_dim * t  # masked XLA dense computes every key
+        cfg = dict(device=device, config=f"T{t}_G{heads_per_kv}_D{head_dim}_kv1_b64_topk96",
+                   seq_len=t, heads_per_kv=heads_per_kv, head_dim=head_dim, jax=jax.__version__,
+                   time=stamp, dense_baseline="query-chunked masked causal softmax (XLA)")
+        rows = [dict(metric="attended_tokens_per_query", value=attended, baseline=dense_causal_keys,
+                     ratio=attended / dense_causal_keys, higher_is_better=False),
+                dict(metric="flops_per_query_head", value=sparse_flops, baseline=dense_flops,
+                     ratio=sparse_flops / dense_flops, higher_is_better=False)]
+        fs, fd = _time(sparse, q, k, v), _time(dense_causal, q, k, v)
+        rows.append(dict(metric="forward_s", value=fs, baseline=fd, ratio=fd / fs,
+                         higher_is_better=False, ratio_is="speedup"))
+        if t <= backward_up_to:
+            bs_, bd = _time(_fwd_bwd(sparse), q, k, v), _time(_fwd_bwd(dense_causal), q, k, v)
+            rows.append(dict(metric="forward_backward_s", value=bs_, baseline=bd, ratio=bd / bs_,
+                             higher_is_better=False, ratio_is="speedup"))
+        for r in rows:
+            rec = {**cfg, **r}
+            records.append(rec)
+            print(f"{t:>6} {r['metric']:<28} sparse {r['value']:>12.4g}  dense {r['baseline']:>12.4g}"
+                  f"  ratio {r['ratio']:.3g}", flush=True)
+            with open(out_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+    return records
+
+
+if __name__ == "__main__":
+    run()
