@@ -140,27 +140,35 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             bsh, {k: v[host_rows] for k, v in b.items()}, batch_shape)) for b in evals]
         return float(sum(s for s, _ in sums) / sum(c for _, c in sums))
 
-    last: dict[str, Any] = {"unigram_loss": baseline, "nonfinite_steps": 0}
-    window_start, window_tokens = time.perf_counter(), 0
+    last: dict[str, Any] = {"unigram_loss": baseline}
+    skipped_logged = int(state["nonfinite_steps"])
+    window_start, window_steps = time.perf_counter(), 0
     for step in range(start, t.steps):
         batch = jax.make_array_from_process_local_data(bsh, next(iterator), batch_shape)
         state, m = step_fn(state, batch)
-        window_tokens += t.global_batch_size * t.seq_len
         done = step + 1
+        if step == start:  # keep compilation out of the throughput figures
+            jax.block_until_ready(m["loss"])
+            print(f"step {done} (compilation included) took "
+                  f"{time.perf_counter() - window_start:.1f}s", flush=True)
+            window_start = time.perf_counter()
+        else:
+            window_steps += 1
         if t.on_nonfinite == "stop" and not bool(m["finite"]):  # a host sync every step
             raise NonFiniteError(f"non-finite loss or gradient at step {done}")
         if done % t.log_every == 0 or done == t.steps:
-            skipped = int(state["nonfinite_steps"])
-            if skipped > last.get("nonfinite_steps", 0):
+            loss, skipped = float(m["loss"]), int(state["nonfinite_steps"])
+            if skipped > skipped_logged:
                 log.warning("%d step(s) up to step %d had a non-finite loss or gradient; their "
-                            "updates were skipped", skipped - last.get("nonfinite_steps", 0), done)
-            loss = float(m["loss"])
-            elapsed = time.perf_counter() - window_start
-            steps_in_window = (done - 1) % t.log_every + 1
-            tps = window_tokens / elapsed
+                            "updates were skipped", skipped - skipped_logged, done)
+                skipped_logged = skipped
+            step_time = ((time.perf_counter() - window_start) / window_steps
+                         if window_steps else None)
+            tps = t.global_batch_size * t.seq_len / step_time if step_time else None
             last.update(loss=loss, lr=float(schedule(done - 1)), grad_norm=float(m["grad_norm"]),
-                        tokens_per_sec=tps, step_time=elapsed / steps_in_window,
-                        mfu=(tps * flops_tok / (peak * jax.device_count())) if peak else None,
+                        tokens_per_sec=tps, step_time=step_time,
+                        mfu=(tps * flops_tok / (peak * jax.device_count()))
+                        if peak and tps else None,
                         nonfinite_steps=skipped)
             if "mtp_loss" in m:
                 last["mtp_loss"] = float(m["mtp_loss"])
@@ -169,7 +177,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             else:
                 last.pop("eval_loss", None)
             writer.write(done, {k: v for k, v in last.items() if k != "unigram_loss"})
-            window_start, window_tokens = time.perf_counter(), 0
+            window_start, window_steps = time.perf_counter(), 0
         if done % cfg.checkpoint.every == 0 or done == t.steps:
             checkpointer.save(done, state, iterator.get_state(), cfg.to_dict())
     checkpointer.close()

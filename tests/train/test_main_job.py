@@ -56,7 +56,10 @@ def test_metrics_and_outputs(full_run: Path) -> None:
     for r in recs.values():
         assert FIELDS <= r.keys(), r
         assert r["mfu"] is None  # CPU: no meaningful peak unless train.peak_flops is set
-        assert r["tokens_per_sec"] > 0 and r["step_time"] > 0 and r["lr"] > 0
+        assert r["lr"] > 0
+    assert recs[1]["step_time"] is None  # the first step (compilation) is not a throughput
+    for r in list(recs.values())[1:]:
+        assert r["tokens_per_sec"] > 0 and r["step_time"] > 0
     assert {s for s, r in recs.items() if "eval_loss" in r} == {20, 40, 60}
     assert recs[STEPS]["loss"] < recs[1]["loss"] - 0.5
     assert list((full_run / "tensorboard").glob("events.out.tfevents.*"))
