@@ -7,7 +7,6 @@ TensorBoard events, orbax checkpoints and config.json; rerunning the same comman
 
 from __future__ import annotations
 
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags

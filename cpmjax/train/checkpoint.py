@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 
 from cpmjax.config import ModelConfig
 from cpmjax.model.params import Params, abstract_params
+from cpmjax.model.mtp import init_mtp_params
 
 CKPT_DIR = "checkpoints"
 
@@ -176,8 +177,6 @@ def load_mtp_params(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
     """(config, MTP head params) from a training run trained with ``train.mtp_weight > 0``
     (same paths as :func:`load_model`); ``cpmjax.model.mtp.save_mtp`` writes them as an EAGLE
     draft for speculative decoding."""
-    from cpmjax.model.mtp import init_mtp_params
-
     root, step = _resolve(path)
     cfg = ModelConfig.from_hf_config(json.loads((root / "config.json").read_text()))
     if not (root / CKPT_DIR).is_dir():

@@ -12,7 +12,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from cpmjax.config import ConfigError, ModelConfig
 from cpmjax.data import (Source, eval_batches, get_or_build_default_tokenizer, load_tokenizer,

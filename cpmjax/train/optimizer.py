@@ -27,6 +27,7 @@ import optax
 
 from cpmjax.config import ModelConfig
 from cpmjax.model.params import ParamSpec, param_specs
+from cpmjax.model.mtp import mtp_param_specs
 from cpmjax.train import schedules
 
 
@@ -37,8 +38,6 @@ def param_groups(cfg: ModelConfig) -> Any:
 
 def mtp_param_groups(cfg: ModelConfig) -> Any:
     """Group labels of the MTP head from its own table (its layer and fc are hidden matrices)."""
-    from cpmjax.model.mtp import mtp_param_specs
-
     return jax.tree.map(lambda s: s.init, mtp_param_specs(cfg),
                         is_leaf=lambda x: isinstance(x, ParamSpec))
 

@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cpmjax.config import ModelConfig
 from cpmjax.model import forward, init_params, param_axes
+from cpmjax.model.mtp import init_mtp_params, mtp_loss, mtp_param_axes
 from cpmjax.parallel.rules import logical_to_spec
 
 State = dict[str, Any]
@@ -67,8 +68,6 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, key: jax.Arra
     state = {"step": jnp.zeros((), jnp.int32), "params": params,
              "nonfinite_steps": jnp.zeros((), jnp.int32)}
     if with_mtp:
-        from cpmjax.model.mtp import init_mtp_params
-
         state["mtp_params"] = init_mtp_params(cfg, jax.random.fold_in(key, 1))
     state["opt_state"] = tx.init(trainable(state))
     return state
@@ -84,8 +83,6 @@ def _axes_by_path(cfg: ModelConfig, with_mtp: bool) -> dict[tuple[str, ...], tup
     leaves = lambda tree: jax.tree.leaves_with_path(tree, is_leaf=lambda a: isinstance(a, tuple))
     out = {_path_names(p): a for p, a in leaves(param_axes(cfg))}
     if with_mtp:
-        from cpmjax.model.mtp import mtp_param_axes
-
         for p, a in leaves(mtp_param_axes(cfg)):
             out[("mtp_params", *_path_names(p))] = out[("mtp", *_path_names(p))] = a
     return out
@@ -127,8 +124,6 @@ def make_grad_fn(cfg: ModelConfig, *, grad_accum: int = 1, dtype: Any = jnp.floa
                       segment_ids=micro["segment_ids"], dtype=dtype, remat=remat)
         sums = [_nll_sum(out.logits, micro["targets"], micro["loss_mask"])]
         if with_mtp:
-            from cpmjax.model.mtp import mtp_loss
-
             sums.append(mtp_loss(mtp_params, params, cfg, out.hidden, micro)[0])
         sums = jnp.stack(sums)
         weights = jnp.asarray([1.0, mtp_weight][:len(sums)])
