@@ -53,7 +53,7 @@ def sparse_attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Array,
         if kv_is_query and q_seg is None:
             return _fast(q, k, v, sc, cfg.head_dim ** -0.5)
         n_blocks = -(-k.shape[1] // sc.block_size)
-        fine, coarse = _kernels(k, kv_pos, kv_seg, sc, compressed)
+        fine, coarse = layer_kernels(k, kv_pos, kv_seg, sc, compressed)
         chosen = masked.select_masked(q, q_pos, q_seg, fine, coarse, sc, n_blocks)
         return dense(masked.token_mask(chosen, base_mask, kv_pos, sc.block_size))
 
@@ -71,7 +71,7 @@ def _fast(q: jax.Array, k: jax.Array, v: jax.Array, sc: SparseConfig, scale: flo
     return infllmv2.sparse_attention(q, k, v, idx, block_size=sc.block_size, softmax_scale=scale)
 
 
-def _kernels(k: jax.Array, kv_pos: jax.Array, kv_seg: jax.Array | None, sc: SparseConfig,
+def layer_kernels(k: jax.Array, kv_pos: jax.Array, kv_seg: jax.Array | None, sc: SparseConfig,
              compressed: Compressed | None) -> tuple[masked.Kernels, masked.Kernels]:
     """Fine and coarse kernels with their end positions (and documents, for packed rows)."""
     out = []

@@ -13,6 +13,7 @@ from cpmjax.sparse import masked
 from cpmjax.sparse.cache import init_compressed, update_compressed
 from kernels import infllmv2
 from kernels.infllmv2.selection import pooled_kernels
+from cpmjax.sparse.attend import layer_kernels
 from tests.conftest import tiny_hf_config
 
 # small blocks so that short sequences are genuinely sparse: 3 blocks of 16 tokens per query
@@ -97,7 +98,8 @@ def test_attend_gradients_match_reference(heads):
     seg = jnp.zeros((1, T), jnp.int32)  # one document: forces the masked (packed-row) path
     w = jax.random.normal(jax.random.PRNGKey(5), (1, T, heads, cfg.head_dim))
     for fn in (ref, lambda *a: ours(*a, None), lambda *a: ours(*a, seg)):
-        out, grads = jax.value_and_grad(lambda *a: (fn(*a) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+        out, grads = jax.jit(jax.value_and_grad(lambda *a: (fn(*a) * w).sum(),
+                                                argnums=(0, 1, 2)))(q, k, v)
         if fn is ref:
             want_out, want_grads = out, grads
             assert all(float(jnp.abs(g).max()) > 0 for g in grads)
@@ -143,41 +145,33 @@ def test_packed_row_equals_documents_alone(heads):
     assert float(jnp.abs(alone[1] - dense).max()) > 1e-3
 
 
-def test_compressed_cache_incremental_equals_pooling():
-    sc = make_cfg().sparse_config
-    k = jax.random.normal(jax.random.PRNGKey(3), (2, 200, 2, 16))
-    comp = init_compressed(sc, 2, 200, 2, 16)
-    upd = jax.jit(lambda c, t: update_compressed(c, k, jnp.full((2, 1), t), sc))
-    for t in range(200):
-        comp = upd(comp, t)
-    for got, (size, stride) in zip(comp, [(8, 4), (32, 16)]):
-        want = jnp.transpose(pooled_kernels(k, size, stride), (0, 2, 1, 3))
-        np.testing.assert_allclose(got, want, atol=1e-6)
-
-
-def test_decode_selection_matches_kernel_decode_mode():
-    """Selection from the incrementally kept kernels == the op's decode mode on the prefix."""
+def test_decode_selection_from_incremental_cache_matches_kernel_decode_mode():
+    """Kernels kept one key at a time equal pooling the whole cache, and selection from them
+    equals the op's decode mode (HF non-causal stage 1) on the prefix, at block edges too."""
     cfg = make_cfg()
     sc = cfg.sparse_config
     q, k, _ = _attn_inputs(b=2, t=T)
-    comp = init_compressed(sc, 2, T, 2, 16)
     n_blocks = T // sc.block_size
-    from cpmjax.sparse.attend import _kernels
+    kv_pos = jnp.broadcast_to(jnp.arange(T), (2, T))
+    upd = jax.jit(lambda c, t: update_compressed(c, k, jnp.full((2, 1), t), sc))
+    select = jax.jit(lambda c, t: masked.select_masked(
+        jax.lax.dynamic_slice_in_dim(q, t, 1, axis=1), jnp.full((2, 1), t), None,
+        *layer_kernels(k, kv_pos, None, sc, c), sc, n_blocks))
+    comp = init_compressed(sc, 2, T, 2, 16)
     for p in range(T):
-        comp = update_compressed(comp, k, jnp.full((2, 1), p), sc)
-        if p % 7:
+        comp = upd(comp, p)
+        if p not in (15, 47, 64, 111, T - 1):
             continue
-        kv_pos = jnp.broadcast_to(jnp.arange(T), (2, T))
-        fine, coarse = _kernels(k, kv_pos, None, sc, comp)
-        chosen = masked.select_masked(q[:, p:p + 1], jnp.full((2, 1), p), None, fine, coarse, sc,
-                                      n_blocks)
         idx = infllmv2.select_blocks(q[:, p:p + 1], k[:, :p + 1], kernel_size=sc.kernel_size,
                                      kernel_stride=sc.kernel_stride, block_size=sc.block_size,
                                      topk=sc.total_topk, init_blocks=sc.init_blocks,
                                      local_blocks=sc.local_blocks, cache_len=p)
         want = jax.nn.one_hot(jnp.where(idx < 0, n_blocks, idx), n_blocks + 1,
                               dtype=bool).any(-2)[..., :n_blocks]
-        np.testing.assert_array_equal(chosen, want, err_msg=f"position {p}")
+        np.testing.assert_array_equal(select(comp, p), want, err_msg=f"position {p}")
+    for got, (size, stride) in zip(comp, [(8, 4), (32, 16)]):
+        want = jnp.transpose(pooled_kernels(k, size, stride), (0, 2, 1, 3))
+        np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 def test_decode_token_by_token_equals_full_sequence(setup):
