@@ -76,9 +76,15 @@ def sample(logits: jax.Array, seen: jax.Array, step: jax.Array, *, temperature: 
     """Next token per row of float32 ``logits [B, V]``; all other arguments are ``[B]`` (``seen`` is
     a ``[B, V]`` bool mask of tokens already in the row's prompt or output)."""
     logits = apply_repetition_penalty(logits.astype(jnp.float32), seen, repetition_penalty)
-    greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    warped = top_p_mask(top_k_mask(scaled, top_k), top_p)
-    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(seed, step)
-    drawn = jax.vmap(jax.random.categorical)(keys, warped)
-    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(_: None) -> jax.Array:
+        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        warped = top_p_mask(top_k_mask(scaled, top_k), top_p)
+        keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(seed, step)
+        drawn = jax.vmap(jax.random.categorical)(keys, warped).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    # The vocabulary sorts of top-k/top-p cost more than a small model's decode step: skip them
+    # when every row is greedy.
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
