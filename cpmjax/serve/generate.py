@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Sequence
 
@@ -12,6 +13,7 @@ from cpmjax.model.params import Params
 from cpmjax.serve.engine import DecodeEngine
 from cpmjax.serve.sampling import SamplingParams
 from cpmjax.serve.scheduler import Scheduler
+from cpmjax.serve.speculative import speculative_generate
 
 
 def _bucket(n: int, lo: int) -> int:
@@ -30,6 +32,38 @@ def engine_for(cfg: ModelConfig, max_slots: int, max_len: int, chunk: int,
                         dtype=jnp.dtype(dtype_name))
 
 
+@dataclasses.dataclass(frozen=True)
+class Speculative:
+    """Speculative decoding settings for :func:`generate`: the MTP/EAGLE draft head's params
+    (``cpmjax.model.mtp``), the draft length k and an optional FR-Spec id list."""
+
+    draft_params: Params
+    k: int = 3
+    frspec_ids: Any = None
+
+
+def _speculative(cfg: ModelConfig, params: Params, prompts: list[list[int]], max_new_tokens: int,
+                 temperature: float, top_k: int, top_p: float, repetition_penalty: float,
+                 seed: int, stop_token_ids: Sequence[int] | None,
+                 spec: Speculative) -> list[list[int]]:
+    """Speculative generation, cut after the first stop/eos token like the plain path."""
+    if not isinstance(spec, Speculative):
+        raise TypeError(f"speculative must be a cpmjax.serve.generate.Speculative, got "
+                        f"{type(spec).__name__}")
+    if (top_k, top_p, repetition_penalty) != (0, 1.0, 1.0):
+        raise ValueError("speculative decoding supports greedy and temperature sampling only "
+                         "(top_k=0, top_p=1, repetition_penalty=1)")
+    tokens, _ = speculative_generate(cfg, params, spec.draft_params, prompts, max_new_tokens,
+                                     k=spec.k, temperature=temperature, seed=seed,
+                                     frspec_ids=spec.frspec_ids)
+    stops = set(cfg.eos_token_ids) | set(stop_token_ids or ())
+    out = []
+    for row in tokens.tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        out.append(row[:cut])
+    return out
+
+
 def generate(cfg: ModelConfig, params: Params, prompts: list[list[int]], max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, seed: int = 0,
@@ -40,10 +74,11 @@ def generate(cfg: ModelConfig, params: Params, prompts: list[list[int]], max_new
     Prompt ``i`` uses seed ``seed + i`` so that equal prompts in one call still sample
     independently, and a prompt's output does not depend on the other prompts.
     """
-    if speculative is not None:
-        raise NotImplementedError("speculative decoding lives in cpmjax.serve.speculative")
     if not prompts:
         return []
+    if speculative is not None:
+        return _speculative(cfg, params, prompts, max_new_tokens, temperature, top_k, top_p,
+                            repetition_penalty, seed, stop_token_ids, speculative)
     longest = max(len(p) for p in prompts) + max_new_tokens
     if longest > cfg.max_position_embeddings:
         raise ValueError(f"prompt plus max_new_tokens ({longest}) exceeds the model context "
