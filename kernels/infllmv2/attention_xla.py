@@ -14,22 +14,24 @@ import jax
 import jax.numpy as jnp
 
 
+def kv_blocks(x: jax.Array, block_size: int) -> jax.Array:
+    """Keys or values ``[B, Tk, KV, D]`` as ``[B, KV, n_blocks, block_size, D]``, zero-padded to
+    whole blocks: the layout both stage-2 paths index by block id."""
+    b, tk, kvh, d = x.shape
+    n_blocks = -(-tk // block_size)
+    x = jnp.pad(x, ((0, 0), (0, n_blocks * block_size - tk), (0, 0), (0, 0)))
+    return x.reshape(b, n_blocks, block_size, kvh, d).transpose(0, 3, 1, 2, 4)
+
+
 def sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax.Array, *,
                          block_size: int, cache_len: int = 0, softmax_scale: float | None = None,
                          query_chunk: int = 128) -> jax.Array:
     """q [B, Tq, H, D], k/v [B, Tk, KV, D], block_idx int32 [B, KV, Tq, topk] -> [B, Tq, H, D]."""
     b, tq, h, d = q.shape
-    tk, kvh = k.shape[1], k.shape[2]
+    kvh = k.shape[2]
     g, topk = h // kvh, block_idx.shape[-1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    n_blocks = -(-tk // block_size)
-    pad_k = n_blocks * block_size - tk
-
-    def blocked(x: jax.Array) -> jax.Array:  # [B, KV, n_blocks, bs, D]
-        x = jnp.pad(x, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
-        return x.reshape(b, n_blocks, block_size, kvh, d).transpose(0, 3, 1, 2, 4)
-
-    kb, vb = blocked(k), blocked(v)
+    kb, vb = kv_blocks(k, block_size), kv_blocks(v, block_size)
     chunk = min(query_chunk, tq)
     n_chunks = -(-tq // chunk)
     tp = n_chunks * chunk

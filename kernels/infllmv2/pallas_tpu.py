@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from .attention_xla import kv_blocks
+
 _MASKED = -1e30  # finite "minus infinity" keeps the online softmax NaN-free
 
 
@@ -67,16 +69,9 @@ def sparse_attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: ja
     `interpret`: False on TPU, True or `pltpu.InterpretParams()` on CPU.
     """
     b, tq, h, d = q.shape
-    tk, kvh = k.shape[1], k.shape[2]
+    kvh = k.shape[2]
     g, topk = h // kvh, block_idx.shape[-1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    n_blocks = -(-tk // block_size)
-    pad = n_blocks * block_size - tk
-
-    def blocked(x: jax.Array) -> jax.Array:  # [B, KV, n_blocks, bs, D]
-        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        return x.reshape(b, n_blocks, block_size, kvh, d).transpose(0, 3, 1, 2, 4)
-
     qg = q.reshape(b, tq, kvh, g, d).transpose(0, 2, 1, 3, 4)  # [B, KV, Tq, G, D]
     flat_idx = block_idx.astype(jnp.int32).reshape(-1)
 
@@ -101,5 +96,5 @@ def sparse_attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: ja
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
         interpret=interpret,
-    )(flat_idx, qg, blocked(k), blocked(v))
+    )(flat_idx, qg, kv_blocks(k, block_size), kv_blocks(v, block_size))
     return out.transpose(0, 2, 1, 3, 4).reshape(b, tq, h, d)
