@@ -65,17 +65,27 @@ def _kernel_attention(q, k, v, block_idx, kind, block_size, cache_len, scale):
 
 
 def _kernel_attention_fwd(q, k, v, block_idx, kind, block_size, cache_len, scale):
-    out = _kernel_attention(q, k, v, block_idx, kind, block_size, cache_len, scale)
-    return out, (q, k, v, block_idx)
+    if kind not in ("pallas_tpu", "pallas_interpret"):
+        out = _kernel_attention(q, k, v, block_idx, kind, block_size, cache_len, scale)
+        return out, (q, k, v, block_idx, None, None)
+    from .pallas_tpu import sparse_attention_fwd
+    out, lse = sparse_attention_fwd(q, k, v, block_idx, block_size=block_size, cache_len=cache_len,
+                                    softmax_scale=scale, interpret=kind == "pallas_interpret",
+                                    return_lse=True)
+    return out, (q, k, v, block_idx, out, lse)
 
 
 def _kernel_attention_bwd(kind, block_size, cache_len, scale, res, g):
-    # Backward = VJP of the chunked XLA gather path (recomputes the probabilities; memory
-    # O(chunk * topk * block_size * D)). A Pallas backward kernel is future work (README).
-    q, k, v, block_idx = res
-    _, vjp = jax.vjp(lambda q_, k_, v_: sparse_attention_xla(
-        q_, k_, v_, block_idx, block_size=block_size, cache_len=cache_len, softmax_scale=scale),
-        q, k, v)
+    # TPU kernels: Pallas dQ and dK/dV kernels (pallas_tpu_bwd). The GPU-style kernel still
+    # uses the VJP of the chunked XLA gather path (recomputes the probabilities).
+    q, k, v, block_idx, out, lse = res
+    kw = dict(block_size=block_size, cache_len=cache_len, softmax_scale=scale)
+    if lse is not None:
+        from .pallas_tpu_bwd import sparse_attention_bwd
+        return (*sparse_attention_bwd(q, k, v, block_idx, out, lse, g,
+                                      interpret=kind == "pallas_interpret", **kw), None)
+    _, vjp = jax.vjp(lambda q_, k_, v_: sparse_attention_xla(q_, k_, v_, block_idx, **kw),
+                     q, k, v)
     return (*vjp(g), None)
 
 

@@ -23,8 +23,10 @@ from .attention_xla import kv_blocks
 _MASKED = -1e30  # finite "minus infinity" keeps the online softmax NaN-free
 
 
-def _fwd_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc, *, scale: float,
-                block_size: int, cache_len: int, topk: int) -> None:
+def _fwd_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, *rest, scale: float, block_size: int,
+                cache_len: int, topk: int, with_lse: bool) -> None:
+    lse_ref = rest[0] if with_lse else None
+    m_sc, l_sc, acc_sc = rest[-3:]
     b, h, t, s = (pl.program_id(i) for i in range(4))
 
     @pl.when(s == 0)
@@ -59,14 +61,18 @@ def _fwd_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc, *, scal
     def _finish() -> None:
         l = l_sc[...]
         o_ref[...] = jnp.where(l > 0, acc_sc[...] / jnp.where(l > 0, l, 1.0), 0.0).astype(o_ref.dtype)
+        if with_lse:  # rows with no visible key get 0; their probabilities are masked anyway
+            lse_ref[...] = jnp.where(l > 0, m_sc[...] + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
 
 
 def sparse_attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax.Array, *,
                          block_size: int, cache_len: int = 0, softmax_scale: float | None = None,
-                         interpret: Any = False) -> jax.Array:
-    """Forward only; q [B, Tq, H, D], k/v [B, Tk, KV, D], block_idx [B, KV, Tq, topk].
+                         interpret: Any = False, return_lse: bool = False):
+    """Forward; q [B, Tq, H, D], k/v [B, Tk, KV, D], block_idx [B, KV, Tq, topk].
 
-    `interpret`: False on TPU, True or `pltpu.InterpretParams()` on CPU.
+    `interpret`: False on TPU, True or `pltpu.InterpretParams()` on CPU. With `return_lse`
+    also returns the float32 log-sum-exp [B, KV, Tq, G, 1] of the scaled scores (the backward's
+    residual); without it the kernel writes no extra output.
     """
     b, tq, h, d = q.shape
     kvh = k.shape[2]
@@ -80,21 +86,26 @@ def sparse_attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: ja
         return bi, hi, jnp.maximum(blk, 0), 0, 0
 
     kv_spec = pl.BlockSpec((None, None, None, block_size, d), kv_map)
-    qo_spec = pl.BlockSpec((None, None, None, g, d), lambda bi, hi, ti, si, idx_ref: (bi, hi, ti, 0, 0))
+    token_map = lambda bi, hi, ti, si, idx_ref: (bi, hi, ti, 0, 0)  # noqa: E731
+    qo_spec = pl.BlockSpec((None, None, None, g, d), token_map)
+    lse_spec = pl.BlockSpec((None, None, None, g, 1), token_map)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
         grid=(b, kvh, tq, topk),
         in_specs=[qo_spec, kv_spec, kv_spec],
-        out_specs=qo_spec,
+        out_specs=[qo_spec, lse_spec] if return_lse else qo_spec,
         scratch_shapes=[pltpu.VMEM((g, 1), jnp.float32), pltpu.VMEM((g, 1), jnp.float32),
                         pltpu.VMEM((g, d), jnp.float32)],
     )
     kernel = functools.partial(_fwd_kernel, scale=scale, block_size=block_size,
-                               cache_len=cache_len, topk=topk)
-    out = pl.pallas_call(
+                               cache_len=cache_len, topk=topk, with_lse=return_lse)
+    o_shape = jax.ShapeDtypeStruct(qg.shape, q.dtype)
+    lse_shape = jax.ShapeDtypeStruct((*qg.shape[:-1], 1), jnp.float32)
+    res = pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
+        out_shape=[o_shape, lse_shape] if return_lse else o_shape,
         interpret=interpret,
     )(flat_idx, qg, kv_blocks(k, block_size), kv_blocks(v, block_size))
-    return out.transpose(0, 2, 1, 3, 4).reshape(b, tq, h, d)
+    out = (res[0] if return_lse else res).transpose(0, 2, 1, 3, 4).reshape(b, tq, h, d)
+    return (out, res[1]) if return_lse else out

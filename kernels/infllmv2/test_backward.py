@@ -1,0 +1,105 @@
+"""Gradients of the Pallas stage-2 kernels (interpret mode) vs autodiff through the jnp oracle."""
+from __future__ import annotations
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels.infllmv2 import sparse_attention
+from kernels.infllmv2.pallas_tpu import sparse_attention_fwd as tpu_fwd
+from kernels.infllmv2.pallas_tpu_bwd import sparse_attention_bwd as tpu_bwd
+from kernels.infllmv2.reference import sparse_attention_reference
+
+BS = 4
+
+
+def _case(seed: int, tq: int, cache_len: int, h: int, kv: int, d: int, topk: int, dtype):
+    """Random q/k/v/dO and block lists: distinct random blocks, the last slot -1, and block 1
+    selected by no query (its dK/dV must be exactly 0)."""
+    tk = cache_len + tq
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q, do = (jax.random.normal(kk, (1, tq, h, d), jnp.float32).astype(dtype) for kk in ks[::3])
+    k, v = (jax.random.normal(kk, (1, tk, kv, d), jnp.float32).astype(dtype) for kk in ks[1:3])
+    nb = -(-tk // BS)
+    perm = np.random.RandomState(seed).rand(1, kv, tq, nb).argsort(-1)
+    perm = np.where(perm == 1, nb - 1, perm)  # block 1 is never selected
+    idx = np.full((1, kv, tq, topk), -1, np.int32)
+    idx[..., : topk - 1] = perm[..., : topk - 1]
+    return q, k, v, do, jnp.asarray(idx)
+
+
+def _grads(impl: str, q, k, v, do, idx, cache_len: int):
+    def loss(q_, k_, v_):
+        if impl == "reference":
+            o = sparse_attention_reference(q_, k_, v_, idx, block_size=BS, cache_len=cache_len)
+        else:
+            o = sparse_attention(q_, k_, v_, idx, block_size=BS, cache_len=cache_len,
+                                 implementation=impl)
+        return (o.astype(jnp.float32) * do.astype(jnp.float32)).sum()
+    return jax.grad(loss, (0, 1, 2))(q, k, v)
+
+
+@pytest.mark.parametrize("impl", ["pallas_interpret", "pallas_gpu_interpret"])
+@pytest.mark.parametrize("h,kv,d", [(2, 2, 8), (4, 2, 8), (16, 1, 4)])  # G = 1, 2, 16
+def test_grads_f32(impl, h, kv, d):
+    cache_len = 3  # Tk = 22: not a multiple of the block size; chunked prefill
+    q, k, v, do, idx = _case(0, 19, cache_len, h, kv, d, 4, jnp.float32)
+    got = _grads(impl, q, k, v, do, idx, cache_len)
+    want = _grads("reference", q, k, v, do, idx, cache_len)
+    for name, a, b in zip("qkv", got, want):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5, err_msg=f"d{name}")
+    for a in got[1:]:  # block 1 (keys 4..7) is selected by no query
+        assert (np.asarray(a)[:, BS: 2 * BS] == 0).all()
+
+
+@pytest.mark.parametrize("impl", ["pallas_interpret", "pallas_gpu_interpret"])
+def test_grads_bf16(impl):
+    """bf16 inputs vs the f32 oracle on the same (rounded) inputs: P and dS are cast to bf16
+    (eps 2^-8 = 0.0039) before the matmuls, so errors of a few eps times |grad| ~ 1 are expected."""
+    q, k, v, do, idx = _case(1, 13, 2, 4, 2, 16, 3, jnp.bfloat16)
+    got = _grads(impl, q, k, v, do, idx, 2)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+    want = _grads("reference", *f32, idx, 2)
+    for name, a, b in zip("qkv", got, want):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(a.astype(jnp.float32), b, atol=4e-2, rtol=4e-2,
+                                   err_msg=f"d{name}")
+
+
+def test_tpu_backward_under_interpret_params():
+    """InterpretParams raises on out-of-range block DMAs, e.g. from a bad inverse index."""
+    q, k, v, do, idx = _case(2, 10, 1, 4, 2, 8, 3, jnp.float32)
+    out, lse = tpu_fwd(q, k, v, idx, block_size=BS, cache_len=1, return_lse=True,
+                       interpret=pltpu.InterpretParams())
+    got = tpu_bwd(q, k, v, idx, out, lse, do, block_size=BS, cache_len=1,
+                  interpret=pltpu.InterpretParams())
+    want = _grads("reference", q, k, v, do, idx, 1)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_tpu_backward_aot_compiles_for_v5e():
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    topo = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu")
+    mesh = Mesh(np.array(topo.devices[:1]), ("x",))
+    b, t, h, kv, d, bs, topk = 1, 256, 16, 1, 128, 64, 4
+
+    def train_like(q, k, v, i):
+        o, lse = tpu_fwd(q, k, v, i, block_size=bs, return_lse=True)
+        return tpu_bwd(q, k, v, i, o, lse, o, block_size=bs)
+
+    step = jax.shard_map(train_like, mesh=mesh, in_specs=(P(),) * 4, out_specs=P(),
+                         check_vma=False)
+    args = [jax.ShapeDtypeStruct(s, dt) for s, dt in [((b, t, h, d), jnp.bfloat16),
+                                                      ((b, t, kv, d), jnp.bfloat16),
+                                                      ((b, t, kv, d), jnp.bfloat16),
+                                                      ((b, kv, t, topk), jnp.int32)]]
+    compiled = jax.jit(step).lower(*args).compile()
+    assert compiled.as_text().count("tpu_custom_call") >= 3  # forward, dQ, dK/dV
