@@ -49,44 +49,38 @@ def _check_lengths(q: jax.Array, k: jax.Array, cache_len: int) -> None:
         raise ValueError(f"H={q.shape[2]} is not a multiple of KV={k.shape[2]}")
 
 
-def _pallas_forward(kind: str):
-    """Forward function of a Pallas variant; imported lazily so CPU-only use needs no GPU bits."""
+def _pallas_pair(kind: str):
+    """(forward, backward) of a Pallas variant with its interpret flag bound; imported lazily
+    so CPU-only use needs no GPU bits."""
     if kind in ("pallas_tpu", "pallas_interpret"):
-        from .pallas_tpu import sparse_attention_fwd
-        return functools.partial(sparse_attention_fwd, interpret=kind == "pallas_interpret")
-    from .pallas_gpu import sparse_attention_fwd
-    return functools.partial(sparse_attention_fwd, interpret=kind == "pallas_gpu_interpret")
+        from .pallas_tpu import sparse_attention_fwd as fwd
+        from .pallas_tpu_bwd import sparse_attention_bwd as bwd
+        interpret = kind == "pallas_interpret"
+    else:
+        from .pallas_gpu import sparse_attention_fwd as fwd
+        from .pallas_gpu_bwd import sparse_attention_bwd as bwd
+        interpret = kind == "pallas_gpu_interpret"
+    return (functools.partial(fwd, interpret=interpret), functools.partial(bwd, interpret=interpret))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _kernel_attention(q, k, v, block_idx, kind, block_size, cache_len, scale):
-    return _pallas_forward(kind)(q, k, v, block_idx, block_size=block_size, cache_len=cache_len,
+    return _pallas_pair(kind)[0](q, k, v, block_idx, block_size=block_size, cache_len=cache_len,
                                  softmax_scale=scale)
 
 
 def _kernel_attention_fwd(q, k, v, block_idx, kind, block_size, cache_len, scale):
-    if kind not in ("pallas_tpu", "pallas_interpret"):
-        out = _kernel_attention(q, k, v, block_idx, kind, block_size, cache_len, scale)
-        return out, (q, k, v, block_idx, None, None)
-    from .pallas_tpu import sparse_attention_fwd
-    out, lse = sparse_attention_fwd(q, k, v, block_idx, block_size=block_size, cache_len=cache_len,
-                                    softmax_scale=scale, interpret=kind == "pallas_interpret",
-                                    return_lse=True)
+    out, lse = _pallas_pair(kind)[0](q, k, v, block_idx, block_size=block_size,
+                                     cache_len=cache_len, softmax_scale=scale, return_lse=True)
     return out, (q, k, v, block_idx, out, lse)
 
 
 def _kernel_attention_bwd(kind, block_size, cache_len, scale, res, g):
-    # TPU kernels: Pallas dQ and dK/dV kernels (pallas_tpu_bwd). The GPU-style kernel still
-    # uses the VJP of the chunked XLA gather path (recomputes the probabilities).
+    # Pallas dQ and dK/dV kernels, recomputing P from the forward's log-sum-exp.
     q, k, v, block_idx, out, lse = res
-    kw = dict(block_size=block_size, cache_len=cache_len, softmax_scale=scale)
-    if lse is not None:
-        from .pallas_tpu_bwd import sparse_attention_bwd
-        return (*sparse_attention_bwd(q, k, v, block_idx, out, lse, g,
-                                      interpret=kind == "pallas_interpret", **kw), None)
-    _, vjp = jax.vjp(lambda q_, k_, v_: sparse_attention_xla(q_, k_, v_, block_idx, **kw),
-                     q, k, v)
-    return (*vjp(g), None)
+    grads = _pallas_pair(kind)[1](q, k, v, block_idx, out, lse, g, block_size=block_size,
+                                  cache_len=cache_len, softmax_scale=scale)
+    return (*grads, None)
 
 
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)

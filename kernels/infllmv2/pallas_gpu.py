@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 _MASKED = -1e30
 
 
-def _fwd_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, *, scale: float, block_size: int,
+def _fwd_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, *lse_ref, scale: float, block_size: int,
                 cache_len: int, topk: int) -> None:
     t = pl.program_id(2)
     q = q_ref[...]  # [G, D]
@@ -50,14 +50,16 @@ def _fwd_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, *, scale: float, block_size
 
     init = (jnp.full((g, 1), _MASKED, jnp.float32), jnp.zeros((g, 1), jnp.float32),
             jnp.zeros((g, d), jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, topk, body, init)
+    m, l, acc = jax.lax.fori_loop(0, topk, body, init)
     o_ref[...] = jnp.where(l > 0, acc / jnp.where(l > 0, l, 1.0), 0.0).astype(o_ref.dtype)
+    for ref in lse_ref:  # only with return_lse; rows with no visible key get 0
+        ref[...] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
 
 
 def sparse_attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax.Array, *,
                          block_size: int, cache_len: int = 0, softmax_scale: float | None = None,
-                         interpret: bool = False) -> jax.Array:
-    """Forward only; same contract as `pallas_tpu.sparse_attention_fwd`."""
+                         interpret: bool = False, return_lse: bool = False):
+    """Forward; same contract as `pallas_tpu.sparse_attention_fwd` (LSE [B, KV, Tq, G, 1])."""
     b, tq, h, d = q.shape
     tk, kvh = k.shape[1], k.shape[2]
     g, topk = h // kvh, block_idx.shape[-1]
@@ -70,15 +72,19 @@ def sparse_attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: ja
     qg = q.reshape(b, tq, kvh, g, d).transpose(0, 2, 1, 3, 4)  # [B, KV, Tq, G, D]
     qo_spec = pl.BlockSpec((None, None, None, g, d), lambda bi, hi, ti: (bi, hi, ti, 0, 0))
     kv_spec = pl.BlockSpec((None, None, tk_pad, d), lambda bi, hi, ti: (bi, hi, 0, 0))
+    lse_spec = pl.BlockSpec((None, None, None, g, 1), lambda bi, hi, ti: (bi, hi, ti, 0, 0))
     idx_spec = pl.BlockSpec((None, None, None, topk), lambda bi, hi, ti: (bi, hi, ti, 0))
     kernel = functools.partial(_fwd_kernel, scale=scale, block_size=block_size,
                                cache_len=cache_len, topk=topk)
-    out = pl.pallas_call(
+    o_shape = jax.ShapeDtypeStruct(qg.shape, q.dtype)
+    lse_shape = jax.ShapeDtypeStruct((*qg.shape[:-1], 1), jnp.float32)
+    res = pl.pallas_call(
         kernel,
         grid=(b, kvh, tq),
         in_specs=[idx_spec, qo_spec, kv_spec, kv_spec],
-        out_specs=qo_spec,
-        out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
+        out_specs=[qo_spec, lse_spec] if return_lse else qo_spec,
+        out_shape=[o_shape, lse_shape] if return_lse else o_shape,
         interpret=interpret,
     )(block_idx.astype(jnp.int32), qg, per_head(k), per_head(v))
-    return out.transpose(0, 2, 1, 3, 4).reshape(b, tq, h, d)
+    out = (res[0] if return_lse else res).transpose(0, 2, 1, 3, 4).reshape(b, tq, h, d)
+    return (out, res[1]) if return_lse else out

@@ -26,7 +26,7 @@ from jax.experimental.pallas import tpu as pltpu
 from .attention_xla import kv_blocks
 
 
-def _probs(q, k, lse, blk, t, *, scale: float, block_size: int, cache_len: int):
+def block_probs(q, k, lse, blk, t, *, scale: float, block_size: int, cache_len: int):
     """P [G, bs] of query token t against block blk, 0 at causally masked keys."""
     sc = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                              preferred_element_type=jnp.float32) * scale
@@ -35,7 +35,7 @@ def _probs(q, k, lse, blk, t, *, scale: float, block_size: int, cache_len: int):
     return jnp.where(mask, jnp.exp(jnp.where(mask, sc, 0.0) - lse), 0.0)
 
 
-def _ds(p, do, v, delta):
+def score_grad(p, do, v, delta):
     """dS = P * (dO V^T - delta), [G, bs] float32."""
     dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return p * (dp - delta)
@@ -54,9 +54,9 @@ def _dq_kernel(idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
     @pl.when(blk >= 0)
     def _step() -> None:
         k = k_ref[...]
-        p = _probs(q_ref[...], k, lse_ref[...], blk, t, scale=scale, block_size=block_size,
+        p = block_probs(q_ref[...], k, lse_ref[...], blk, t, scale=scale, block_size=block_size,
                    cache_len=cache_len)
-        ds = _ds(p, do_ref[...], v_ref[...], delta_ref[...])
+        ds = score_grad(p, do_ref[...], v_ref[...], delta_ref[...])
         acc_sc[...] += jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
                                            preferred_element_type=jnp.float32) * scale
 
@@ -82,9 +82,9 @@ def _dkv_kernel(raw_ref, blk_ref, tok_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     @pl.when(raw_ref[base + j] >= 0)
     def _step() -> None:
         q, do = q_ref[...], do_ref[...]
-        p = _probs(q, k_ref[...], lse_ref[...], blk, tok_ref[base + j], scale=scale,
+        p = block_probs(q, k_ref[...], lse_ref[...], blk, tok_ref[base + j], scale=scale,
                    block_size=block_size, cache_len=cache_len)
-        ds = _ds(p, do, v_ref[...], delta_ref[...])
+        ds = score_grad(p, do, v_ref[...], delta_ref[...])
         tn = (((0,), (0,)), ((), ()))  # contract the G axis: [G, bs]^T [G, D]
         dv_ref[...] += jax.lax.dot_general(p.astype(do.dtype), do, tn,
                                            preferred_element_type=jnp.float32)
