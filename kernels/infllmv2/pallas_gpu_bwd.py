@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from .attention_xla import kv_blocks
-from .pallas_tpu_bwd import block_probs, inverse_index, score_grad
+from .pallas_tpu_bwd import block_probs, grouped_operands, inverse_index, score_grad
 
 
 def _dq_kernel(idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
@@ -78,12 +77,7 @@ def sparse_attention_bwd(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: ja
     g, topk = h // kvh, block_idx.shape[-1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
 
-    def grouped(x: jax.Array) -> jax.Array:  # [B, Tq, H, D] -> [B, KV, Tq, G, D]
-        return x.reshape(b, tq, kvh, g, d).transpose(0, 2, 1, 3, 4)
-
-    qg, dog = grouped(q), grouped(d_out)
-    delta = (dog.astype(jnp.float32) * grouped(out).astype(jnp.float32)).sum(-1, keepdims=True)
-    kb, vb = kv_blocks(k, block_size), kv_blocks(v, block_size)
+    qg, dog, delta, kb, vb = grouped_operands(q, k, v, out, d_out, block_size)
     nb = kb.shape[2]
     kw = dict(scale=scale, block_size=block_size, cache_len=cache_len)
 

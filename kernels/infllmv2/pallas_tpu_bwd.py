@@ -108,6 +108,21 @@ def inverse_index(block_idx: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array
     return raw.reshape(-1), mapped.reshape(-1), (order // topk).astype(jnp.int32).reshape(-1)
 
 
+def grouped_operands(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, d_out: jax.Array,
+                     block_size: int) -> tuple[jax.Array, ...]:
+    """The backward kernels' operands: q, dO as [B, KV, Tq, G, D], delta = rowsum(dO * O) f32
+    [B, KV, Tq, G, 1], and K, V in the [B, KV, n_blocks, block_size, D] block layout."""
+    b, tq, h, d = q.shape
+    kvh = k.shape[2]
+
+    def grouped(x: jax.Array) -> jax.Array:
+        return x.reshape(b, tq, kvh, h // kvh, d).transpose(0, 2, 1, 3, 4)
+
+    qg, dog = grouped(q), grouped(d_out)
+    delta = (dog.astype(jnp.float32) * grouped(out).astype(jnp.float32)).sum(-1, keepdims=True)
+    return qg, dog, delta, kv_blocks(k, block_size), kv_blocks(v, block_size)
+
+
 def sparse_attention_bwd(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax.Array,
                          out: jax.Array, lse: jax.Array, d_out: jax.Array, *, block_size: int,
                          cache_len: int = 0, softmax_scale: float | None = None,
@@ -119,12 +134,7 @@ def sparse_attention_bwd(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: ja
     g, topk = h // kvh, block_idx.shape[-1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
 
-    def grouped(x: jax.Array) -> jax.Array:  # [B, Tq, H, D] -> [B, KV, Tq, G, D]
-        return x.reshape(b, tq, kvh, g, d).transpose(0, 2, 1, 3, 4)
-
-    qg, dog = grouped(q), grouped(d_out)
-    delta = (dog.astype(jnp.float32) * grouped(out).astype(jnp.float32)).sum(-1, keepdims=True)
-    kb, vb = kv_blocks(k, block_size), kv_blocks(v, block_size)
+    qg, dog, delta, kb, vb = grouped_operands(q, k, v, out, d_out, block_size)
     kw = dict(scale=scale, block_size=block_size, cache_len=cache_len)
 
     # dQ: the forward's grid.

@@ -13,6 +13,7 @@ from kernels.infllmv2 import sparse_attention
 from kernels.infllmv2.pallas_tpu import sparse_attention_fwd as tpu_fwd
 from kernels.infllmv2.pallas_tpu_bwd import sparse_attention_bwd as tpu_bwd
 from kernels.infllmv2.reference import sparse_attention_reference
+from kernels.infllmv2.test_infllmv2 import compile_for_v5e
 
 BS = 4
 
@@ -84,22 +85,9 @@ def test_tpu_backward_under_interpret_params():
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 def test_tpu_backward_aot_compiles_for_v5e():
-    from jax.experimental import topologies
-    from jax.sharding import Mesh, PartitionSpec as P
-
-    topo = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu")
-    mesh = Mesh(np.array(topo.devices[:1]), ("x",))
-    b, t, h, kv, d, bs, topk = 1, 256, 16, 1, 128, 64, 4
-
     def train_like(q, k, v, i):
-        o, lse = tpu_fwd(q, k, v, i, block_size=bs, return_lse=True)
-        return tpu_bwd(q, k, v, i, o, lse, o, block_size=bs)
+        o, lse = tpu_fwd(q, k, v, i, block_size=64, return_lse=True)
+        return tpu_bwd(q, k, v, i, o, lse, o, block_size=64)
 
-    step = jax.shard_map(train_like, mesh=mesh, in_specs=(P(),) * 4, out_specs=P(),
-                         check_vma=False)
-    args = [jax.ShapeDtypeStruct(s, dt) for s, dt in [((b, t, h, d), jnp.bfloat16),
-                                                      ((b, t, kv, d), jnp.bfloat16),
-                                                      ((b, t, kv, d), jnp.bfloat16),
-                                                      ((b, kv, t, topk), jnp.int32)]]
-    compiled = jax.jit(step).lower(*args).compile()
+    compiled = compile_for_v5e(train_like)
     assert compiled.as_text().count("tpu_custom_call") >= 3  # forward, dQ, dK/dV

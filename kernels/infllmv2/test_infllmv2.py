@@ -180,19 +180,24 @@ def test_tpu_kernel_under_interpret_params():
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
-def test_tpu_kernel_aot_compiles_for_v5e():
+def compile_for_v5e(fn):
+    """AOT-compile fn(q, k, v, idx) for one chip of a v5e:2x2 topology (libtpu's compiler) at
+    MiniCPM4-like kernel shapes: G = 16, D = 128, block 64, bf16."""
     from jax.experimental import topologies
     from jax.sharding import Mesh, PartitionSpec as P
 
     topo = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu")
     mesh = Mesh(np.array(topo.devices[:1]), ("x",))
-    b, t, h, kv, d, bs, topk = 1, 256, 16, 1, 128, 64, 4
-    fwd = jax.shard_map(lambda q, k, v, i: tpu_fwd(q, k, v, i, block_size=bs), mesh=mesh,
-                        in_specs=(P(),) * 4, out_specs=P(), check_vma=False)
+    b, t, h, kv, d, topk = 1, 256, 16, 1, 128, 4
+    step = jax.shard_map(fn, mesh=mesh, in_specs=(P(),) * 4, out_specs=P(), check_vma=False)
     args = [jax.ShapeDtypeStruct(s, dt) for s, dt in [((b, t, h, d), jnp.bfloat16),
                                                       ((b, t, kv, d), jnp.bfloat16),
                                                       ((b, t, kv, d), jnp.bfloat16),
                                                       ((b, kv, t, topk), jnp.int32)]]
-    compiled = jax.jit(fwd).lower(*args).compile()
+    return jax.jit(step).lower(*args).compile()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_tpu_kernel_aot_compiles_for_v5e():
+    compiled = compile_for_v5e(lambda q, k, v, i: tpu_fwd(q, k, v, i, block_size=64))
     assert "tpu_custom_call" in compiled.as_text()
