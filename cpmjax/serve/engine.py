@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -109,15 +109,24 @@ class DecodeEngine:
 
     def prefill(self, params: Params, tokens: list[int]) -> Prefix:
         """Run the prompt through the model in fixed-size chunks; returns its prefix cache."""
+        *_, prefix = self.prefill_chunks(params, tokens)
+        return prefix
+
+    def prefill_chunks(self, params: Params, tokens: list[int]) -> Iterator[Prefix | None]:
+        """``prefill`` one chunk per ``next``: ``None`` after every chunk but the last, then the
+        ``Prefix``. Lets a scheduler run decode steps between the chunks of a long prompt."""
         n = len(tokens)
         if n == 0:
             raise ValueError("prompt must contain at least one token")
         if n >= self.max_len:
             raise ValueError(f"prompt of {n} tokens does not fit the context of {self.max_len} "
                              f"(at least one position must remain for generation)")
+        return self._prefill_chunks(params, tokens)
+
+    def _prefill_chunks(self, params: Params, tokens: list[int]) -> Iterator[Prefix | None]:
+        n = len(tokens)
         cache = init_cache(self.cfg, 1, self.max_len, self.dtype)
         seen = jnp.zeros((self.cfg.vocab_size,), bool)
-        logits = None
         for start in range(0, n, self.chunk):
             piece = tokens[start:start + self.chunk]
             m = len(piece)
@@ -127,7 +136,7 @@ class DecodeEngine:
             pos[0, :m] = np.arange(start, start + m)
             cache, logits, seen = self._prefill_chunk(params, cache, seen, tok, pos,
                                                       np.int32(m - 1))
-        return Prefix(cache, logits, seen, n)
+            yield Prefix(cache, logits, seen, n) if start + m == n else None
 
     # ---- decode state --------------------------------------------------------------------
     def init_decode_state(self) -> DecodeState:

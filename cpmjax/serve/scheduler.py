@@ -80,6 +80,8 @@ class Scheduler:
         self.state: DecodeState = engine.init_decode_state()
         self.slots: list[Request | None] = [None] * engine.max_slots
         self._pending: collections.deque[Request] = collections.deque()
+        # the request being prefilled chunk by chunk: (its reserved slot, request, chunk iterator)
+        self._prefilling: tuple[int, Request, Iterator[Any]] | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -172,18 +174,34 @@ class Scheduler:
             self._finish(slot, req, reason)
 
     def _admit(self) -> None:
-        """Prefill queued requests into free slots (each prompt in fixed-size chunks)."""
-        for slot in range(self.engine.max_slots):
-            if self.slots[slot] is not None:
-                continue
-            with self._lock:
-                req = self._pending.popleft() if self._pending else None
-            if req is None:
-                return
+        """Prefill queued requests into free slots, one fixed-size chunk at a time.
+
+        While any slot is decoding, a step runs at most one prefill chunk, so the chunks of a long
+        prompt interleave with decode steps and running streams keep flowing (chunked prefill as
+        in vLLM / JetStream). With no slot decoding nothing can stall: admission then runs until
+        the free slots are filled.
+        """
+        budget = None if self.active == 0 else 1
+        while budget is None or budget > 0:
+            if self._prefilling is None:
+                slot = next((i for i, r in enumerate(self.slots) if r is None), None)
+                if slot is None:
+                    return
+                with self._lock:
+                    req = self._pending.popleft() if self._pending else None
+                if req is None:
+                    return
+                self._prefilling = (slot, req, self.engine.prefill_chunks(self.params, req.prompt))
+            slot, req, chunks = self._prefilling
             if req.cancelled:
+                self._prefilling = None
                 self._finish(None, req, "cancelled")
                 continue
-            prefix = self.engine.prefill(self.params, req.prompt)
+            prefix = next(chunks)
+            budget = None if budget is None else budget - 1
+            if prefix is None:
+                continue
+            self._prefilling = None
             self.state, first = self.engine.insert(prefix, self.state, slot, req.sampling)
             self.slots[slot] = req
             self.tokens_generated += 1
@@ -211,7 +229,7 @@ class Scheduler:
 
     def run_until_done(self) -> None:
         """Step until the queue and all slots are empty (synchronous use)."""
-        while self.step() or self._pending:
+        while self.step() or self._pending or self._prefilling is not None:
             pass
 
     # ---- background thread ---------------------------------------------------------------
@@ -226,6 +244,9 @@ class Scheduler:
             with self._lock:
                 waiting = list(self._pending)
                 self._pending.clear()
+            if self._prefilling is not None:
+                waiting.append(self._prefilling[1])
+                self._prefilling = None
             for slot, req in enumerate(self.slots):
                 if req is not None:
                     self.slots[slot] = None

@@ -142,3 +142,23 @@ def test_bad_prompts_are_refused(params, engine, bad, match):
 def test_generate_api_matches_oracle(cfg, params):
     out = generate(cfg, params, [PROMPTS[1], PROMPTS[2]], max_new_tokens=6, stop_token_ids=[])
     assert out == [naive_greedy(cfg, params, PROMPTS[1], 6), naive_greedy(cfg, params, PROMPTS[2], 6)]
+
+
+def test_long_prefill_interleaves_with_running_decode(cfg, params, engine):
+    # While a 40-token prompt is prefilled (5 chunks of 8), the running request gets a token after
+    # every chunk instead of waiting for the whole prefill; both outputs stay exact.
+    events = []
+    sched = Scheduler(engine, params)
+    running = sched.submit([11, 12, 13], 12, stop_token_ids=[],
+                           on_token=lambda r, t: events.append(("running", t)))
+    sched.step()
+    long_prompt = [7, 3] * 20
+    late = sched.submit(long_prompt, 4, stop_token_ids=[],
+                        on_token=lambda r, t: events.append(("long", t)))
+    events.append(("submitted", None))
+    sched.run_until_done()
+    start, first_long = events.index(("submitted", None)), events.index(("long", late.output[0]))
+    between = [e for e in events[start:first_long] if e[0] == "running"]
+    assert len(between) >= 4  # one decode step per non-final chunk
+    assert running.output == naive_greedy(cfg, params, [11, 12, 13], 12)
+    assert late.output == naive_greedy(cfg, params, long_prompt, 4)
