@@ -151,9 +151,33 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    names = None if cache is None else [n for n in CACHE_FIELDS if n in cache]
-    cache_xs = None if cache is None else tuple(cache[n] for n in names)
-    h, new_kv = jax.lax.scan(body, h, (params["layers"], cache_xs))
-    new_cache = None if cache is None else dict(zip(names, new_kv))
+    if cache is None:
+        h, _ = jax.lax.scan(body, h, (params["layers"], None))
+        new_cache = None
+    else:
+        h, new_cache = _scan_with_cache(body, h, params["layers"], cache)
     logits = lm_head(params, cfg, h) if return_logits else None
     return ModelOutput(logits, h, new_cache)
+
+
+def _scan_with_cache(body: Callable[..., Any], h: jax.Array, layers: Params,
+                     cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """The layer scan with the whole cache in the carry, each layer's slice read and written back
+    in place. Passing the cache as scan ``xs``/``ys`` instead made XLA copy the full cache every
+    decode step (seen in the compiled HLO as whole-cache ``copy`` ops)."""
+    names = [n for n in CACHE_FIELDS if n in cache]
+
+    def step(carry: tuple[jax.Array, tuple[jax.Array, ...]], xs: tuple[Params, jax.Array]
+             ) -> tuple[tuple[jax.Array, tuple[jax.Array, ...]], None]:
+        h, kv = carry
+        layer, i = xs
+        h, new = body(h, (layer, tuple(jax.lax.dynamic_index_in_dim(c, i, 0, keepdims=False)
+                                       for c in kv)))
+        kv = tuple(jax.lax.dynamic_update_index_in_dim(c, n.astype(c.dtype), i, 0)
+                   for c, n in zip(kv, new))
+        return (h, kv), None
+
+    n_layers = cache[names[0]].shape[0]
+    (h, kv), _ = jax.lax.scan(step, (h, tuple(cache[n] for n in names)),
+                              (layers, jnp.arange(n_layers)))
+    return h, dict(zip(names, kv))
