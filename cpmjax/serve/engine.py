@@ -41,6 +41,7 @@ class Prefix(NamedTuple):
     logits: jax.Array  # float32 [V], at the prompt's last token
     seen: jax.Array  # bool [V], tokens of the prompt (for the repetition penalty)
     length: int
+    draft: Any = None  # speculative engines: the draft's prefix cache (``init_draft_cache``, B=1)
 
 
 class DecodeState(NamedTuple):
@@ -56,6 +57,7 @@ class DecodeState(NamedTuple):
     top_p: jax.Array  # float32 [B]
     repetition_penalty: jax.Array  # float32 [B]
     seed: jax.Array  # int32 [B]
+    draft: Any = None  # speculative engines: the draft's cache and features, one row per slot
 
 
 def _sampling_kwargs(state: DecodeState) -> dict[str, jax.Array]:
@@ -77,9 +79,13 @@ class DecodeEngine:
         self.cfg, self.max_slots, self.max_len, self.chunk = cfg, max_slots, max_len, chunk
         self.dtype = dtype
         self.compilations: collections.Counter[str] = collections.Counter()
-        self._prefill_chunk = self._jit("prefill", self._prefill_chunk_impl, donate=(1, 2))
+        # what a speculative engine's jitted steps take besides the target params (a jit argument,
+        # so swapping drafts of one shape recompiles nothing); None for plain decoding
+        self.draft_args: Any = None
+        self.speculative_k: int | None = None
+        self._prefill_chunk = self._jit("prefill", self._prefill_chunk_impl, donate=(2, 3, 4))
         self._insert = self._jit("insert", self._insert_impl, donate=(0,))
-        self._generate = self._jit("generate", self._generate_impl, donate=(1,))
+        self._generate = self._jit("generate", self._generate_impl, donate=(2,))
         self._release = self._jit("release", self._release_impl, donate=(0,))
 
     def _jit(self, name: str, fn: Callable[..., Any], donate: tuple[int, ...]) -> Callable[..., Any]:
@@ -97,15 +103,27 @@ class DecodeEngine:
         return sum(self.compilations.values())
 
     # ---- prefill -------------------------------------------------------------------------
-    def _prefill_chunk_impl(self, params: Params, cache: KVCache, seen: jax.Array,
-                            tokens: jax.Array, positions: jax.Array, last: jax.Array
-                            ) -> tuple[KVCache, jax.Array, jax.Array]:
+    def _prefill_chunk_impl(self, params: Params, draft_args: Any, cache: KVCache,
+                            seen: jax.Array, draft: Any, tokens: jax.Array, positions: jax.Array,
+                            last: jax.Array, next_tokens: jax.Array
+                            ) -> tuple[KVCache, jax.Array, jax.Array, Any]:
         out = forward(params, self.cfg, tokens, positions=positions, cache=cache, dtype=self.dtype,
                       return_logits=False)
         logits = lm_head(params, self.cfg, out.hidden[:, last][:, None])[0, 0]
         V = seen.shape[0]
         seen = seen.at[jnp.where(positions[0] >= 0, tokens[0], V)].set(True, mode="drop")
-        return out.cache, logits, seen
+        draft = self._draft_prefill(params, draft_args, draft, out.hidden, next_tokens,
+                                    positions, last)
+        return out.cache, logits, seen, draft
+
+    def _draft_prefill(self, params: Params, draft_args: Any, draft: Any,
+                       hidden: jax.Array, next_tokens: jax.Array, positions: jax.Array,
+                       last: jax.Array) -> Any:
+        """Hook for engines that keep a draft model in step with the prompt; nothing here."""
+        return draft
+
+    def _init_prefix_draft(self) -> Any:
+        return None
 
     def prefill(self, params: Params, tokens: list[int]) -> Prefix:
         """Run the prompt through the model in fixed-size chunks; returns its prefix cache."""
@@ -127,16 +145,19 @@ class DecodeEngine:
         n = len(tokens)
         cache = init_cache(self.cfg, 1, self.max_len, self.dtype)
         seen = jnp.zeros((self.cfg.vocab_size,), bool)
+        draft = self._init_prefix_draft()
         for start in range(0, n, self.chunk):
             piece = tokens[start:start + self.chunk]
             m = len(piece)
             tok = np.zeros((1, self.chunk), np.int32)
             tok[0, :m] = piece
+            nxt = np.full((1, self.chunk), -1, np.int32)  # token after each one; -1: not known yet
+            nxt[0, :m] = list(tokens[start + 1:start + m + 1]) + [-1] * (start + m == n)
             pos = np.full((1, self.chunk), -1, np.int32)
             pos[0, :m] = np.arange(start, start + m)
-            cache, logits, seen = self._prefill_chunk(params, cache, seen, tok, pos,
-                                                      np.int32(m - 1))
-            yield Prefix(cache, logits, seen, n) if start + m == n else None
+            cache, logits, seen, draft = self._prefill_chunk(
+                params, self.draft_args, cache, seen, draft, tok, pos, np.int32(m - 1), nxt)
+            yield Prefix(cache, logits, seen, n, draft) if start + m == n else None
 
     # ---- decode state --------------------------------------------------------------------
     def init_decode_state(self) -> DecodeState:
@@ -151,8 +172,9 @@ class DecodeEngine:
                            top_k=zi(), top_p=jnp.ones((B,), jnp.float32),
                            repetition_penalty=jnp.ones((B,), jnp.float32), seed=zi())
 
-    def _insert_impl(self, state: DecodeState, prefix_cache: KVCache, logits: jax.Array,
-                     seen: jax.Array, length: jax.Array, slot: jax.Array, temperature: jax.Array,
+    def _insert_impl(self, state: DecodeState, prefix_cache: KVCache, prefix_draft: Any,
+                     logits: jax.Array, seen: jax.Array, length: jax.Array, slot: jax.Array,
+                     temperature: jax.Array,
                      top_k: jax.Array, top_p: jax.Array, repetition_penalty: jax.Array,
                      seed: jax.Array) -> tuple[DecodeState, jax.Array]:
         params = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
@@ -161,8 +183,10 @@ class DecodeEngine:
                        **{k: v[None] for k, v in params.items()})[0]
         cache = {k: jax.lax.dynamic_update_slice_in_dim(state.cache[k], prefix_cache[k], slot,
                                                         axis=1) for k in state.cache}
+        draft = jax.tree.map(lambda s, p: jax.lax.dynamic_update_slice_in_dim(s, p, slot, axis=0),
+                             state.draft, prefix_draft)
         row = seen.at[first].set(True)
-        new = state._replace(cache=cache, tokens=state.tokens.at[slot].set(first),
+        new = state._replace(cache=cache, draft=draft, tokens=state.tokens.at[slot].set(first),
                              lengths=state.lengths.at[slot].set(length),
                              steps=state.steps.at[slot].set(1), seen=state.seen.at[slot].set(row),
                              **{k: getattr(state, k).at[slot].set(v) for k, v in params.items()})
@@ -173,14 +197,16 @@ class DecodeEngine:
         """Put a prefilled prompt into ``slot``; returns the new state and the first token."""
         if not 0 <= slot < self.max_slots:
             raise ValueError(f"slot must be in [0, {self.max_slots}), got {slot}")
-        return self._insert(state, prefix.cache, prefix.logits, prefix.seen,
+        return self._insert(state, prefix.cache, prefix.draft, prefix.logits, prefix.seen,
                             np.int32(prefix.length), np.int32(slot),
                             np.float32(sampling.temperature), np.int32(sampling.top_k),
                             np.float32(sampling.top_p), np.float32(sampling.repetition_penalty),
                             np.int32(sampling.seed))
 
     # ---- generate ------------------------------------------------------------------------
-    def _generate_impl(self, params: Params, state: DecodeState) -> tuple[DecodeState, jax.Array]:
+    def _generate_impl(self, params: Params, draft_args: Any, state: DecodeState
+                       ) -> tuple[DecodeState, jax.Array, jax.Array]:
+        del draft_args
         active = state.lengths >= 0
         out = forward(params, self.cfg, state.tokens[:, None], positions=state.lengths[:, None],
                       cache=state.cache, dtype=self.dtype)
@@ -191,12 +217,17 @@ class DecodeEngine:
         new = state._replace(cache=out.cache, tokens=nxt, seen=seen,
                              lengths=jnp.where(active, state.lengths + 1, -1),
                              steps=state.steps + active.astype(jnp.int32))
-        return new, nxt
+        return new, nxt[:, None], active.astype(jnp.int32)
 
-    def generate(self, params: Params, state: DecodeState) -> tuple[DecodeState, jax.Array]:
-        """One decode step for every slot; returns the new state and the sampled tokens ``[B]``
-        (rows of idle slots are meaningless)."""
-        return self._generate(params, state)
+    def generate(self, params: Params, state: DecodeState
+                 ) -> tuple[DecodeState, jax.Array, jax.Array]:
+        """One decode step for every slot: (new state, tokens ``[B, W]``, counts ``[B]``); slot b
+        produced ``tokens[b, :counts[b]]`` in order (W = 1 here; speculative engines emit up to
+        k+1 per step). Idle slots have count 0."""
+        return self._generate(params, self.draft_args, state)
+
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        """Raise ``ValueError`` for sampling settings this engine cannot honour (none here)."""
 
     def _release_impl(self, state: DecodeState, slot: jax.Array) -> DecodeState:
         return state._replace(lengths=state.lengths.at[slot].set(-1))

@@ -7,13 +7,14 @@ import functools
 from typing import Any, Sequence
 
 import jax.numpy as jnp
+import numpy as np
 
 from cpmjax.config import ModelConfig
 from cpmjax.model.params import Params
 from cpmjax.serve.engine import DecodeEngine
 from cpmjax.serve.sampling import SamplingParams
-from cpmjax.serve.scheduler import Scheduler
-from cpmjax.serve.speculative import speculative_generate
+from cpmjax.serve.scheduler import Request, Scheduler
+from cpmjax.serve.spec_engine import SpeculativeEngine
 
 
 def _bucket(n: int, lo: int) -> int:
@@ -25,14 +26,17 @@ def _bucket(n: int, lo: int) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def engine_for(cfg: ModelConfig, max_slots: int, max_len: int, chunk: int,
-               dtype_name: str) -> DecodeEngine:
-    """One engine (and its compiled steps) per static shape, reused across calls."""
-    return DecodeEngine(cfg, max_slots=max_slots, max_len=max_len, chunk=chunk,
-                        dtype=jnp.dtype(dtype_name))
+def engine_for(cfg: ModelConfig, max_slots: int, max_len: int, chunk: int, dtype_name: str,
+               speculative_k: int | None = None) -> DecodeEngine:
+    """One engine (and its compiled steps) per static shape, reused across calls; a speculative
+    engine is created without a draft, which :func:`generate` sets before each use."""
+    kw = dict(max_slots=max_slots, max_len=max_len, chunk=chunk, dtype=jnp.dtype(dtype_name))
+    if speculative_k is None:
+        return DecodeEngine(cfg, **kw)
+    return SpeculativeEngine(cfg, None, k=speculative_k, **kw)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Speculative:
     """Speculative decoding settings for :func:`generate`: the MTP/EAGLE draft head's params
     (``cpmjax.model.mtp``), the draft length k and an optional FR-Spec id list."""
@@ -42,26 +46,44 @@ class Speculative:
     frspec_ids: Any = None
 
 
-def _speculative(cfg: ModelConfig, params: Params, prompts: list[list[int]], max_new_tokens: int,
-                 temperature: float, top_k: int, top_p: float, repetition_penalty: float,
-                 seed: int, stop_token_ids: Sequence[int] | None,
-                 spec: Speculative) -> list[list[int]]:
-    """Speculative generation, cut after the first stop/eos token like the plain path."""
-    if not isinstance(spec, Speculative):
+def _check_prompts(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int) -> int:
+    """The longest prompt plus ``max_new_tokens``, after naming what is wrong with the prompts."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+    for p in prompts:
+        bad = [t for t in p if not 0 <= int(t) < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must lie in [0, {cfg.vocab_size}), got {bad[0]}")
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    if longest > cfg.max_position_embeddings:
+        raise ValueError(f"prompt plus max_new_tokens ({longest}) exceeds the model context "
+                         f"{cfg.max_position_embeddings}")
+    return longest
+
+
+def run_requests(cfg: ModelConfig, params: Params, prompts: list[list[int]],
+                 max_new_tokens: int, sampling: list[SamplingParams],
+                 stop_token_ids: Sequence[int] | None = None, speculative: Any = None, *,
+                 max_slots: int = 8, chunk: int = 64, dtype: Any = jnp.float32,
+                 ignore_eos: bool = False) -> list[Request]:
+    """Run every prompt through the scheduler over a cached engine; the finished requests."""
+    if speculative is not None and not isinstance(speculative, Speculative):
         raise TypeError(f"speculative must be a cpmjax.serve.generate.Speculative, got "
-                        f"{type(spec).__name__}")
-    if (top_k, top_p, repetition_penalty) != (0, 1.0, 1.0):
-        raise ValueError("speculative decoding supports greedy and temperature sampling only "
-                         "(top_k=0, top_p=1, repetition_penalty=1)")
-    tokens, _ = speculative_generate(cfg, params, spec.draft_params, prompts, max_new_tokens,
-                                     k=spec.k, temperature=temperature, seed=seed,
-                                     frspec_ids=spec.frspec_ids)
-    stops = set(cfg.eos_token_ids) | set(stop_token_ids or ())
-    out = []
-    for row in tokens.tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-        out.append(row[:cut])
-    return out
+                        f"{type(speculative).__name__}")
+    longest = _check_prompts(cfg, prompts, max_new_tokens)
+    # a speculative step may write k positions past the last emitted token: room for them
+    extra = 0 if speculative is None else speculative.k
+    max_len = min(_bucket(longest + extra, 128), cfg.max_position_embeddings)
+    slots = min(_bucket(len(prompts), 1), max_slots)
+    engine = engine_for(cfg, slots, max_len, chunk, jnp.dtype(dtype).name,
+                        None if speculative is None else int(speculative.k))
+    if speculative is not None:
+        engine.set_draft(speculative.draft_params, speculative.frspec_ids)
+    sched = Scheduler(engine, params, max_queue=len(prompts))
+    reqs = [sched.submit(p, max_new_tokens, sp, stop_token_ids, ignore_eos=ignore_eos)
+            for p, sp in zip(prompts, sampling)]
+    sched.run_until_done()
+    return reqs
 
 
 def generate(cfg: ModelConfig, params: Params, prompts: list[list[int]], max_new_tokens: int = 64,
@@ -72,23 +94,40 @@ def generate(cfg: ModelConfig, params: Params, prompts: list[list[int]], max_new
     """Generated ids per prompt (without the prompt; a final stop/eos token is kept, as in HF).
 
     Prompt ``i`` uses seed ``seed + i`` so that equal prompts in one call still sample
-    independently, and a prompt's output does not depend on the other prompts.
+    independently, and a prompt's output does not depend on the other prompts. With
+    ``speculative=Speculative(draft, k)`` every step drafts and verifies k tokens; the output is
+    distributed exactly as without it (greedy: token-identical).
     """
     if not prompts:
         return []
-    if speculative is not None:
-        return _speculative(cfg, params, prompts, max_new_tokens, temperature, top_k, top_p,
-                            repetition_penalty, seed, stop_token_ids, speculative)
-    longest = max(len(p) for p in prompts) + max_new_tokens
-    if longest > cfg.max_position_embeddings:
-        raise ValueError(f"prompt plus max_new_tokens ({longest}) exceeds the model context "
-                         f"{cfg.max_position_embeddings}")
-    max_len = min(_bucket(longest, 128), cfg.max_position_embeddings)
-    slots = min(_bucket(len(prompts), 1), max_slots)
-    engine = engine_for(cfg, slots, max_len, chunk, jnp.dtype(dtype).name)
-    sched = Scheduler(engine, params, max_queue=len(prompts))
-    reqs = [sched.submit(p, max_new_tokens,
-                         SamplingParams(temperature, top_k, top_p, repetition_penalty, seed + i),
-                         stop_token_ids) for i, p in enumerate(prompts)]
-    sched.run_until_done()
+    sampling = [SamplingParams(temperature, top_k, top_p, repetition_penalty, seed + i)
+                for i in range(len(prompts))]
+    reqs = run_requests(cfg, params, prompts, max_new_tokens, sampling, stop_token_ids,
+                        speculative, max_slots=max_slots, chunk=chunk, dtype=dtype)
     return [r.output for r in reqs]
+
+
+def speculative_generate(cfg: ModelConfig, params: Params, draft_params: Params,
+                         prompts: Sequence[Sequence[int]], max_new_tokens: int, k: int = 3,
+                         temperature: float = 0.0, seed: int = 0, frspec_ids: Any = None,
+                         max_slots: int = 256) -> tuple[np.ndarray, dict[str, Any]]:
+    """Exactly ``max_new_tokens`` per prompt (eos ignored), speculative with draft length ``k``:
+    (tokens ``[len(prompts), max_new_tokens]`` int32, stats) for experiments and tests.
+
+    stats: ``mean_accept_length`` (CPM.cu's "Mean accept length": tokens per verify step),
+    ``verify_steps`` (slot-steps), ``accepted_draft_tokens``.
+    """
+    prompts = [list(p) for p in prompts]
+    if not prompts:
+        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    sampling = [SamplingParams(temperature, seed=seed + i) for i in range(len(prompts))]
+    reqs = run_requests(cfg, params, prompts, max_new_tokens, sampling,
+                        speculative=Speculative(draft_params, k, frspec_ids),
+                        max_slots=max_slots, ignore_eos=True)
+    steps = sum(r.decode_steps for r in reqs)
+    produced = sum(r.step_tokens for r in reqs)
+    return (np.asarray([r.output for r in reqs], np.int32),
+            {"verify_steps": steps, "accepted_draft_tokens": produced - steps,
+             "mean_accept_length": produced / max(steps, 1)})

@@ -40,6 +40,8 @@ class Request:
     id: int = 0
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    decode_steps: int = 0  # engine steps that produced tokens for this request
+    step_tokens: int = 0  # tokens those steps produced (> decode_steps: accepted drafts)
     text: str | None = None  # detokenized output (cut before a stop string), when a detokenizer is set
     events: "queue.Queue[int | None]" = field(default_factory=queue.Queue)
     submitted_at: float = field(default_factory=time.monotonic)
@@ -57,6 +59,11 @@ class Request:
     @property
     def done(self) -> bool:
         return self._done.is_set()
+
+    @property
+    def mean_accept_length(self) -> float:
+        """Tokens per decode step (CPM.cu's "mean accept length"; 1.0 without speculation)."""
+        return self.step_tokens / max(self.decode_steps, 1)
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
@@ -89,6 +96,8 @@ class Scheduler:
         self._ids = itertools.count()
         self._token_times: collections.deque[tuple[float, int]] = collections.deque()
         self.tokens_generated = 0
+        self.decode_steps = 0  # slot-steps: one per busy slot per engine step
+        self.step_tokens = 0  # tokens the engine produced in those slot-steps
         self.requests_finished = 0
         self.finish_reasons: collections.Counter[str] = collections.Counter()
         self.error: BaseException | None = None
@@ -97,8 +106,12 @@ class Scheduler:
     def submit(self, prompt: Sequence[int], max_new_tokens: int = 64,
                sampling: SamplingParams = SamplingParams(),
                stop_token_ids: Sequence[int] | None = None, stop: Sequence[str] = (),
-               on_token: Callable[[Request, int | None], None] | None = None) -> Request:
-        """Queue a request; raises ``ValueError`` for one that cannot run, ``QueueFull`` when full."""
+               on_token: Callable[[Request, int | None], None] | None = None,
+               ignore_eos: bool = False) -> Request:
+        """Queue a request; raises ``ValueError`` for one that cannot run, ``QueueFull`` when full.
+
+        Generation stops at the config's eos ids (unless ``ignore_eos``, as vLLM's flag, for
+        benchmarks), at ``stop_token_ids``, at ``stop`` strings and after ``max_new_tokens``."""
         prompt = [int(t) for t in prompt]
         V = self.engine.cfg.vocab_size
         if not prompt:
@@ -113,7 +126,8 @@ class Scheduler:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if stop and self.detokenize is None:
             raise ValueError("stop strings need a tokenizer to detokenize the output")
-        stops = set(self.engine.cfg.eos_token_ids) | set(stop_token_ids or ())
+        self.engine.check_sampling(sampling)
+        stops = set(() if ignore_eos else self.engine.cfg.eos_token_ids) | set(stop_token_ids or ())
         req = Request(prompt, max_new_tokens, sampling, frozenset(stops), tuple(stop), on_token,
                       id=next(self._ids))
         with self._lock:
@@ -216,13 +230,21 @@ class Scheduler:
         self._admit()
         if self.active == 0:
             return False
-        self.state, tokens = self.engine.generate(self.params, self.state)
-        tokens = np.asarray(tokens)
+        self.state, tokens, counts = self.engine.generate(self.params, self.state)
+        tokens, counts = np.asarray(tokens), np.asarray(counts)
         n = 0
         for slot, req in enumerate(self.slots):
-            if req is not None:
+            if req is None:
+                continue
+            req.decode_steps += 1
+            req.step_tokens += int(counts[slot])
+            self.decode_steps += 1
+            self.step_tokens += int(counts[slot])
+            for tok in tokens[slot, :counts[slot]]:
                 n += 1
-                self._emit(slot, req, int(tokens[slot]))
+                self._emit(slot, req, int(tok))
+                if req.done:  # a stop condition inside the accepted chain: drop the rest
+                    break
         self.tokens_generated += n
         self._token_times.append((time.monotonic(), n))
         return True
@@ -273,5 +295,8 @@ class Scheduler:
                 "requests_finished": self.requests_finished,
                 "finish_reasons": dict(self.finish_reasons),
                 "tokens_per_second": self.tokens_per_second(),
+                "decode_steps": self.decode_steps,
+                "mean_accept_length": self.step_tokens / max(self.decode_steps, 1),
+                "speculative_k": self.engine.speculative_k,
                 "compilations": dict(self.engine.compilations),
                 "engine_error": None if self.error is None else repr(self.error)}

@@ -1,210 +1,179 @@
 """Speculative decoding with the MTP/EAGLE draft head (spec §3.2): chain drafting, one-shot
-verification by the target, lossless acceptance.
+verification by the target, lossless acceptance. Pure functions over decode-slot rows; the serving
+engine (``cpmjax.serve.engine.SpeculativeEngine``) runs them as its decode step.
 
-Each round, per row (committed tokens x_0..x_{m-1}; the target cache holds positions 0..m-2):
+A row holds committed tokens x_0..x_m; the target cache holds positions 0..m-1 and ``last`` = x_m
+goes at position m (the engine's ``lengths``). The draft cache holds positions 0..m-2, and ``h``
+is the target's hidden state at position m-1. One round, per row:
 
-1. the draft proposes d_0..d_{k-1} (its first hidden state comes from the previous catch-up, the
-   next ones feed its own output feature back, EAGLE-style; FR-Spec restricts its head to a vocab
-   subset);
-2. ONE target forward over [x_{m-1}, d_0..d_{k-1}] at positions m-1..m-1+k gives the target
-   distributions p_0..p_k and hidden states;
-3. acceptance: greedy = longest prefix with d_i == argmax p_i, plus the bonus argmax p_n;
-   sampling = accept d_i with probability min(1, p_i(d_i)/q_i(d_i)), on the first rejection
-   resample from norm(max(0, p_n - q_n)), after k acceptances sample the bonus from p_k
-   (Leviathan et al. 2023, arXiv:2211.17192, Thm. 1; q is zero outside an FR-Spec subset, so
-   every token outside it keeps its full p mass in the residual);
-4. catch-up: the draft layer re-reads the accepted tokens with the target's true hidden states,
-   which also yields its first proposal for the next round.
+1. draft: the draft layer reads (h, x_m) at position m-1 and proposes d_0; then (its own output
+   feature, d_{j-1}) at position m-1+j proposes d_j, EAGLE-style, for j < k. FR-Spec restricts its
+   head to a vocabulary subset;
+2. ONE target forward over [x_m, d_0..d_{k-1}] at positions m..m+k gives the target distributions
+   p_0..p_k and hidden states;
+3. acceptance (Leviathan et al. 2023, arXiv:2211.17192, Thm. 1): accept d_i with probability
+   min(1, p_i(d_i)/q_i(d_i)); on the first rejection resample from norm(max(0, p_n - q_n)); after
+   k acceptances the bonus token is drawn from p_k. q is zero outside an FR-Spec subset, so every
+   token outside it keeps its full p mass in the residual. A greedy row uses one-hot p (at the
+   target's argmax) and one-hot q (at the draft's argmax): the same rule then accepts exactly the
+   drafts equal to the target's argmax and emits the argmax at the first mismatch, which is plain
+   greedy decoding token for token;
+4. catch-up: the draft layer re-reads the accepted pairs (target hidden at m+j, d_j) for j < n at
+   positions m..m+n-1, overwriting the entries its own proposals wrote; the pair at m+n is read at
+   step 1 of the next round.
 
-Both caches are position-addressed, so rejected entries are simply overwritten later; padding and
-finished rows use position -1, which is never written. Rows are independent, so a batch of
-prompts of different lengths runs together.
+Both caches are position-addressed, so rejected entries are simply overwritten later; idle rows
+use position -1, which is never written. Rows are independent: each has its own sampling
+parameters and a key derived from its own seed and token count.
 
-"Mean accept length" is as CPM.cu prints it: accepted draft tokens + 1 per verify step, averaged.
+"Mean accept length" is as CPM.cu prints it: (accepted draft tokens + 1) per verify step, averaged.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cpmjax.config import ModelConfig
-from cpmjax.model import forward, init_cache, lm_head
+from cpmjax.model import forward, lm_head
+from cpmjax.model.cache import KVCache
 from cpmjax.model.mtp import mtp_block
 from cpmjax.model.params import Params
+from cpmjax.serve.sampling import top_k_mask, top_p_mask
+
+DraftCache = dict[str, jax.Array]  # "k", "v": [B, S, KV, hd]; "h": [B, d] target hidden at m-1
 
 
-def accept_chain(p: jax.Array, q: jax.Array, draft: jax.Array, key: jax.Array,
-                 greedy: bool) -> tuple[jax.Array, jax.Array]:
+def accept_chain(p: jax.Array, q: jax.Array, draft: jax.Array, keys: jax.Array
+                 ) -> tuple[jax.Array, jax.Array]:
     """(number of accepted drafts n [B], next token [B]) from target probs ``p [B,k+1,V]``, draft
-    probs ``q [B,k,V]`` (full vocab, zero off the draft's support) and drafts ``draft [B,k]``."""
-    B, k = draft.shape
-    p_at = jnp.take_along_axis(p[:, :k], draft[..., None], axis=-1)[..., 0]
-    if greedy:
-        ok = draft == jnp.argmax(p[:, :k], axis=-1)
-    else:
-        k_u, key = jax.random.split(key)
-        q_at = jnp.take_along_axis(q, draft[..., None], axis=-1)[..., 0]
-        ok = jax.random.uniform(k_u, (B, k)) * q_at < p_at
-    n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=-1), axis=-1)
-    p_n = jnp.take_along_axis(p, n[:, None, None], axis=1)[:, 0]
-    if greedy:
-        return n, jnp.argmax(p_n, axis=-1).astype(jnp.int32)
-    q_ext = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # after k accepts: residual = p_k
-    resid = jnp.maximum(p_n - jnp.take_along_axis(q_ext, n[:, None, None], axis=1)[:, 0], 0.0)
-    mass = jnp.sum(resid, axis=-1, keepdims=True)
-    resid = jnp.where(mass > 0, resid, p_n)  # p == q exactly: no rejection was possible anyway
-    nxt = jax.random.categorical(key, jnp.log(resid), axis=-1)
-    return n, nxt.astype(jnp.int32)
+    probs ``q [B,k,V]`` (full vocab, zero off the draft's support), drafts ``draft [B,k]`` and one
+    PRNG key per row ``keys [B]``."""
+    return jax.vmap(_accept_row)(p, q, draft, keys)
 
 
-def _draft_dist(params: Params, cfg: ModelConfig, h: jax.Array, key: jax.Array, temperature: Any,
-                greedy: bool, vocab_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """(draft token [B], its distribution q over the FULL vocab [B,V]) from a draft hidden [B,d]."""
+def _accept_row(p: jax.Array, q: jax.Array, draft: jax.Array, key: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+    k = draft.shape[0]
+    k_u, k_r = jax.random.split(key)
+    p_at, q_at = p[jnp.arange(k), draft], q[jnp.arange(k), draft]
+    ok = jax.random.uniform(k_u, (k,)) * q_at < p_at
+    n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
+    q_n = jnp.concatenate([q, jnp.zeros_like(q[:1])])[n]  # after k accepts: residual = p_k
+    resid = jnp.maximum(p[n] - q_n, 0.0)
+    resid = jnp.where(resid.sum() > 0, resid, p[n])  # p == q exactly: no rejection was possible
+    return n, jax.random.categorical(k_r, jnp.log(resid)).astype(jnp.int32)
+
+
+class RowSampling(NamedTuple):
+    """Per-row sampling settings of the rows in a round (``[B]`` each; temperature 0 = greedy)."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+
+
+def target_probs(logits: jax.Array, s: RowSampling) -> jax.Array:
+    """Target distributions ``[B, T, V]`` that the engine's plain sampler draws from: one-hot at the
+    argmax for greedy rows, else softmax of the temperature-scaled, top-k/top-p-masked logits."""
+    B, T, V = logits.shape
+    greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), V, dtype=jnp.float32)
+
+    def warped(_: None) -> jax.Array:
+        flat = logits.reshape(B * T, V) / jnp.where(s.temperature > 0, s.temperature, 1.0
+                                                    ).repeat(T)[:, None]
+        flat = top_p_mask(top_k_mask(flat, s.top_k.repeat(T)), s.top_p.repeat(T))
+        probs = jax.nn.softmax(flat, axis=-1).reshape(B, T, V)
+        return jnp.where((s.temperature > 0)[:, None, None], probs, greedy)
+
+    # the vocabulary sorts of top-k/top-p cost more than a small model's step: skip when all greedy
+    return jax.lax.cond(jnp.any(s.temperature > 0), warped, lambda _: greedy, None)
+
+
+def draft_choice(params: Params, cfg: ModelConfig, h: jax.Array, keys: jax.Array,
+                 temperature: jax.Array, vocab_ids: jax.Array | None
+                 ) -> tuple[jax.Array, jax.Array]:
+    """(draft token [B], its distribution q over the FULL vocabulary [B, V]) from draft features
+    ``h [B, d]``: the argmax for greedy rows, a sample of softmax(logits / T) otherwise."""
     logits = lm_head(params, cfg, h[:, None], vocab_ids)[:, 0]
-    if greedy:
-        idx = jnp.argmax(logits, axis=-1)
-        probs = jax.nn.one_hot(idx, logits.shape[-1])
-    else:
-        idx = jax.random.categorical(key, logits / temperature, axis=-1)
-        probs = jax.nn.softmax(logits / temperature, axis=-1)
+    t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    drawn = jax.vmap(jax.random.categorical)(keys, logits / t)
+    idx = jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1))
+    probs = jnp.where((temperature > 0)[:, None], jax.nn.softmax(logits / t, axis=-1),
+                      jax.nn.one_hot(idx, logits.shape[-1], dtype=jnp.float32))
     if vocab_ids is None:
         return idx.astype(jnp.int32), probs
     full = jnp.zeros((h.shape[0], cfg.vocab_size), probs.dtype).at[:, vocab_ids].set(probs)
     return vocab_ids[idx].astype(jnp.int32), full
 
 
-def _target_probs(logits: jax.Array, temperature: Any, greedy: bool) -> jax.Array:
-    return logits if greedy else jax.nn.softmax(logits / temperature, axis=-1)
+class RoundOut(NamedTuple):
+    """What one round leaves: caches, and per row the tokens to emit and the next round's inputs."""
+
+    cache: KVCache
+    draft: DraftCache
+    tokens: jax.Array  # int32 [B, k+1]: tokens[:, :count] are new, in order
+    count: jax.Array  # int32 [B]: accepted drafts + 1 (0 for idle rows)
+    last: jax.Array  # int32 [B]: the newest token, not yet in the target cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "greedy"))
-def _prefill(params: Params, draft_params: Params, cfg: ModelConfig, tokens: jax.Array,
-             lengths: jax.Array, cache_t: Any, cache_d: Any, key: jax.Array, temperature: Any,
-             greedy: bool) -> tuple[Any, ...]:
-    B, T = tokens.shape
-    ar = jnp.arange(T)[None]
-    pos = jnp.where(ar < lengths[:, None], ar, -1)
-    out = forward(params, cfg, tokens, positions=pos, cache=cache_t)
-    last = lengths - 1
-    logits = out.logits[jnp.arange(B), last]
-    if greedy:
-        first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    else:
-        first = jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
-    nxt = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1).at[jnp.arange(B), last].set(first)
-    hd, kv = mtp_block(draft_params, params, cfg, out.hidden, nxt, pos,
-                       cache_kv=(cache_d["k"], cache_d["v"]))
-    return out.cache, {"k": kv[0], "v": kv[1]}, first, hd[jnp.arange(B), last]
+def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k: int,
+                      cache: KVCache, draft: DraftCache, last: jax.Array, lengths: jax.Array,
+                      keys: jax.Array, sampling: RowSampling, vocab_ids: jax.Array | None,
+                      dtype: Any = jnp.float32) -> RoundOut:
+    """Draft k tokens, verify them in one target step and accept (see the module docstring).
 
-
-@functools.partial(jax.jit, static_argnames=("cfg", "k", "greedy"))
-def _round(params: Params, draft_params: Params, cfg: ModelConfig, k: int, greedy: bool,
-           state: dict[str, Any], key: jax.Array, temperature: Any, max_new: int,
-           vocab_ids: jax.Array | None) -> dict[str, Any]:
-    """One draft-verify-accept-catch-up round for every row (see the module docstring)."""
-    m, last, dh = state["m"], state["last"], state["dh"]
-    active = state["n_gen"] < max_new
-    B = m.shape[0]
-    keys = jax.random.split(key, k + 1)
-    cache_d = (state["cache_d"]["k"], state["cache_d"]["v"])
-    drafts, qs = [], []
-    h = dh
-    for j in range(k):
-        if j > 0:
-            pos = jnp.where(active, m - 2 + j, -1)[:, None]
-            h, cache_d = mtp_block(draft_params, params, cfg, h[:, None], drafts[-1][:, None], pos,
-                                   cache_kv=cache_d)
-            h = h[:, 0]
-        d, q = _draft_dist(params, cfg, h, keys[j], temperature, greedy, vocab_ids)
-        drafts.append(d)
-        qs.append(q)
-    draft, q = jnp.stack(drafts, 1), jnp.stack(qs, 1)
-    ar = jnp.arange(k + 1)[None]
-    vpos = jnp.where(active[:, None], m[:, None] - 1 + ar, -1)
-    out = forward(params, cfg, jnp.concatenate([last[:, None], draft], 1), positions=vpos,
-                  cache=state["cache_t"])
-    n, nxt = accept_chain(_target_probs(out.logits, temperature, greedy), q, draft, keys[k], greedy)
-    new = jnp.concatenate([draft, draft[:, :1]], 1).at[jnp.arange(B), n].set(nxt)
-    cpos = jnp.where(active[:, None] & (ar <= n[:, None]), m[:, None] - 1 + ar, -1)
-    hc, cache_d = mtp_block(draft_params, params, cfg, out.hidden, new, cpos, cache_kv=cache_d)
-    opos = jnp.where(cpos >= 0, state["n_gen"][:, None] + ar, state["out"].shape[1])
-    grow = jnp.where(active, n + 1, 0)
-    return {"cache_t": out.cache, "cache_d": {"k": cache_d[0], "v": cache_d[1]},
-            "m": m + grow, "last": jnp.where(active, nxt, last),
-            "dh": jnp.where(active[:, None], hc[jnp.arange(B), n], dh),
-            "n_gen": state["n_gen"] + grow,
-            "out": state["out"].at[jnp.arange(B)[:, None], opos].set(new, mode="drop"),
-            "accepted": state["accepted"] + jnp.where(active, n, 0),
-            "steps": state["steps"] + active.astype(jnp.int32)}
-
-
-def _check(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, k: int,
-           temperature: float, frspec_ids: Any) -> None:
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
-    flat = np.concatenate([np.asarray(p) for p in prompts])
-    if flat.min() < 0 or flat.max() >= cfg.vocab_size:
-        raise ValueError(f"prompt token ids must lie in [0, {cfg.vocab_size}), got "
-                         f"[{flat.min()}, {flat.max()}]")
-    if max_new_tokens < 1 or k < 1:
-        raise ValueError(f"max_new_tokens and k must be >= 1, got {max_new_tokens}, {k}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if frspec_ids is not None:
-        ids = np.asarray(frspec_ids)
-        if ids.ndim != 1 or ids.size == 0 or ids.min() < 0 or ids.max() >= cfg.vocab_size \
-                or np.unique(ids).size != ids.size:
-            raise ValueError(f"frspec_ids must be distinct token ids in [0, {cfg.vocab_size})")
-
-
-def speculative_generate(cfg: ModelConfig, params: Params, draft_params: Params,
-                         prompts: Sequence[Sequence[int]], max_new_tokens: int, k: int = 3,
-                         temperature: float = 0.0, seed: int = 0,
-                         frspec_ids: Any = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Generate ``max_new_tokens`` per prompt with draft length ``k``; returns
-    (tokens ``[len(prompts), max_new_tokens]`` int32, stats). Temperature 0 is greedy and
-    token-identical to plain greedy decoding; > 0 samples exactly from the target's tempered
-    distribution. No stop at EOS: callers truncate (the serving engine does).
-
-    stats: ``mean_accept_length`` (CPM.cu's "Mean accept length"), ``verify_steps``,
-    ``accepted_draft_tokens``.
+    ``lengths [B]`` is where ``last`` goes in the target cache (-1: idle row); ``keys [B]`` one
+    PRNG key per row, fresh every round.
     """
-    _check(cfg, prompts, max_new_tokens, k, temperature, frspec_ids)
-    greedy = temperature == 0
-    B = len(prompts)
-    lengths = np.asarray([len(p) for p in prompts], np.int32)
-    T = int(lengths.max())
-    toks = np.zeros((B, T), np.int32)
-    for i, p in enumerate(prompts):
-        toks[i, :len(p)] = p
-    S = T + max_new_tokens + k + 1
-    key = jax.random.key(seed)
-    temp = jnp.float32(max(temperature, 1e-6))
-    vocab_ids = None if frspec_ids is None else jnp.asarray(frspec_ids, jnp.int32)
-    cache_t, cache_d, first, dh = _prefill(
-        params, draft_params, cfg, jnp.asarray(toks), jnp.asarray(lengths),
-        init_cache(cfg, B, S), _draft_cache(cfg, B, S), jax.random.fold_in(key, 0), temp, greedy)
-    out = jnp.zeros((B, max_new_tokens + k + 1), jnp.int32).at[:, 0].set(first)
-    state = {"cache_t": cache_t, "cache_d": cache_d, "m": jnp.asarray(lengths) + 1, "last": first,
-             "dh": dh, "n_gen": jnp.ones((B,), jnp.int32), "out": out,
-             "accepted": jnp.zeros((B,), jnp.int32), "steps": jnp.zeros((B,), jnp.int32)}
-    r = 0
-    while bool(jnp.any(state["n_gen"] < max_new_tokens)):
-        r += 1
-        state = _round(params, draft_params, cfg, k, greedy, state, jax.random.fold_in(key, r),
-                       temp, max_new_tokens, vocab_ids)
-    steps, acc = int(state["steps"].sum()), int(state["accepted"].sum())
-    stats = {"verify_steps": steps, "accepted_draft_tokens": acc,
-             "mean_accept_length": (acc + steps) / max(steps, 1)}
-    return np.asarray(state["out"][:, :max_new_tokens]), stats
+    B = last.shape[0]
+    active = lengths >= 0
+    step_keys = jax.vmap(lambda key: jax.random.split(key, k + 1))(keys)  # [B, k+1]
+    h, tok, kv = draft["h"], last, (draft["k"], draft["v"])
+    drafts, qs = [], []
+    for j in range(k):
+        pos = jnp.where(active, lengths - 1 + j, -1)[:, None]
+        h, kv = mtp_block(draft_params, params, cfg, h[:, None].astype(dtype), tok[:, None], pos,
+                          cache_kv=kv)
+        h = h[:, 0]
+        tok, q = draft_choice(params, cfg, h, step_keys[:, j], sampling.temperature, vocab_ids)
+        drafts.append(tok)
+        qs.append(q)
+    drafted = jnp.stack(drafts, 1)
+    ar = jnp.arange(k + 1)[None]
+    out = forward(params, cfg, jnp.concatenate([last[:, None], drafted], 1),
+                  positions=jnp.where(active[:, None], lengths[:, None] + ar, -1), cache=cache,
+                  dtype=dtype)
+    n, nxt = accept_chain(target_probs(out.logits, sampling), jnp.stack(qs, 1), drafted,
+                          step_keys[:, k])
+    new = jnp.concatenate([drafted, drafted[:, :1]], 1).at[jnp.arange(B), n].set(nxt)
+    catch_up = jnp.where(active[:, None] & (ar < n[:, None]), lengths[:, None] + ar, -1)
+    _, kv = mtp_block(draft_params, params, cfg, out.hidden, new, catch_up, cache_kv=kv)
+    h_next = jnp.where(active[:, None], out.hidden[jnp.arange(B), n], draft["h"])
+    return RoundOut(out.cache, {"k": kv[0], "v": kv[1], "h": h_next.astype(draft["h"].dtype)},
+                    new, jnp.where(active, n + 1, 0), jnp.where(active, nxt, last))
 
 
-def _draft_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict[str, jax.Array]:
-    """The draft's own one-layer KV cache, ``[B, S, KV, hd]`` for keys and values."""
+def init_draft_cache(cfg: ModelConfig, batch: int, max_len: int,
+                     dtype: Any = jnp.float32) -> DraftCache:
+    """The draft layer's own KV cache ``[B, S, KV, hd]`` and the per-row target feature ``[B, d]``."""
     shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, jnp.float32), "v": jnp.zeros(shape, jnp.float32)}
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "h": jnp.zeros((batch, cfg.hidden_size), jnp.float32)}
+
+
+def check_frspec_ids(cfg: ModelConfig, frspec_ids: Any) -> jax.Array | None:
+    """FR-Spec ids as an int32 array, or None; distinct ids inside the target's vocabulary."""
+    if frspec_ids is None:
+        return None
+    ids = np.asarray(frspec_ids)
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer) \
+            or ids.min() < 0 or ids.max() >= cfg.vocab_size or np.unique(ids).size != ids.size:
+        raise ValueError(f"frspec_ids must be a non-empty list of distinct token ids in "
+                         f"[0, {cfg.vocab_size}) (the target's vocabulary); got {ids.size} ids "
+                         f"in [{ids.min() if ids.size else '-'}, "
+                         f"{ids.max() if ids.size else '-'}]")
+    return jnp.asarray(ids, jnp.int32)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from cpmjax.model import forward
-from cpmjax.serve.speculative import accept_chain, speculative_generate
+from cpmjax.serve.generate import speculative_generate
+from cpmjax.serve.speculative import accept_chain
 from tests.spec.helpers import greedy_oracle, small_models
 
 
@@ -36,15 +37,22 @@ def test_greedy_with_frspec_subset_matches_plain_greedy():
         assert toks[i].tolist() == greedy_oracle(cfg, params, p, 10)
 
 
-def test_draft_equal_to_target_accepts_everything_greedy():
-    """A draft whose head reproduces the target exactly is always accepted: acceptance = k+1.
-    Built by giving the target logits directly (p == q) to the rule."""
+def test_greedy_rows_accept_exactly_the_argmax_prefix():
+    """Greedy rows are the rule with one-hot p (target argmax) and one-hot q (the draft): drafts
+    equal to the argmax are accepted up to the first mismatch, where the argmax is emitted; a draft
+    equal to the target everywhere is accepted whole (k+1 tokens) with the argmax as bonus."""
     rng = np.random.default_rng(1)
-    p = jax.nn.softmax(jnp.asarray(rng.normal(size=(4, 4, 11)), jnp.float32) * 3, axis=-1)
-    draft = jnp.argmax(p[:, :3], axis=-1)
-    n, nxt = accept_chain(p, p[:, :3], draft, jax.random.key(0), greedy=True)
-    assert n.tolist() == [3] * 4
-    assert nxt.tolist() == jnp.argmax(p[:, 3], axis=-1).tolist()
+    logits = jnp.asarray(rng.normal(size=(4, 4, 11)), jnp.float32)
+    best = jnp.argmax(logits, axis=-1)  # [4, 4]
+    wrong = (best[:, :3] + 1) % 11
+    cut = jnp.asarray([0, 1, 2, 3])  # row r: first mismatch at draft r (3 = none)
+    draft = jnp.where(jnp.arange(3)[None] < cut[:, None], best[:, :3], wrong)
+    p = jax.nn.one_hot(best, 11)
+    q = jax.nn.one_hot(draft, 11)
+    for seed in range(5):  # the outcome must not depend on the randomness
+        n, nxt = accept_chain(p, q, draft, jax.random.split(jax.random.key(seed), 4))
+        assert n.tolist() == [0, 1, 2, 3]
+        assert nxt.tolist() == best[jnp.arange(4), cut].tolist()
 
 
 def _rule_samples(p, q, n_samples, seed):
@@ -54,7 +62,7 @@ def _rule_samples(p, q, n_samples, seed):
     def one(key):
         kd, ka = jax.random.split(key)
         d = jax.random.categorical(kd, jnp.log(q), axis=-1)  # [k]
-        n, nxt = accept_chain(p[None], q[None], d[None], ka, greedy=False)
+        n, nxt = accept_chain(p[None], q[None], d[None], ka[None])
         first = jnp.where(n[0] > 0, d[0], nxt[0])
         second = jnp.where(n[0] > 1, d[1], nxt[0])  # valid only when n >= 1
         return n[0], first, second

@@ -1,0 +1,87 @@
+"""The decode engine with speculative sampling: each step drafts k tokens per slot with the
+MTP/EAGLE head and verifies them in one target forward (``cpmjax.serve.speculative``).
+
+Same JetStream contract and static shapes as :class:`DecodeEngine`, so the scheduler, the server and
+``generate`` run it unchanged; slots join and leave between steps and each slot accepts its own
+number of tokens per step. The draft is kept in step with the prompt during prefill (its layer
+reads every (target hidden, next token) pair of the prompt but the last, which the first step
+reads), and its cache lives in the decode state next to the target's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cpmjax.config import ModelConfig
+from cpmjax.model.mtp import mtp_block
+from cpmjax.model.params import Params
+from cpmjax.serve.engine import DecodeEngine, DecodeState
+from cpmjax.serve.sampling import SamplingParams
+from cpmjax.serve.speculative import (RowSampling, check_frspec_ids, init_draft_cache,
+                                      speculative_round)
+
+
+class SpeculativeEngine(DecodeEngine):
+    """:class:`DecodeEngine` whose ``generate`` step is one speculative round of draft length k.
+
+    ``frspec_ids`` (optional) restricts the draft's output head to those tokens (FR-Spec);
+    verification always uses the full vocabulary, so outputs are those of the target alone.
+    """
+
+    def __init__(self, cfg: ModelConfig, draft_params: Params, *, k: int = 3,
+                 frspec_ids: Any = None, **kw: Any) -> None:
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"draft length k must be an integer >= 1, got {k!r}")
+        super().__init__(cfg, **kw)
+        self.speculative_k = int(k)
+        self.set_draft(draft_params, frspec_ids)
+
+    def set_draft(self, draft_params: Params, frspec_ids: Any = None) -> None:
+        """Use these draft weights (and FR-Spec ids) from the next step on; a draft of the same
+        shapes reuses the compiled steps. Swap only between requests, never while slots decode."""
+        self.draft_args = {"params": draft_params,
+                           "vocab_ids": check_frspec_ids(self.cfg, frspec_ids)}
+
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        if sampling.repetition_penalty != 1.0:
+            raise ValueError("speculative decoding does not support repetition_penalty != 1 "
+                             "(the penalty would change within a verified chain); got "
+                             f"{sampling.repetition_penalty}")
+
+    # ---- prefill: keep the draft in step with the prompt ---------------------------------
+    def _init_prefix_draft(self) -> dict[str, jax.Array]:
+        return init_draft_cache(self.cfg, 1, self.max_len, self.dtype)
+
+    def _draft_prefill(self, params: Params, draft_args: Any, draft: Any,
+                       hidden: jax.Array, next_tokens: jax.Array, positions: jax.Array,
+                       last: jax.Array) -> dict[str, jax.Array]:
+        """Draft layer over (hidden at i, token i+1) for the chunk's positions, except the
+        prompt's last (its next token, -1 here, is not sampled yet); remembers the hidden state
+        at the chunk's last token (the prompt's last, once the final chunk ran)."""
+        pos = jnp.where(next_tokens >= 0, positions, -1)
+        _, (k, v) = mtp_block(draft_args["params"], params, self.cfg, hidden,
+                              jnp.maximum(next_tokens, 0), pos, cache_kv=(draft["k"], draft["v"]))
+        return {"k": k, "v": v, "h": hidden[:, last].astype(jnp.float32)}
+
+    def init_decode_state(self) -> DecodeState:
+        return super().init_decode_state()._replace(
+            draft=init_draft_cache(self.cfg, self.max_slots, self.max_len, self.dtype))
+
+    # ---- generate: one speculative round -------------------------------------------------
+    def _generate_impl(self, params: Params, draft_args: Any, state: DecodeState
+                       ) -> tuple[DecodeState, jax.Array, jax.Array]:
+        keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(
+            state.seed, state.steps)
+        r = speculative_round(params, draft_args["params"], self.cfg, self.speculative_k,
+                              state.cache, state.draft, state.tokens, state.lengths, keys,
+                              RowSampling(state.temperature, state.top_k, state.top_p),
+                              draft_args["vocab_ids"], self.dtype)
+        active = state.lengths >= 0
+        new = state._replace(cache=r.cache, draft=r.draft, tokens=r.last,
+                             lengths=jnp.where(active, state.lengths + r.count, -1),
+                             steps=state.steps + r.count)
+        return new, r.tokens, r.count
