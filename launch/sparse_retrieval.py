@@ -1,14 +1,33 @@
 """Does InfLLM v2 sparse attention learn? A synthetic long-context key-value retrieval task.
 
 Each row: ``n_pairs`` (key, value) pairs hidden in the first quarter (after the first block,
-which sparse attention always keeps) of a context of filler
-tokens, then ``key QUERY x16`` at the end; the model must output that key's value. The answer lies
-hundreds of tokens back, so the sparse model only succeeds if stage 1 selects the block holding
-the pair (its local window cannot reach it). The same tiny model is trained once sparse
-(``dense_len=-1``: always sparse) and once dense with identical data, seeds and steps; both
-accuracies go to ``bench/results/sparse_retrieval.json``.
+which sparse attention always keeps) of a context of filler tokens, then ``key QUERY x16`` at
+the end; the model must output that key's value. The answer lies thousands of tokens back at
+4K, so the sparse model only succeeds if stage 1 selects the block holding the pair (its local
+window cannot reach it).
 
-    python launch/sparse_retrieval.py --steps 600 --length 128
+Recipe (default, as MiniCPM4 trains InfLLM v2: sparse attention is switched on in the
+long-context stage, on top of dense pre-training; spec MINICPM4.md §2, tech report §5):
+
+1. dense, ``--short_steps`` steps at ``--short_length`` (cheap: attention cost grows as T^2);
+2. dense, ``--long_steps`` steps at ``--length`` (RoPE sees the long distances);
+3. the same weights with ``sparse_config`` on, ``--sparse_steps`` steps at ``--length``.
+
+Evaluated on the same held-out rows at ``--length``: the dense model, the dense weights run
+with sparse attention before any sparse training, and the sparse-trained model. With
+``--scratch_steps`` > 0 a sparse model is also trained from scratch at ``--length`` for that
+many steps (stage 1 is discrete and gets no gradient of its own, so it has to discover the
+pair by chance). The fraction of held-out rows whose selected blocks (last query, last layer)
+include the pair's block is recorded for each sparse evaluation. Everything goes to ``--out``.
+
+    python launch/sparse_retrieval.py                       # 4K recipe (~30-40 min, 2 CPU cores)
+    python launch/sparse_retrieval.py --length=1024 --short_length=256
+
+Flags: ``--length`` eval/long length; ``--short_length``, ``--short_steps``, ``--long_steps``,
+``--sparse_steps``, ``--scratch_steps`` the phases above; ``--batch`` rows per step at
+``--short_length``, ``--long_batch`` at ``--length``; ``--lr`` the dense pre-training peak LR,
+``--finetune_lr`` the peak LR of the long dense and sparse phases; ``--topk`` stage-1 blocks
+(config.json's ``topk``, window excluded); ``--eval_rows`` held-out rows; ``--n_pairs``.
 """
 from __future__ import annotations
 
@@ -17,7 +36,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,32 +46,42 @@ from absl import app, flags
 
 from cpmjax.config import ModelConfig
 from cpmjax.model import forward, init_params, lm_head
+from cpmjax.model.params import Params
+from cpmjax.model.rope import apply_rope, rope_cos_sin
+from cpmjax.model.transformer import decoder_layer, embed_tokens
 from cpmjax.presets import tiny
+from kernels import infllmv2
 
 N_QUERY = 16  # the row ends with `key QUERY*16`; the answer is the target at every QUERY
 N_KEYS = 32  # key ids 3..34, value ids 35..66, filler 67..vocab-1, QUERY = 0
 QUERY, KEY0, VAL0, FILL0 = 0, 3, 3 + N_KEYS, 3 + 2 * N_KEYS
 VOCAB = 128
-# HF forces init_blocks + local_blocks + 1 blocks (spec §2.1), so topk - init_blocks - 1 = 1
-# block per query is chosen by stage 1: 4 of 8 blocks (64 of 128 keys) visible per query.
+# MiniCPM4's layout (spec §2.1) at a small scale: block 16, kernels 8/4, one init block, a
+# one-block window; HF forces init + window + current block, stage 1 picks topk - 2 freely.
 SPARSE = dict(kernel_size=8, kernel_stride=4, init_blocks=1, block_size=16, window_size=16,
-              topk=3, use_nope=False, dense_len=-1)
+              use_nope=False, dense_len=-1)
 
 
-def model_config(length: int, sparse: bool) -> ModelConfig:
-    """The project's tiny preset, shrunk to 2 layers and a 128-token vocabulary."""
+def model_config(max_length: int, topk: int | None) -> ModelConfig:
+    """The project's tiny preset shrunk to 2 layers, d=64, a 128-token vocabulary; sparse
+    (always, ``dense_len=-1``) with ``topk`` blocks, dense when ``topk`` is None."""
     d = {**tiny(), "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 192,
-         "num_hidden_layers": 2, "dim_model_base": 32, "max_position_embeddings": length,
-         "sparse_config": dict(SPARSE) if sparse else None}
+         "num_hidden_layers": 2, "dim_model_base": 32, "max_position_embeddings": max_length,
+         "sparse_config": None if topk is None else {**SPARSE, "topk": topk}}
     d.pop("rope_scaling", None)
     return ModelConfig.from_hf_config(d)
 
 
 def make_batch(rng: np.random.Generator, batch: int, length: int,
-               n_pairs: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of filler with ``n_pairs`` distinct key-value pairs early on; ``(tokens, answers)``."""
+               n_pairs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of filler with ``n_pairs`` distinct key-value pairs early on;
+    ``(tokens, answers, answer_slots)`` (the position of the queried pair's key)."""
+    if length < 4 * (16 + 2 * n_pairs) or length < 64:
+        raise ValueError(f"length {length} is too short for {n_pairs} pairs after the first "
+                         f"16-token block within the first quarter")
     tokens = rng.integers(FILL0, VOCAB, size=(batch, length))
     answers = np.empty(batch, np.int64)
+    where = np.empty(batch, np.int64)
     for r in range(batch):
         keys = rng.choice(N_KEYS, n_pairs, replace=False)
         vals = rng.integers(0, N_KEYS, n_pairs)
@@ -61,68 +90,142 @@ def make_batch(rng: np.random.Generator, batch: int, length: int,
         tokens[r, slots], tokens[r, slots + 1] = KEY0 + keys, VAL0 + vals
         j = rng.integers(n_pairs)
         tokens[r, -N_QUERY - 1], tokens[r, -N_QUERY:] = KEY0 + keys[j], QUERY
-        answers[r] = VAL0 + vals[j]
-    return tokens, answers
+        answers[r], where[r] = VAL0 + vals[j], slots[j]
+    return tokens, answers, where
 
 
-def train_one(sparse: bool, *, length: int, steps: int, batch: int, n_pairs: int, lr: float,
-              seed: int, eval_rows: int) -> dict[str, Any]:
-    """Train with AdamW on the answer at the QUERY positions (all >= N_QUERY tokens past the
-    local window's reach of the pair); accuracy of the last position on ``eval_rows`` held-out rows."""
-    cfg = model_config(length, sparse)
-    params = init_params(cfg, jax.random.PRNGKey(seed))
+def answer_logits(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Logits at the QUERY positions, ``[B, N_QUERY, V]``."""
+    h = forward(params, cfg, tokens, return_logits=False).hidden[:, -N_QUERY:]
+    return lm_head(params, cfg, h)
+
+
+def train(params: Params, cfg: ModelConfig, *, steps: int, batch: int, length: int,
+          n_pairs: int, lr: float, rng: np.random.Generator, name: str
+          ) -> tuple[Params, dict[str, Any]]:
+    """AdamW (warmup + cosine, fresh state) on the answer at the QUERY positions, all >= N_QUERY
+    tokens past the local window's reach of the pair."""
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
-        optax.warmup_cosine_decay_schedule(0.0, lr, steps // 10, steps, lr / 10), weight_decay=0.0))
+        optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps, lr / 10),
+        weight_decay=0.0))
     state = opt.init(params)
 
-    def answer_logits(p, tok):
-        h = forward(p, cfg, tok, return_logits=False).hidden[:, -N_QUERY:]
-        return lm_head(p, cfg, h)  # [B, N_QUERY, V]
-
-    def loss_fn(p, tok, ans):
-        logits = answer_logits(p, tok)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, ans[:, None]).mean()
+    def loss_fn(p: Params, tok: jax.Array, ans: jax.Array) -> jax.Array:
+        return optax.softmax_cross_entropy_with_integer_labels(
+            answer_logits(p, cfg, tok), ans[:, None]).mean()
 
     @jax.jit
-    def step(p, s, tok, ans):
+    def step(p: Params, s: Any, tok: jax.Array, ans: jax.Array) -> tuple[Params, Any, jax.Array]:
         loss, g = jax.value_and_grad(loss_fn)(p, tok, ans)
         upd, s = opt.update(g, s, p)
         return optax.apply_updates(p, upd), s, loss
 
-    predict = jax.jit(lambda p, tok: answer_logits(p, tok)[:, -1].argmax(-1))
-    rng = np.random.default_rng(seed)
-    t0, losses = time.time(), []
+    t0, losses, every = time.time(), [], max(steps // 20, 1)
     for i in range(steps):
-        tok, ans = make_batch(rng, batch, length, n_pairs)
+        tok, ans, _ = make_batch(rng, batch, length, n_pairs)
         params, state, loss = step(params, state, jnp.asarray(tok), jnp.asarray(ans))
-        if i % 25 == 0 or i == steps - 1:
+        if i % every == 0 or i == steps - 1:
             losses.append((i, round(float(loss), 4)))
-            print(f"{'sparse' if sparse else 'dense'} step {i} loss {float(loss):.4f}", flush=True)
-    train_s = time.time() - t0
-    erng = np.random.default_rng(10_000 + seed)  # same held-out rows for both runs
-    correct = 0
-    for _ in range(eval_rows // batch):
-        tok, ans = make_batch(erng, batch, length, n_pairs)
+            print(f"{name} step {i} loss {float(loss):.4f} ({time.time() - t0:.0f}s)", flush=True)
+    return params, {"steps": steps, "batch": batch, "length": length, "lr": lr,
+                    "seconds": round(time.time() - t0, 1), "loss_curve": losses}
+
+
+def last_layer_selection(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Blocks stage 1 selects for the last query in the last layer, ``[B, KV, topk]``.
+
+    Runs the layers one by one to reach the last layer's rotated q and k (the forward pass does
+    not return them).
+    """
+    sc = cfg.sparse_config
+    B, T = tokens.shape
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    cos, sin = rope_cos_sin(cfg, pos)
+    h = embed_tokens(params, cfg, tokens)
+    n_layers = cfg.num_hidden_layers
+    for i in range(n_layers):
+        layer = jax.tree.map(lambda a: a[i], params["layers"])
+        taps: dict[str, jax.Array] = {}
+        h, _ = decoder_layer(h, layer, cfg, cos=cos, sin=sin, positions=pos, segment_ids=None,
+                             cache_kv=None, taps=taps)
+    x = taps["attn_in"]
+    q = apply_rope(jnp.einsum("btd,dhk->bthk", x, layer["wq"]), cos, sin)
+    k = apply_rope(jnp.einsum("btd,dhk->bthk", x, layer["wk"]), cos, sin)
+    idx = infllmv2.select_blocks(q, k, kernel_size=sc.kernel_size, kernel_stride=sc.kernel_stride,
+                                 block_size=sc.block_size, topk=sc.total_topk,
+                                 init_blocks=sc.init_blocks, local_blocks=sc.local_blocks)
+    return idx[:, :, -1]
+
+
+def evaluate(params: Params, cfg: ModelConfig, *, rows: int, batch: int, length: int,
+             n_pairs: int, seed: int) -> dict[str, Any]:
+    """Accuracy of the last QUERY position on held-out rows (the same rows for every call with
+    one seed); for a sparse model also how often stage 1 selects the pair's block there."""
+    if rows < batch:
+        raise ValueError(f"eval_rows {rows} must be at least the eval batch {batch}")
+    predict = jax.jit(lambda p, tok: answer_logits(p, cfg, tok)[:, -1].argmax(-1))
+    select = jax.jit(lambda p, tok: last_layer_selection(p, cfg, tok))
+    rng = np.random.default_rng(10_000 + seed)
+    t0, correct, hits, n = time.time(), 0, 0, 0
+    for _ in range(rows // batch):
+        tok, ans, where = make_batch(rng, batch, length, n_pairs)
         correct += int((np.asarray(predict(params, jnp.asarray(tok))) == ans).sum())
-    return {"accuracy": correct / (eval_rows // batch * batch), "train_seconds": round(train_s, 1),
-            "loss_curve": losses}
+        if cfg.sparse_config is not None:
+            blocks = np.asarray(select(params, jnp.asarray(tok)))  # [B, KV, topk]
+            pair_block = (where // cfg.sparse_config.block_size)[:, None, None]
+            hits += int((blocks == pair_block).any(-1).all(-1).sum())
+        n += batch
+    out = {"accuracy": correct / n, "rows": n, "seconds": round(time.time() - t0, 1)}
+    if cfg.sparse_config is not None:
+        out["pair_block_selected"] = hits / n  # every KV head of the last layer picks it
+    print(f"eval {out}", flush=True)
+    return out
 
 
-def run(length: int = 128, steps: int = 600, batch: int = 8, n_pairs: int = 1,
-        lr: float = 5e-3, seed: int = 0, eval_rows: int = 256,
+def run(length: int = 4096, short_length: int = 512, short_steps: int = 500,
+        long_steps: int = 30, sparse_steps: int = 60, scratch_steps: int = 0, batch: int = 8,
+        long_batch: int = 2, n_pairs: int = 1, lr: float = 5e-3, finetune_lr: float = 1e-3,
+        topk: int = 8, seed: int = 0, eval_rows: int = 128,
         out: str | None = "bench/results/sparse_retrieval.json") -> dict[str, Any]:
-    """Train sparse and dense; write and return the comparison."""
-    kw = dict(length=length, steps=steps, batch=batch, n_pairs=n_pairs, lr=lr, seed=seed,
-              eval_rows=eval_rows)
-    sparse, dense = train_one(True, **kw), train_one(False, **kw)
-    result = {"task": "key-value retrieval: pairs in the first quarter, query at the end",
-              "settings": {**kw, "vocab": VOCAB, "model": "tiny preset, 2 layers, d=64, 4 heads / 2 KV",
-                           "sparse_config": SPARSE,
-                           "visible_tokens_per_query": (SPARSE["topk"] + SPARSE["window_size"]
-                                                        // SPARSE["block_size"]) * SPARSE["block_size"]},
-              "device": f"{jax.default_backend()} ({os.cpu_count()} cores, shared)",
-              "sparse": sparse, "dense": dense,
-              "sparse_over_dense": round(sparse["accuracy"] / max(dense["accuracy"], 1e-9), 4)}
+    """Dense pre-training, sparse continuation (and optionally sparse from scratch); write and
+    return the comparison."""
+    if short_length > length:
+        raise ValueError(f"short_length {short_length} exceeds length {length}")
+    dense_cfg, sparse_cfg = model_config(length, None), model_config(length, topk)
+    rng = np.random.default_rng(seed)
+    ev: Callable[[Params, ModelConfig], dict[str, Any]] = lambda p, c: evaluate(
+        p, c, rows=eval_rows, batch=max(long_batch, 4), length=length, n_pairs=n_pairs, seed=seed)
+    t0 = time.time()
+    params = init_params(dense_cfg, jax.random.PRNGKey(seed))
+    params, short = train(params, dense_cfg, steps=short_steps, batch=batch, length=short_length,
+                          n_pairs=n_pairs, lr=lr, rng=rng, name="dense@short")
+    params, long = train(params, dense_cfg, steps=long_steps, batch=long_batch, length=length,
+                         n_pairs=n_pairs, lr=finetune_lr, rng=rng, name="dense@long")
+    dense = {"train": [short, long], **ev(params, dense_cfg)}
+    before = ev(params, sparse_cfg)
+    params, sp = train(params, sparse_cfg, steps=sparse_steps, batch=long_batch, length=length,
+                       n_pairs=n_pairs, lr=finetune_lr, rng=rng, name="sparse@long")
+    warm = {"train": [sp], **ev(params, sparse_cfg)}
+    result = {
+        "task": "key-value retrieval: pairs in the first quarter after block 0, query at the end",
+        "settings": {"length": length, "short_length": short_length, "n_pairs": n_pairs,
+                     "seed": seed, "eval_rows": eval_rows, "vocab": VOCAB,
+                     "model": "tiny preset, 2 layers, d=64, 4 heads / 2 KV, head_dim 16",
+                     "sparse_config": {**SPARSE, "topk": topk},
+                     "visible_tokens_per_query": sparse_cfg.sparse_config.total_topk
+                     * SPARSE["block_size"],
+                     "recipe": "dense at short_length, dense at length, then sparse_config on "
+                               "(same weights) and sparse training at length"},
+        "device": f"{jax.default_backend()} ({os.cpu_count()} cores, shared)",
+        "dense": dense, "sparse_before_sparse_training": before, "sparse_warm_started": warm,
+        "warm_over_dense": round(warm["accuracy"] / max(dense["accuracy"], 1e-9), 4),
+    }
+    if scratch_steps:
+        p0 = init_params(sparse_cfg, jax.random.PRNGKey(seed))
+        p0, sc = train(p0, sparse_cfg, steps=scratch_steps, batch=long_batch, length=length,
+                       n_pairs=n_pairs, lr=lr, rng=np.random.default_rng(seed), name="scratch")
+        result["sparse_from_scratch"] = {"train": [sc], **ev(p0, sparse_cfg)}
+    result["total_seconds"] = round(time.time() - t0, 1)
     if out:
         _write_atomic(out, result)
     return result
@@ -137,19 +240,31 @@ def _write_atomic(path: str, obj: Any) -> None:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("length", 128, "context length")
-flags.DEFINE_integer("steps", 600, "training steps per run")
-flags.DEFINE_integer("batch", 8, "rows per step")
+flags.DEFINE_integer("length", 4096, "context length of the long phases and of every eval")
+flags.DEFINE_integer("short_length", 512, "context length of dense pre-training")
+flags.DEFINE_integer("short_steps", 500, "dense steps at short_length")
+flags.DEFINE_integer("long_steps", 30, "dense steps at length")
+flags.DEFINE_integer("sparse_steps", 60, "sparse steps at length, from the dense weights")
+flags.DEFINE_integer("scratch_steps", 0, "sparse-from-scratch steps at length (0: skip)")
+flags.DEFINE_integer("batch", 8, "rows per step at short_length")
+flags.DEFINE_integer("long_batch", 2, "rows per step at length")
 flags.DEFINE_integer("n_pairs", 1, "key-value pairs per row")
-flags.DEFINE_float("lr", 5e-3, "peak learning rate")
+flags.DEFINE_float("lr", 5e-3, "peak LR of dense pre-training (and of sparse from scratch)")
+flags.DEFINE_float("finetune_lr", 1e-3, "peak LR of the dense and sparse phases at length")
+flags.DEFINE_integer("topk", 8, "stage-1 blocks per query (config.json topk, window excluded)")
+flags.DEFINE_integer("eval_rows", 128, "held-out rows")
 flags.DEFINE_string("out", "bench/results/sparse_retrieval.json", "result JSON")
 
 
 def main(argv: list[str]) -> None:
     del argv
-    res = run(FLAGS.length, FLAGS.steps, FLAGS.batch, FLAGS.n_pairs, FLAGS.lr, out=FLAGS.out)
-    print(json.dumps({k: res[k] for k in ("sparse_over_dense",)}),
-          res["sparse"]["accuracy"], res["dense"]["accuracy"])
+    res = run(FLAGS.length, FLAGS.short_length, FLAGS.short_steps, FLAGS.long_steps,
+              FLAGS.sparse_steps, FLAGS.scratch_steps, FLAGS.batch, FLAGS.long_batch,
+              FLAGS.n_pairs, FLAGS.lr, FLAGS.finetune_lr, FLAGS.topk, eval_rows=FLAGS.eval_rows,
+              out=FLAGS.out)
+    print(json.dumps({k: res[k]["accuracy"] for k in
+                      ("dense", "sparse_before_sparse_training", "sparse_warm_started")}),
+          "warm/dense", res["warm_over_dense"])
 
 
 if __name__ == "__main__":
