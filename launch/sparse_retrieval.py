@@ -9,24 +9,26 @@ window cannot reach it).
 Recipe (default, as MiniCPM4 trains InfLLM v2: sparse attention is switched on in the
 long-context stage, on top of dense pre-training; spec MINICPM4.md §2, tech report §5):
 
-1. dense, ``--short_steps`` steps at ``--short_length`` (cheap: attention cost grows as T^2);
-2. dense, ``--long_steps`` steps at ``--length`` (RoPE sees the long distances);
-3. the same weights with ``sparse_config`` on, ``--sparse_steps`` steps at ``--length``.
+1. dense, a length curriculum ``--dense_phases`` (``length:steps:batch`` each; short lengths
+   are cheap, attention costs T^2; the last phase at ``--length`` lets RoPE see the long
+   distances). From scratch at 512 tokens the dense model stays at chance for 400 steps, at
+   128 it learns in ~150, so the curriculum starts short;
+2. the same weights with ``sparse_config`` on, ``--sparse_steps`` steps of ``--sparse_batch``
+   rows at ``--length``.
 
 Evaluated on the same held-out rows at ``--length``: the dense model, the dense weights run
 with sparse attention before any sparse training, and the sparse-trained model. With
 ``--scratch_steps`` > 0 a sparse model is also trained from scratch at ``--length`` for that
 many steps (stage 1 is discrete and gets no gradient of its own, so it has to discover the
-pair by chance). The fraction of held-out rows whose selected blocks (last query, last layer)
-include the pair's block is recorded for each sparse evaluation. Everything goes to ``--out``.
+pair by chance). For each sparse evaluation the fraction of held-out rows is recorded whose
+stage-1 selection (last query, last layer, every KV head) includes the pair's block.
 
-    python launch/sparse_retrieval.py                       # 4K recipe (~30-40 min, 2 CPU cores)
-    python launch/sparse_retrieval.py --length=1024 --short_length=256
+    python launch/sparse_retrieval.py                       # the 4K recipe, ~25 min on 2 cores
+    python launch/sparse_retrieval.py --length=1024 --dense_phases=128:250:8,1024:100:4
 
-Flags: ``--length`` eval/long length; ``--short_length``, ``--short_steps``, ``--long_steps``,
-``--sparse_steps``, ``--scratch_steps`` the phases above; ``--batch`` rows per step at
-``--short_length``, ``--long_batch`` at ``--length``; ``--lr`` the dense pre-training peak LR,
-``--finetune_lr`` the peak LR of the long dense and sparse phases; ``--topk`` stage-1 blocks
+Flags: ``--length`` the sparse and eval length; ``--dense_phases``; ``--sparse_steps``,
+``--sparse_batch``; ``--scratch_steps``; ``--lr`` the peak LR of the first dense phase and of
+sparse from scratch, ``--finetune_lr`` of every later phase; ``--topk`` stage-1 blocks
 (config.json's ``topk``, window excluded); ``--eval_rows`` held-out rows; ``--n_pairs``.
 """
 from __future__ import annotations
@@ -182,47 +184,64 @@ def evaluate(params: Params, cfg: ModelConfig, *, rows: int, batch: int, length:
     return out
 
 
-def run(length: int = 4096, short_length: int = 512, short_steps: int = 500,
-        long_steps: int = 30, sparse_steps: int = 60, scratch_steps: int = 0, batch: int = 8,
-        long_batch: int = 2, n_pairs: int = 1, lr: float = 5e-3, finetune_lr: float = 1e-3,
-        topk: int = 8, seed: int = 0, eval_rows: int = 128,
+Phase = tuple[int, int, int]  # (length, steps, batch)
+DEFAULT_PHASES = "128:250:8,512:150:8,1024:60:4,4096:30:2"
+
+
+def parse_phases(text: str) -> list[Phase]:
+    """``"128:250:8,4096:30:2"`` -> ``[(128, 250, 8), (4096, 30, 2)]``."""
+    phases = []
+    for item in text.split(","):
+        parts = item.split(":")
+        if len(parts) != 3 or not all(x.strip().isdigit() and int(x) > 0 for x in parts):
+            raise ValueError(f"dense phase {item!r} must be length:steps:batch, positive integers")
+        phases.append(tuple(int(x) for x in parts))
+    return phases
+
+
+def run(length: int = 4096, dense_phases: str = DEFAULT_PHASES, sparse_steps: int = 60,
+        sparse_batch: int = 2, scratch_steps: int = 0, n_pairs: int = 1, lr: float = 5e-3,
+        finetune_lr: float = 1e-3, topk: int = 8, seed: int = 0, eval_rows: int = 128,
         out: str | None = "bench/results/sparse_retrieval.json") -> dict[str, Any]:
-    """Dense pre-training, sparse continuation (and optionally sparse from scratch); write and
+    """Dense curriculum, sparse continuation (and optionally sparse from scratch); write and
     return the comparison."""
-    if short_length > length:
-        raise ValueError(f"short_length {short_length} exceeds length {length}")
+    phases = parse_phases(dense_phases)
+    if max(p[0] for p in phases) > length:
+        raise ValueError(f"dense_phases {dense_phases!r} go past length {length}")
     dense_cfg, sparse_cfg = model_config(length, None), model_config(length, topk)
     rng = np.random.default_rng(seed)
     ev: Callable[[Params, ModelConfig], dict[str, Any]] = lambda p, c: evaluate(
-        p, c, rows=eval_rows, batch=max(long_batch, 4), length=length, n_pairs=n_pairs, seed=seed)
+        p, c, rows=eval_rows, batch=4, length=length, n_pairs=n_pairs, seed=seed)
     t0 = time.time()
-    params = init_params(dense_cfg, jax.random.PRNGKey(seed))
-    params, short = train(params, dense_cfg, steps=short_steps, batch=batch, length=short_length,
-                          n_pairs=n_pairs, lr=lr, rng=rng, name="dense@short")
-    params, long = train(params, dense_cfg, steps=long_steps, batch=long_batch, length=length,
-                         n_pairs=n_pairs, lr=finetune_lr, rng=rng, name="dense@long")
-    dense = {"train": [short, long], **ev(params, dense_cfg)}
+    params, logs = init_params(dense_cfg, jax.random.PRNGKey(seed)), []
+    for i, (plen, steps, batch) in enumerate(phases):
+        params, log = train(params, dense_cfg, steps=steps, batch=batch, length=plen,
+                            n_pairs=n_pairs, lr=lr if i == 0 else finetune_lr, rng=rng,
+                            name=f"dense@{plen}")
+        logs.append(log)
+    dense = {"train": logs, **ev(params, dense_cfg)}
     before = ev(params, sparse_cfg)
-    params, sp = train(params, sparse_cfg, steps=sparse_steps, batch=long_batch, length=length,
-                       n_pairs=n_pairs, lr=finetune_lr, rng=rng, name="sparse@long")
+    params, sp = train(params, sparse_cfg, steps=sparse_steps, batch=sparse_batch, length=length,
+                       n_pairs=n_pairs, lr=finetune_lr, rng=rng, name=f"sparse@{length}")
     warm = {"train": [sp], **ev(params, sparse_cfg)}
     result = {
         "task": "key-value retrieval: pairs in the first quarter after block 0, query at the end",
-        "settings": {"length": length, "short_length": short_length, "n_pairs": n_pairs,
-                     "seed": seed, "eval_rows": eval_rows, "vocab": VOCAB,
+        "settings": {"length": length, "n_pairs": n_pairs, "seed": seed, "eval_rows": eval_rows,
+                     "vocab": VOCAB, "lr": lr, "finetune_lr": finetune_lr,
                      "model": "tiny preset, 2 layers, d=64, 4 heads / 2 KV, head_dim 16",
                      "sparse_config": {**SPARSE, "topk": topk},
                      "visible_tokens_per_query": sparse_cfg.sparse_config.total_topk
                      * SPARSE["block_size"],
-                     "recipe": "dense at short_length, dense at length, then sparse_config on "
-                               "(same weights) and sparse training at length"},
+                     "recipe": f"dense phases {dense_phases} (length:steps:batch), then "
+                               f"sparse_config on (same weights), {sparse_steps} sparse steps "
+                               f"of {sparse_batch} rows at {length}"},
         "device": f"{jax.default_backend()} ({os.cpu_count()} cores, shared)",
         "dense": dense, "sparse_before_sparse_training": before, "sparse_warm_started": warm,
         "warm_over_dense": round(warm["accuracy"] / max(dense["accuracy"], 1e-9), 4),
     }
     if scratch_steps:
         p0 = init_params(sparse_cfg, jax.random.PRNGKey(seed))
-        p0, sc = train(p0, sparse_cfg, steps=scratch_steps, batch=long_batch, length=length,
+        p0, sc = train(p0, sparse_cfg, steps=scratch_steps, batch=sparse_batch, length=length,
                        n_pairs=n_pairs, lr=lr, rng=np.random.default_rng(seed), name="scratch")
         result["sparse_from_scratch"] = {"train": [sc], **ev(p0, sparse_cfg)}
     result["total_seconds"] = round(time.time() - t0, 1)
@@ -240,17 +259,14 @@ def _write_atomic(path: str, obj: Any) -> None:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("length", 4096, "context length of the long phases and of every eval")
-flags.DEFINE_integer("short_length", 512, "context length of dense pre-training")
-flags.DEFINE_integer("short_steps", 500, "dense steps at short_length")
-flags.DEFINE_integer("long_steps", 30, "dense steps at length")
+flags.DEFINE_integer("length", 4096, "context length of the sparse phase and of every eval")
+flags.DEFINE_string("dense_phases", DEFAULT_PHASES, "dense curriculum, length:steps:batch,...")
 flags.DEFINE_integer("sparse_steps", 60, "sparse steps at length, from the dense weights")
+flags.DEFINE_integer("sparse_batch", 2, "rows per sparse step")
 flags.DEFINE_integer("scratch_steps", 0, "sparse-from-scratch steps at length (0: skip)")
-flags.DEFINE_integer("batch", 8, "rows per step at short_length")
-flags.DEFINE_integer("long_batch", 2, "rows per step at length")
 flags.DEFINE_integer("n_pairs", 1, "key-value pairs per row")
-flags.DEFINE_float("lr", 5e-3, "peak LR of dense pre-training (and of sparse from scratch)")
-flags.DEFINE_float("finetune_lr", 1e-3, "peak LR of the dense and sparse phases at length")
+flags.DEFINE_float("lr", 5e-3, "peak LR of the first dense phase (and of sparse from scratch)")
+flags.DEFINE_float("finetune_lr", 1e-3, "peak LR of the later dense phases and the sparse one")
 flags.DEFINE_integer("topk", 8, "stage-1 blocks per query (config.json topk, window excluded)")
 flags.DEFINE_integer("eval_rows", 128, "held-out rows")
 flags.DEFINE_string("out", "bench/results/sparse_retrieval.json", "result JSON")
@@ -258,10 +274,9 @@ flags.DEFINE_string("out", "bench/results/sparse_retrieval.json", "result JSON")
 
 def main(argv: list[str]) -> None:
     del argv
-    res = run(FLAGS.length, FLAGS.short_length, FLAGS.short_steps, FLAGS.long_steps,
-              FLAGS.sparse_steps, FLAGS.scratch_steps, FLAGS.batch, FLAGS.long_batch,
-              FLAGS.n_pairs, FLAGS.lr, FLAGS.finetune_lr, FLAGS.topk, eval_rows=FLAGS.eval_rows,
-              out=FLAGS.out)
+    res = run(FLAGS.length, FLAGS.dense_phases, FLAGS.sparse_steps, FLAGS.sparse_batch,
+              FLAGS.scratch_steps, FLAGS.n_pairs, FLAGS.lr, FLAGS.finetune_lr, FLAGS.topk,
+              eval_rows=FLAGS.eval_rows, out=FLAGS.out)
     print(json.dumps({k: res[k]["accuracy"] for k in
                       ("dense", "sparse_before_sparse_training", "sparse_warm_started")}),
           "warm/dense", res["warm_over_dense"])

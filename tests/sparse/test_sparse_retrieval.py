@@ -1,0 +1,48 @@
+"""launch/sparse_retrieval.py: the task's rows, the phase flag, and the pair-block diagnostic."""
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from cpmjax.model import init_params
+
+_PATH = pathlib.Path(__file__).resolve().parents[2] / "launch" / "sparse_retrieval.py"
+_spec = importlib.util.spec_from_file_location("sparse_retrieval", _PATH)
+sr = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sr)
+
+
+def test_rows_hide_the_pair_after_block_zero_in_the_first_quarter():
+    tok, ans, where = sr.make_batch(np.random.default_rng(0), 64, 512, 3)
+    rows = np.arange(64)
+    assert ((where >= 16) & (where + 1 < 512 // 4)).all()
+    assert (tok[rows, where] == tok[:, -sr.N_QUERY - 1]).all()  # the queried key
+    assert (tok[rows, where + 1] == ans).all()  # its value is the answer
+    assert (tok[:, -sr.N_QUERY:] == sr.QUERY).all()
+    assert ((ans >= sr.VAL0) & (ans < sr.FILL0)).all()
+    keys = tok[:, : 512 // 4]
+    assert (((keys >= sr.KEY0) & (keys < sr.VAL0)).sum(1) == 3).all()  # 3 distinct pairs
+    with pytest.raises(ValueError, match="too short"):
+        sr.make_batch(np.random.default_rng(0), 1, 32, 1)
+
+
+def test_parse_phases():
+    assert sr.parse_phases("128:250:8,4096:30:2") == [(128, 250, 8), (4096, 30, 2)]
+    for bad in ("128:250", "128:0:8", "a:1:1", ""):
+        with pytest.raises(ValueError, match="length:steps:batch"):
+            sr.parse_phases(bad)
+
+
+@pytest.mark.parametrize("topk,expected", [(16, 1.0), (2, 0.0)])
+def test_pair_block_selected(topk, expected):
+    # 256 tokens = 16 blocks; the pair sits in blocks 1-3. topk=16 keeps every block; topk=2
+    # leaves stage 1 no free choice (init + window + current block), so the pair is never kept.
+    cfg = sr.model_config(256, topk)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    out = sr.evaluate(params, cfg, rows=8, batch=4, length=256, n_pairs=1, seed=0)
+    assert out["pair_block_selected"] == expected
+    assert out["rows"] == 8 and 0.0 <= out["accuracy"] <= 1.0
