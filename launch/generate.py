@@ -2,6 +2,8 @@
 
     python launch/generate.py --checkpoint runs/tiny --prompt "Hello" --max_new_tokens 32
     python launch/generate.py --random_preset tiny --prompt_ids 1,5,6 --temperature 0.8
+    python launch/generate.py --checkpoint runs/tiny --prompt "Hello" \
+        --draft runs/tiny_draft/draft.safetensors --spec_k 3   # prints the mean accept length
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cpmjax.serve import cli  # noqa: E402
 from cpmjax.serve.chat import apply_chat_template  # noqa: E402
-from cpmjax.serve.generate import generate  # noqa: E402
+from cpmjax.serve.generate import run_requests  # noqa: E402
+from cpmjax.serve.sampling import SamplingParams  # noqa: E402
 
 _PROMPT = flags.DEFINE_string("prompt", None, "prompt text (needs a tokenizer)")
 _IDS = flags.DEFINE_list("prompt_ids", None, "prompt as comma-separated token ids")
@@ -46,12 +49,17 @@ def main(argv: list[str]) -> None:
                                    enable_thinking=_THINK.value) if _CHAT.value else _PROMPT.value
         ids = encode(tok, text)
     stops = [tok.token_to_id("<|im_end|>")] if tok is not None and _CHAT.value else None
+    spec = cli.load_speculative(cfg)
+    sampling = SamplingParams(_TEMP.value, _TOP_K.value, _TOP_P.value, _REP.value, _SEED.value)
     t = time.perf_counter()
-    out = generate(cfg, params, [ids], _MAX_NEW.value, _TEMP.value, _TOP_K.value, _TOP_P.value,
-                   _REP.value, _SEED.value, stop_token_ids=stops)[0]
+    req = run_requests(cfg, params, [ids], _MAX_NEW.value, [sampling], stops, spec)[0]
     dt = time.perf_counter() - t
+    out = req.output
     print(tok.decode(out, skip_special_tokens=True) if tok is not None else out)
     print(f"[{len(out)} tokens in {dt:.2f} s, compilation included]", file=sys.stderr)
+    if spec is not None:  # CPM.cu prints the same figure after a run
+        print(f"[mean accept length {req.mean_accept_length:.2f} over {req.decode_steps} "
+              f"verify steps, k={spec.k}]", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
     python launch/serve.py --checkpoint runs/tiny --port 8000
     curl -s 127.0.0.1:8000/v1/completions -d '{"prompt": "Hello", "max_tokens": 16}' \
          -H 'content-type: application/json'
+    python launch/serve.py --checkpoint runs/tiny --draft runs/tiny_draft/draft.safetensors \
+         --spec_k 3 --frspec freq.npy --frspec_size 1024    # speculative; /metrics shows
+                                                            # mean_accept_length
+    python launch/serve.py --checkpoint runs/tiny --quantize pgptq --quant_bits 4
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ def main(argv: list[str]) -> None:
     cfg, params, tok = cli.load_model()
     sched = make_scheduler(cfg, params, tok, max_slots=_SLOTS.value,
                            max_len=min(_MAX_LEN.value, cfg.max_position_embeddings),
-                           chunk=_CHUNK.value, max_queue=_QUEUE.value)
+                           chunk=_CHUNK.value, max_queue=_QUEUE.value,
+                           speculative=cli.load_speculative(cfg))
     try:
         uvicorn.run(create_app(sched, tok, _NAME.value), host=_HOST.value, port=_PORT.value)
     finally:

@@ -44,6 +44,40 @@ def dequantize_layer(cfg: ModelConfig, dtype: Any = jnp.float32):
     return transform
 
 
+def is_quantized(params: Params) -> bool:
+    """Whether ``params`` hold packed decoder linears (the output of :func:`quantize_params`)."""
+    return any(isinstance(params["layers"].get(k), dict) for k in LINEAR_INPUTS)
+
+
+def layer_transform_for(params: Params, cfg: ModelConfig, dtype: Any = jnp.float32):
+    """The ``layer_transform`` that ``forward`` needs for ``params``: dequantization for packed
+    params, None for floating-point ones (decided from the tree's structure, so under jit too)."""
+    return dequantize_layer(cfg, dtype) if is_quantized(params) else None
+
+
+def quantize_draft(cfg: ModelConfig, draft_params: Params, bits: int = 4,
+                   group_size: int = 128) -> Params:
+    """RTN-quantized copy of an MTP/EAGLE draft's decoder layer (fc, norms stay floating point);
+    CPM.cu quantizes its draft only together with a W4A16 target (see :func:`check_spec_quant`)."""
+    layer = dict(draft_params["layer"])
+    for name, (_, n_in) in LINEAR_INPUTS.items():
+        qt = quantize_rtn(_as_2d(np.asarray(layer[name]), n_in), bits, group_size)
+        layer[name] = {f: jnp.asarray(qt[f]) for f in ("qweight", "scales")}
+    return {**draft_params, "layer": layer}
+
+
+def is_quantized_draft(draft_params: Params) -> bool:
+    return any(isinstance(draft_params["layer"].get(k), dict) for k in LINEAR_INPUTS)
+
+
+def dense_draft(draft_params: Params, cfg: ModelConfig, dtype: Any = jnp.float32) -> Params:
+    """The draft with its layer dequantized (a no-op for a floating-point draft); inside jit this
+    dequantizes the one draft layer on the fly each step."""
+    if not is_quantized_draft(draft_params):
+        return draft_params
+    return {**draft_params, "layer": dequantize_layer(cfg, dtype)(draft_params["layer"])}
+
+
 def qforward(qparams: Params, cfg: ModelConfig, tokens: jax.Array, **kwargs: Any):
     """``cpmjax.model.forward`` on quantized params (same keyword arguments)."""
     return forward(qparams, cfg, tokens, layer_transform=dequantize_layer(cfg), **kwargs)

@@ -13,7 +13,8 @@ jitted ``generate`` step advances every slot at once. Shapes never depend on a r
   (``cpmjax.model.attention.attention_mask``) and a new prompt overwrites the positions before it.
 
 Attention goes through ``cpmjax.model.forward``, so whatever attention the model uses (dense,
-cuDNN, InfLLM v2 sparse) the engine inherits. Every jitted function counts its traces in
+cuDNN, InfLLM v2 sparse) the engine inherits; params quantized by ``cpmjax.quant`` (int8/int4,
+RTN/GPTQ/P-GPTQ) run with each layer dequantized on the fly inside the layer scan. Every jitted function counts its traces in
 ``compilations`` so tests and ``/metrics`` can show the number of compilations stays fixed.
 """
 
@@ -31,6 +32,7 @@ from cpmjax.config import ModelConfig
 from cpmjax.model import forward, init_cache, lm_head
 from cpmjax.model.cache import KVCache
 from cpmjax.model.params import Params
+from cpmjax.quant.qforward import layer_transform_for
 from cpmjax.serve.sampling import SamplingParams, sample
 
 
@@ -108,7 +110,8 @@ class DecodeEngine:
                             last: jax.Array, next_tokens: jax.Array
                             ) -> tuple[KVCache, jax.Array, jax.Array, Any]:
         out = forward(params, self.cfg, tokens, positions=positions, cache=cache, dtype=self.dtype,
-                      return_logits=False)
+                      return_logits=False,
+                      layer_transform=layer_transform_for(params, self.cfg, self.dtype))
         logits = lm_head(params, self.cfg, out.hidden[:, last][:, None])[0, 0]
         V = seen.shape[0]
         seen = seen.at[jnp.where(positions[0] >= 0, tokens[0], V)].set(True, mode="drop")
@@ -209,7 +212,8 @@ class DecodeEngine:
         del draft_args
         active = state.lengths >= 0
         out = forward(params, self.cfg, state.tokens[:, None], positions=state.lengths[:, None],
-                      cache=state.cache, dtype=self.dtype)
+                      cache=state.cache, dtype=self.dtype,
+                      layer_transform=layer_transform_for(params, self.cfg, self.dtype))
         nxt = sample(out.logits[:, 0], state.seen, state.steps, **_sampling_kwargs(state))
         V = self.cfg.vocab_size
         seen = state.seen.at[jnp.arange(self.max_slots), jnp.where(active, nxt, V)].set(

@@ -11,6 +11,7 @@ import numpy as np
 
 from cpmjax.config import ModelConfig
 from cpmjax.model.params import Params
+from cpmjax.quant.qforward import check_spec_quant, is_quantized, is_quantized_draft
 from cpmjax.serve.engine import DecodeEngine
 from cpmjax.serve.sampling import SamplingParams
 from cpmjax.serve.scheduler import Request, Scheduler
@@ -78,6 +79,7 @@ def run_requests(cfg: ModelConfig, params: Params, prompts: list[list[int]],
     engine = engine_for(cfg, slots, max_len, chunk, jnp.dtype(dtype).name,
                         None if speculative is None else int(speculative.k))
     if speculative is not None:
+        check_spec_quant(is_quantized(params), is_quantized_draft(speculative.draft_params))
         engine.set_draft(speculative.draft_params, speculative.frspec_ids)
     sched = Scheduler(engine, params, max_queue=len(prompts))
     reqs = [sched.submit(p, max_new_tokens, sp, stop_token_ids, ignore_eos=ignore_eos)

@@ -192,14 +192,18 @@ def create_app(scheduler: Scheduler, tokenizer: Any = None, model_name: str = "c
 
 def make_scheduler(cfg: Any, params: Any, tokenizer: Any = None, *, max_slots: int = 8,
                    max_len: int | None = None, chunk: int = 64, max_queue: int = 64,
-                   dtype: Any = None) -> Scheduler:
-    """A started scheduler (engine thread running) for ``create_app``."""
+                   dtype: Any = None, speculative: Any = None) -> Scheduler:
+    """A started scheduler (engine thread running) for ``create_app``; with ``speculative`` (a
+    ``cpmjax.serve.generate.Speculative``) every decode step drafts and verifies k tokens."""
     import jax.numpy as jnp
 
     from cpmjax.serve.engine import DecodeEngine
+    from cpmjax.serve.spec_engine import SpeculativeEngine
 
-    engine = DecodeEngine(cfg, max_slots=max_slots, max_len=max_len, chunk=chunk,
-                          dtype=dtype or jnp.float32)
+    kw = dict(max_slots=max_slots, max_len=max_len, chunk=chunk, dtype=dtype or jnp.float32)
+    engine = (DecodeEngine(cfg, **kw) if speculative is None else
+              SpeculativeEngine(cfg, speculative.draft_params, k=speculative.k,
+                                frspec_ids=speculative.frspec_ids, **kw))
     sched = Scheduler(engine, params, max_queue=max_queue, detokenize=_detokenizer(tokenizer))
     sched.start()
     return sched

@@ -19,6 +19,7 @@ import numpy as np
 from cpmjax.config import ModelConfig
 from cpmjax.model.mtp import mtp_block
 from cpmjax.model.params import Params
+from cpmjax.quant.qforward import dense_draft
 from cpmjax.serve.engine import DecodeEngine, DecodeState
 from cpmjax.serve.sampling import SamplingParams
 from cpmjax.serve.speculative import (RowSampling, check_frspec_ids, init_draft_cache,
@@ -63,7 +64,7 @@ class SpeculativeEngine(DecodeEngine):
         prompt's last (its next token, -1 here, is not sampled yet); remembers the hidden state
         at the chunk's last token (the prompt's last, once the final chunk ran)."""
         pos = jnp.where(next_tokens >= 0, positions, -1)
-        _, (k, v) = mtp_block(draft_args["params"], params, self.cfg, hidden,
+        _, (k, v) = mtp_block(dense_draft(draft_args["params"], self.cfg, self.dtype), params, self.cfg, hidden,
                               jnp.maximum(next_tokens, 0), pos, cache_kv=(draft["k"], draft["v"]))
         return {"k": k, "v": v, "h": hidden[:, last].astype(jnp.float32)}
 

@@ -42,6 +42,7 @@ from cpmjax.model import forward, lm_head
 from cpmjax.model.cache import KVCache
 from cpmjax.model.mtp import mtp_block
 from cpmjax.model.params import Params
+from cpmjax.quant.qforward import dense_draft, layer_transform_for
 from cpmjax.serve.sampling import top_k_mask, top_p_mask
 
 DraftCache = dict[str, jax.Array]  # "k", "v": [B, S, KV, hd]; "h": [B, d] target hidden at m-1
@@ -131,6 +132,7 @@ def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k:
     """
     B = last.shape[0]
     active = lengths >= 0
+    draft_params = dense_draft(draft_params, cfg, dtype)
     step_keys = jax.vmap(lambda key: jax.random.split(key, k + 1))(keys)  # [B, k+1]
     h, tok, kv = draft["h"], last, (draft["k"], draft["v"])
     drafts, qs = [], []
@@ -146,7 +148,7 @@ def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k:
     ar = jnp.arange(k + 1)[None]
     out = forward(params, cfg, jnp.concatenate([last[:, None], drafted], 1),
                   positions=jnp.where(active[:, None], lengths[:, None] + ar, -1), cache=cache,
-                  dtype=dtype)
+                  dtype=dtype, layer_transform=layer_transform_for(params, cfg, dtype))
     n, nxt = accept_chain(target_probs(out.logits, sampling), jnp.stack(qs, 1), drafted,
                           step_keys[:, k])
     new = jnp.concatenate([drafted, drafted[:, :1]], 1).at[jnp.arange(B), n].set(nxt)

@@ -35,6 +35,9 @@ def experiment_config(model: Mapping[str, Any], name: str) -> ml_collections.Con
     t.remat = "none"  # none | full | dots | dots_no_batch
     t.on_nonfinite = "skip"  # skip | stop
     t.mtp_weight = 0.0  # lambda of the multi-token-prediction loss (spec §4.3); 0 = no MTP head
+    # a trained target (run dir or HF folder): train only the MTP/EAGLE draft head on top of it,
+    # frozen (spec §3.2); needs mtp_weight > 0 and the target's model config
+    t.freeze_target = ""
     t.log_every = 20
     t.eval_every = 200
     t.eval_batches = 8

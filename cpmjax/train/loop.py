@@ -17,6 +17,7 @@ from cpmjax.config import ConfigError, ModelConfig
 from cpmjax.data import (Source, eval_batches, get_or_build_default_tokenizer, load_tokenizer,
                          make_batch_iterator, read_documents, tokenize_documents, unigram_loss)
 from cpmjax.data.corpus import build_default_corpus
+from cpmjax.model.mtp import save_mtp
 from cpmjax.parallel import make_mesh
 from cpmjax.train import checkpoint as ckpt
 from cpmjax.train.metrics import MetricsWriter, device_peak_flops, flops_per_token
@@ -77,6 +78,9 @@ def check_train_config(t: ml_collections.ConfigDict) -> None:
                           f"divide train.global_batch_size ({t.global_batch_size})")
     if t.mtp_weight < 0:
         raise ConfigError(f"config field 'train.mtp_weight': {t.mtp_weight} is negative")
+    if t.get("freeze_target") and t.mtp_weight <= 0:
+        raise ConfigError("config field 'train.freeze_target' trains only the MTP draft head: "
+                          f"set train.mtp_weight > 0 (got {t.mtp_weight})")
     for field in ("steps", "seq_len", "global_batch_size", "log_every", "eval_every"):
         if t[field] < 1:
             raise ConfigError(f"config field 'train.{field}': {t[field]} must be >= 1")
@@ -103,7 +107,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state_sh = state_shardings(model_cfg, abstract, mesh)
     batch_shape = (t.global_batch_size, t.seq_len)
     step_fn = jit_train_step(make_train_step(model_cfg, tx, grad_accum=t.grad_accum, dtype=dtype,
-                                             remat=t.remat, mtp_weight=t.mtp_weight),
+                                             remat=t.remat, mtp_weight=t.mtp_weight,
+                                             freeze_model=bool(t.get("freeze_target"))),
                              state_sh, mesh, batch_shape)
     eval_fn = jax.jit(make_eval_step(model_cfg, dtype))
 
@@ -115,6 +120,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                    jax.process_count())
     if restored is None:
         state = jax.jit(init, out_shardings=state_sh)(jax.random.key(t.seed))
+        if t.get("freeze_target"):
+            state["params"] = jax.device_put(_frozen_target(t.freeze_target, model_cfg),
+                                             state_sh["params"])
         start = 0
     else:
         start, state, data_state = restored
@@ -181,4 +189,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             checkpointer.save(done, state, iterator.get_state(), cfg.to_dict())
     checkpointer.close()
     writer.close()
+    if t.get("freeze_target") and jax.process_index() == 0:
+        save_mtp(model_cfg, jax.device_get(state["mtp_params"]), work / "draft.safetensors")
+        print(f"draft head written to {work / 'draft.safetensors'} (EAGLE layout)", flush=True)
     return last
+
+
+def _frozen_target(path: str, model_cfg: ModelConfig) -> Any:
+    """The trained target's params; its config must be the run's model config."""
+    target_cfg, params = ckpt.load_model(path)
+    ours, theirs = model_cfg.to_hf_config(), target_cfg.to_hf_config()
+    diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if diff:
+        raise ConfigError(f"config field 'train.freeze_target': the model at {path} differs from "
+                          f"this config's model in {', '.join(diff)}")
+    return params

@@ -112,14 +112,18 @@ def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
 
 
 def make_grad_fn(cfg: ModelConfig, *, grad_accum: int = 1, dtype: Any = jnp.float32,
-                 remat: str = "none", mtp_weight: float = 0.0) -> Callable[..., Any]:
+                 remat: str = "none", mtp_weight: float = 0.0,
+                 freeze_model: bool = False) -> Callable[..., Any]:
     """``grads(tree, batch) -> (grads, metrics)`` of the mean-token objective over the whole batch,
-    accumulated over ``grad_accum`` microbatches (scan); ``tree`` is what the optimizer sees."""
+    accumulated over ``grad_accum`` microbatches (scan); ``tree`` is what the optimizer sees.
+    ``freeze_model``: the model is a constant (zero gradients, no backward pass through it)."""
     with_mtp = mtp_weight > 0
 
     def objective(tree: Any, micro: dict[str, jax.Array], counts: jax.Array
                   ) -> tuple[jax.Array, jax.Array]:
         params, mtp_params = split_trainable(tree, with_mtp)
+        if freeze_model:
+            params = jax.lax.stop_gradient(params)
         out = forward(params, cfg, micro["inputs"], positions=micro["positions"],
                       segment_ids=micro["segment_ids"], dtype=dtype, remat=remat)
         sums = [_nll_sum(out.logits, micro["targets"], micro["loss_mask"])]
@@ -155,10 +159,11 @@ def make_grad_fn(cfg: ModelConfig, *, grad_accum: int = 1, dtype: Any = jnp.floa
 
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, *, grad_accum: int = 1,
                     dtype: Any = jnp.float32, remat: str = "none",
-                    mtp_weight: float = 0.0) -> Callable[..., Any]:
-    """``step(state, batch) -> (state, metrics)``; batch leaves are ``[global_batch, T]``."""
+                    mtp_weight: float = 0.0, freeze_model: bool = False) -> Callable[..., Any]:
+    """``step(state, batch) -> (state, metrics)``; batch leaves are ``[global_batch, T]``.
+    ``freeze_model``: only the MTP head learns (draft training on a frozen target)."""
     grad_fn = make_grad_fn(cfg, grad_accum=grad_accum, dtype=dtype, remat=remat,
-                           mtp_weight=mtp_weight)
+                           mtp_weight=mtp_weight, freeze_model=freeze_model)
 
     def step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
         tree = trainable(state)
@@ -170,6 +175,8 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, *, grad_
         new_tree = optax.apply_updates(tree, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         params, mtp_params = split_trainable(keep(new_tree, tree), "mtp_params" in state)
+        if freeze_model:  # weight decay would still move it
+            params = state["params"]
         new_state = {**state, "step": state["step"] + 1, "params": params,
                      "opt_state": keep(opt_state, state["opt_state"]),
                      "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32)}

@@ -162,3 +162,28 @@ def test_long_prefill_interleaves_with_running_decode(cfg, params, engine):
     assert len(between) >= 4  # one decode step per non-final chunk
     assert running.output == naive_greedy(cfg, params, [11, 12, 13], 12)
     assert late.output == naive_greedy(cfg, params, long_prompt, 4)
+
+
+def test_quantized_params_decode_through_the_engine(cfg, params):
+    """int4 RTN params run in the engine (layers dequantized on the fly) and give the greedy
+    output of the quantized model recomputed in full; plain and speculative decoding agree."""
+    from cpmjax.model.mtp import init_mtp_params
+    from cpmjax.quant import qforward, quantize_params
+    from cpmjax.quant.qforward import quantize_draft
+    from cpmjax.serve.generate import Speculative
+
+    qparams = quantize_params(cfg, params, "rtn", bits=4)
+    prompt, n = [11, 12, 13, 14, 15], 8
+    seq = list(prompt)
+    step = jax.jit(lambda p, t: qforward(p, cfg, t).logits[0])
+    for _ in range(n):
+        toks = np.zeros((1, 32), np.int32)
+        toks[0, :len(seq)] = seq
+        seq.append(int(jnp.argmax(step(qparams, toks)[len(seq) - 1])))
+    want = seq[len(prompt):]
+    assert generate(cfg, qparams, [prompt], n, stop_token_ids=[]) == [want]
+    assert want != generate(cfg, params, [prompt], n, stop_token_ids=[])[0], \
+        "int4 output equals fp output: the comparison cannot tell the paths apart"
+    draft = quantize_draft(cfg, init_mtp_params(cfg, jax.random.key(1)))
+    assert generate(cfg, qparams, [prompt], n, stop_token_ids=[],
+                    speculative=Speculative(draft, k=2)) == [want]

@@ -142,3 +142,34 @@ def test_client_disconnect_frees_the_slot(server):
         assert sched.active == 1
     wait_idle(sched)
     assert sched.finish_reasons["cancelled"] == before + 1, (dict(sched.finish_reasons), sched.tokens_generated, sched.error)
+
+
+def test_speculative_server_is_lossless_and_reports_acceptance(cfg, params):
+    """A server with an EAGLE draft (k=2) answers greedy completions exactly as plain generation
+    does, reports the mean accept length on /metrics, and refuses what it cannot honour (400)."""
+    import jax
+
+    from cpmjax.model.mtp import init_mtp_params
+    from cpmjax.serve.generate import Speculative, generate
+
+    draft = init_mtp_params(cfg, jax.random.key(1))
+    sched = make_scheduler(cfg, params, None, max_slots=2, max_len=128, chunk=16,
+                           speculative=Speculative(draft, k=2))
+    srv = BackgroundServer(create_app(sched, None, model_name="tiny"))
+    try:
+        prompts = [[5, 6, 7, 8], [40, 41]]
+        want = generate(cfg, params, prompts, max_new_tokens=10)
+        for p, w in zip(prompts, want):
+            r = httpx.post(srv.url + "/v1/completions", timeout=120,
+                           json={"prompt": p, "max_tokens": 10, "temperature": 0})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["token_ids"] == w
+        m = httpx.get(srv.url + "/metrics").json()
+        assert m["speculative_k"] == 2 and 1.0 <= m["mean_accept_length"] <= 3.0
+        assert m["decode_steps"] > 0
+        r = httpx.post(srv.url + "/v1/completions", timeout=30,
+                       json={"prompt": [5], "max_tokens": 4, "repetition_penalty": 1.3})
+        assert r.status_code == 400 and "repetition_penalty" in r.json()["detail"]
+    finally:
+        srv.stop()
+        sched.stop()

@@ -1,0 +1,24 @@
+"""Train the speculative draft (the one-layer MTP/EAGLE head, spec §3.2) of the tiny model with
+the target frozen: ``python launch/train.py --config=configs/tiny_draft.py`` after the main job
+(``configs/tiny.py``, which writes ``runs/tiny``).
+
+Only the draft head learns (the objective's MTP term: predict x_{t+2} from h_t and x_{t+1}); the
+run keeps orbax checkpoints like any other and writes ``runs/tiny_draft/draft.safetensors`` in
+CPM.cu's EAGLE tensor layout, which ``launch/serve.py --draft=...`` and
+``launch/generate.py --draft=...`` load.
+"""
+
+from cpmjax import presets
+from cpmjax.train.experiment import experiment_config
+
+
+def get_config():
+    cfg = experiment_config(presets.tiny(), name="tiny_draft")
+    t = cfg.train
+    t.freeze_target = "runs/tiny"
+    t.mtp_weight = 1.0
+    t.steps, t.warmup_steps, t.seq_len, t.global_batch_size = 200, 20, 256, 16
+    t.lr = 3e-3
+    t.log_every, t.eval_every = 20, 200
+    cfg.checkpoint.every = 100
+    return cfg
