@@ -1,20 +1,20 @@
-"""Block selection on document-relative positions, for rows the fast op cannot take as they are.
+"""Block selection on document-relative positions, for packed rows the fast ops cannot take.
 
-``kernels/infllmv2.select_blocks`` takes one sequence per row at positions ``0..T-1`` with a
-static ``cache_len``. Packed rows (several documents, positions restarting at 0) and decode
-steps (dynamic position in a preallocated cache) are not of that form. Here every kernel and
-block is indexed by its position *inside its document*, so a packed row selects, per document,
-exactly what the document alone would select (spec MINICPM4.md §2.2 steps A-G), and stage 2
-becomes a token mask for dense attention: exact, but with dense cost (it saves no FLOPs).
+``kernels/infllmv2`` selects for one sequence per row (positions ``0..T-1`` with a static
+``cache_len``, or per-row positions in a position-addressed cache). Packed rows (several
+documents, positions restarting at 0) are not of that form. Here every kernel and block is
+indexed by its position *inside its document*, so a packed row selects, per document, exactly
+what the document alone would select (spec MINICPM4.md §2.2 steps A-G, the op's own
+`select_from_pooled`), and stage 2 becomes a token mask for dense attention: exact, but with
+dense cost (it saves no FLOPs).
 """
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
 
 from cpmjax.config import SparseConfig
+from kernels.infllmv2.selection import select_from_pooled
 
 _FAR = 2 ** 30  # end position of a kernel that does not exist: never visible
 
@@ -68,35 +68,34 @@ def select_masked(q: jax.Array, q_pos: jax.Array, q_seg: jax.Array | None, fine:
     ``fine`` (kernel_size/stride) and ``coarse`` (4x, for the LSE approximation) kernels come
     with their end positions and, for packed rows, their document ids. Visibility is
     ``end <= q_pos`` within q's document; in decode this equals HF's non-causal stage 1, since
-    every complete kernel ends at or before the query.
+    every complete kernel ends at or before the query. The steps themselves are the op's
+    (`select_from_pooled`); only visibility and the block max-pool are document-relative here.
     """
     b, tq, h, d = q.shape
     kvh = fine[0].shape[1]
-    qf = q.astype(jnp.float32).reshape(b, tq, kvh, h // kvh, d)
-    scale = 1.0 / math.sqrt(d)
+    qg = q.reshape(b, tq, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)  # [B, KV, G, Tq, D]
 
-    def scores(kern: Kernels) -> tuple[jax.Array, jax.Array, jax.Array]:
-        kc, ends, docs = kern
-        s = jnp.einsum("btkgd,bknd->bkgtn", qf, kc) * scale
-        mine = (jnp.ones((b, tq, ends.shape[1]), bool) if docs is None
+    def mine(docs: jax.Array | None, n: int) -> jax.Array:
+        return (jnp.ones((b, tq, n), bool) if docs is None
                 else q_seg[:, :, None] == docs[:, None, :])
-        vis = mine & (ends[:, None, :] <= q_pos[:, :, None])
-        return s, vis[:, None, None], mine[:, None]
 
-    s1, vis1, mine1 = scores(fine)
-    s2, vis2, _ = scores(coarse)
-    lse = jax.nn.logsumexp(jnp.where(vis2, s2, -jnp.inf), axis=-1, keepdims=True)
-    p = jnp.where(vis1, jnp.exp(s1 - lse), 0.0)
-    shared = jnp.where(jnp.isfinite(p), p, 0.0).sum(axis=2)  # step E: [B, KV, Tq, N]
-    shared = jnp.where(mine1, shared, -jnp.inf)  # other documents' kernels do not exist here
-    score = _block_scores(shared, fine[1], sc.kernel_size, sc.block_size, n_blocks)
-    blocks = jnp.arange(n_blocks)
-    qblock = (q_pos // sc.block_size)[:, None, :, None]
-    forced = (blocks < sc.init_blocks) | ((blocks >= qblock - sc.local_blocks) & (blocks <= qblock))
-    score = jnp.where(forced, jnp.inf, score)
-    _, idx = jax.lax.top_k(score, min(sc.total_topk, n_blocks))  # step G
-    chosen = jax.nn.one_hot(idx, n_blocks, dtype=bool).any(axis=-2)
-    return jax.lax.stop_gradient(chosen & (blocks <= qblock))
+    def pooled(kern: Kernels) -> tuple[jax.Array, jax.Array]:
+        kc, ends, docs = kern
+        vis = mine(docs, ends.shape[1]) & (ends[:, None, :] <= q_pos[:, :, None])
+        return kc, vis[:, None, None]
+
+    mine1 = mine(fine[2], fine[1].shape[1])[:, None]
+
+    def block_max(shared: jax.Array) -> jax.Array:
+        # other documents' kernels do not exist for this query
+        return _block_scores(jnp.where(mine1, shared, -jnp.inf), fine[1], sc.kernel_size,
+                             sc.block_size, n_blocks)
+
+    idx = select_from_pooled(qg, pooled(fine), pooled(coarse), q_pos, block_max,
+                             n_blocks=n_blocks, block_size=sc.block_size, topk=sc.total_topk,
+                             init_blocks=sc.init_blocks, local_blocks=sc.local_blocks)
+    return jax.nn.one_hot(jnp.where(idx < 0, n_blocks, idx), n_blocks + 1,
+                          dtype=bool).any(axis=-2)[..., :n_blocks]
 
 
 def token_mask(chosen: jax.Array, base: jax.Array, kv_pos: jax.Array,

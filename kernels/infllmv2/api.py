@@ -10,10 +10,11 @@ import functools
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 
 from .attention_xla import sparse_attention_xla
 from .reference import select_blocks_reference, sparse_attention_reference
-from .selection import select_blocks_chunked
+from .selection import select_blocks_chunked, select_from_kernels
 
 Implementation = Literal["auto", "xla", "reference", "pallas_tpu", "pallas_gpu", "pallas_interpret",
                          "pallas_gpu_interpret"]
@@ -107,5 +108,59 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax.Ar
     if impl == "reference":
         return sparse_attention_reference(q, k, v, block_idx, **kw)
     if impl == "xla":
-        return sparse_attention_xla(q, k, v, block_idx, **kw)
+        return sparse_attention_xla(q, k, v, block_idx, (cache_len + jnp.arange(q.shape[1]))[None],
+                                    block_size=block_size, softmax_scale=softmax_scale)
     return _kernel_attention(q, k, v, block_idx, impl, block_size, cache_len, softmax_scale)
+
+
+# ---------------------------------------------------------------- queries at dynamic positions
+
+def _check_positioned(q: jax.Array, kv_heads: int, q_pos: jax.Array) -> None:
+    if q.shape[2] % kv_heads:
+        raise ValueError(f"H={q.shape[2]} is not a multiple of KV={kv_heads}")
+    if q_pos.shape != q.shape[:2] or not jnp.issubdtype(q_pos.dtype, jnp.integer):
+        raise ValueError(f"q_pos must be integer [B, Tq] = {q.shape[:2]}, got {q_pos.dtype}"
+                         f"{list(q_pos.shape)}")
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "kv_len", "kernel_size", "kernel_stride", "block_size", "topk", "init_blocks",
+    "local_blocks", "query_chunk"))
+def select_blocks_at(q: jax.Array, fine: jax.Array, coarse: jax.Array | None, q_pos: jax.Array,
+                     *, kv_len: int, kernel_size: int, kernel_stride: int, block_size: int,
+                     topk: int, init_blocks: int, local_blocks: int,
+                     query_chunk: int = 256) -> jax.Array:
+    """Stage 1 for queries at per-row positions ``q_pos [B, Tq]`` from pooled keys kept in a
+    cache of ``kv_len`` positions (decode, speculative verification, prefill chunks).
+
+    ``fine [B, KV, N, D]``: kernel j is the mean of keys ``stride*j .. stride*j+size-1``;
+    ``coarse`` the 4x kernels for the LSE approximation (None: use ``fine``). A kernel counts
+    once the query has reached its last key, so stale kernels past a row's length are never
+    seen. Returns int32 ``[B, KV, Tq, topk]`` as `select_blocks`; -1 everywhere for q_pos < 0.
+    """
+    _check_positioned(q, fine.shape[1], q_pos)
+    return select_from_kernels(q, fine, coarse, q_pos, n_blocks=-(-kv_len // block_size),
+                               kernel_size=kernel_size, kernel_stride=kernel_stride,
+                               block_size=block_size, topk=topk, init_blocks=init_blocks,
+                               local_blocks=local_blocks, query_chunk=query_chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "softmax_scale"))
+def sparse_attention_at(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax.Array,
+                        q_pos: jax.Array, *, block_size: int,
+                        softmax_scale: float | None = None) -> jax.Array:
+    """Stage 2 for queries at per-row positions ``q_pos [B, Tq]`` in a position-addressed KV
+    cache ``k/v [B, S, KV, D]`` (key s stored at position s).
+
+    Gathers only the ``topk * block_size`` keys of each query's selected blocks (XLA gather
+    path on every backend), so FLOPs and bytes read do not grow with S. Key s is visible iff
+    its block is in ``block_idx [B, KV, Tq, topk]`` and ``s <= q_pos``; rows with no visible
+    key (q_pos < 0: padding) return zeros.
+    """
+    _check_positioned(q, k.shape[2], q_pos)
+    want = (q.shape[0], k.shape[2], q.shape[1])
+    if block_idx.shape[:3] != want:
+        raise ValueError(f"block_idx must be [B, KV, Tq, topk] with [B, KV, Tq] = {list(want)}, "
+                         f"got {list(block_idx.shape)}")
+    return sparse_attention_xla(q, k, v, block_idx, q_pos, block_size=block_size,
+                                softmax_scale=softmax_scale)

@@ -4,7 +4,11 @@ Each query token gathers only its KV group's selected blocks ([topk*block_size] 
 query chunks with `lax.map` and per-chunk rematerialisation, so memory is
 O(chunk * topk * block_size * D) and FLOPs scale with the selected tokens, not Tk.
 Differentiable by ordinary autodiff (the gather's transpose is a scatter-add into dk/dv).
-It is also the backward pass of the Pallas kernels (see `api.py`).
+Query positions are an array ``[B or 1, Tq]``, so the same code serves the static layout of
+`api.sparse_attention` (``cache_len + t``) and queries at per-row dynamic positions in a
+position-addressed KV cache (`api.sparse_attention_at`: decode, speculative verification,
+prefill chunks). XLA fuses the `kv_blocks` relayout into the gather, so only the selected
+blocks of the cache are read.
 """
 from __future__ import annotations
 
@@ -23,12 +27,14 @@ def kv_blocks(x: jax.Array, block_size: int) -> jax.Array:
     return x.reshape(b, n_blocks, block_size, kvh, d).transpose(0, 3, 1, 2, 4)
 
 
-def sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax.Array, *,
-                         block_size: int, cache_len: int = 0, softmax_scale: float | None = None,
+def sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax.Array,
+                         q_pos: jax.Array, *, block_size: int, softmax_scale: float | None = None,
                          query_chunk: int = 128) -> jax.Array:
-    """q [B, Tq, H, D], k/v [B, Tk, KV, D], block_idx int32 [B, KV, Tq, topk] -> [B, Tq, H, D]."""
+    """q [B, Tq, H, D], k/v [B, Tk, KV, D], block_idx int32 [B, KV, Tq, topk], q_pos int
+    [B or 1, Tq] -> [B, Tq, H, D]. Key s is visible iff its block is selected and
+    ``s <= q_pos`` (s < Tk); a query with none (e.g. q_pos < 0, padding) gives zeros."""
     b, tq, h, d = q.shape
-    kvh = k.shape[2]
+    tk, kvh = k.shape[1], k.shape[2]
     g, topk = h // kvh, block_idx.shape[-1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     kb, vb = kv_blocks(k, block_size), kv_blocks(v, block_size)
@@ -39,7 +45,8 @@ def sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: ja
     qc = qc.reshape(b, n_chunks, chunk, kvh, g, d).transpose(1, 0, 3, 2, 4, 5)  # [n,B,KV,c,G,D]
     ic = jnp.pad(block_idx, ((0, 0), (0, 0), (0, tp - tq), (0, 0)), constant_values=-1)
     ic = ic.reshape(b, kvh, n_chunks, chunk, topk).transpose(2, 0, 1, 3, 4)  # [n,B,KV,c,topk]
-    pos = (cache_len + jnp.arange(tp)).reshape(n_chunks, chunk)
+    pos = jnp.pad(q_pos, ((0, 0), (0, tp - tq)), constant_values=-1)
+    pos = pos.reshape(pos.shape[0], n_chunks, chunk).transpose(1, 0, 2)  # [n, B or 1, c]
 
     gather = jax.vmap(jax.vmap(lambda xb, i: xb[i]))  # over B, KV: [nb,bs,D][c,topk] -> [c,topk,bs,D]
 
@@ -51,7 +58,8 @@ def sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: ja
         s = jnp.einsum("bkcgd,bkctsd->bkcgts", qch, ks,
                        preferred_element_type=jnp.float32) * scale
         key_pos = idx[..., None] * block_size + jnp.arange(block_size)  # [B, KV, c, topk, bs]
-        mask = (idx[..., None] >= 0) & (key_pos <= qpos[None, None, :, None, None])
+        mask = ((idx[..., None] >= 0) & (key_pos <= qpos[:, None, :, None, None])
+                & (key_pos < tk))
         mask = mask[:, :, :, None]  # broadcast over G
         s = jnp.where(mask, s, -jnp.inf)
         m = jnp.max(s, axis=(-2, -1), keepdims=True)

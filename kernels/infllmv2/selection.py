@@ -1,5 +1,11 @@
 """Production stage 1 of InfLLM v2 (spec MINICPM4.md §2.2 steps A-G) in plain XLA.
 
+One core, `select_from_pooled`, does steps C-G (scores against pooled keys, LSE approximation,
+group sum, block max-pool, forced init/local blocks, top-k) for any kernel layout; callers
+supply the visibility of each kernel and the block max-pool of their layout. `select_from_kernels`
+is the layout of pooled keys at their fixed positions (the op, and decode from cached kernels);
+`cpmjax.sparse.masked` is the document-relative layout of packed rows.
+
 Queries are processed in chunks with `lax.map`, so the live score tensor is
 [B, KV, G, chunk, n_kernels] instead of [Tq, Tk]: 128K tokens fit. No gradient flows
 through selection (the caller gets stop_gradient'ed indices), as in HF (`torch.no_grad`).
@@ -7,10 +13,14 @@ through selection (the caller gets stop_gradient'ed indices), as in HF (`torch.n
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+Pooled = tuple[jax.Array, jax.Array]  # kernels [B, KV, N, D] f32, visible (broadcasts to [B, KV, G, Tq, N])
+BlockMax = Callable[[jax.Array], jax.Array]  # [B, KV, Tq, N] kernel scores -> [B, KV, Tq, n_blocks]
 
 
 def pooled_kernels(k: jax.Array, size: int, stride: int) -> jax.Array:
@@ -48,62 +58,109 @@ def _block_kernel_windows(n_blocks: int, n1: int, size: int, stride: int,
     return np.where(valid, ids, 0).astype(np.int32), valid
 
 
-def select_blocks_chunked(q: jax.Array, k: jax.Array, *, kernel_size: int, kernel_stride: int,
-                          block_size: int, topk: int, init_blocks: int, local_blocks: int,
-                          lse_approx: bool = True, cache_len: int = 0,
-                          query_chunk: int = 256) -> jax.Array:
-    """Stage 1 over query chunks. Same contract as `api.select_blocks`."""
-    b, tq, h, d = q.shape
-    tk, kvh = k.shape[1], k.shape[2]
-    g = h // kvh
-    decode = tq == 1 and cache_len > 0
-    scale = 1.0 / math.sqrt(d)
-    kc1 = pooled_kernels(k, kernel_size, kernel_stride)
-    end1 = kernel_stride * jnp.arange(kc1.shape[2]) + kernel_size - 1
-    if lse_approx:
-        kc2 = pooled_kernels(k, 4 * kernel_size, 4 * kernel_stride)
-        end2 = 4 * kernel_stride * jnp.arange(kc2.shape[2]) + 4 * kernel_size - 1
-    else:
-        kc2, end2 = kc1, end1
-    n1 = kc1.shape[2]
-    n_blocks = -(-tk // block_size)
-    ids, valid = _block_kernel_windows(n_blocks, n1, kernel_size, kernel_stride, block_size)
+def select_from_pooled(q: jax.Array, fine: Pooled, coarse: Pooled | None, q_pos: jax.Array,
+                       block_max: BlockMax, *, n_blocks: int, block_size: int, topk: int,
+                       init_blocks: int, local_blocks: int) -> jax.Array:
+    """Steps C-G for queries ``q [B, KV, G, Tq, D]`` at positions ``q_pos [B or 1, Tq]``.
+
+    ``fine`` gives the block scores; ``coarse`` (None: ``fine``) the log-sum-exp that
+    normalises them (HF's LSE approximation). Kernels that are not visible score 0, blocks
+    that ``block_max`` gives no kernel score -inf, as HF. Returns int32 ``[B, KV, Tq, topk]``:
+    selected blocks ascending, -1 for unused slots and for blocks after the query's own.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    qf = q.astype(jnp.float32)
+
+    def scores(pooled: Pooled) -> tuple[jax.Array, jax.Array]:
+        kc, vis = pooled
+        return jnp.einsum("bkgtd,bknd->bkgtn", qf, kc) * scale, vis
+
+    s1, vis1 = scores(fine)
+    s2, vis2 = (s1, vis1) if coarse is None else scores(coarse)
+    lse = jax.nn.logsumexp(jnp.where(vis2, s2, -jnp.inf), axis=-1, keepdims=True)
+    p = jnp.where(vis1, jnp.exp(s1 - lse), 0.0)
+    shared = jnp.where(jnp.isfinite(p), p, 0.0).sum(axis=2)  # step E: [B, KV, Tq, N]
+    score = block_max(shared)  # step F
+    blocks = jnp.arange(n_blocks)
+    qblock = (q_pos // block_size)[:, None, :, None]
+    forced = (blocks < init_blocks) | ((blocks >= qblock - local_blocks) & (blocks <= qblock))
+    score = jnp.where(forced, jnp.inf, score)
     kk = min(topk, n_blocks)
+    _, idx = jax.lax.top_k(score, kk)  # step G
+    # ascending order with dropped (future) blocks last, as -1
+    idx = jnp.sort(jnp.where(idx > qblock, n_blocks, idx), axis=-1)
+    idx = jnp.where(idx == n_blocks, -1, idx).astype(jnp.int32)
+    idx = jnp.pad(idx, ((0, 0), (0, 0), (0, 0), (0, topk - kk)), constant_values=-1)
+    return jax.lax.stop_gradient(idx)
+
+
+def window_block_max(n_kernels: int, n_blocks: int, size: int, stride: int,
+                     block_size: int) -> BlockMax:
+    """Step F for kernels at fixed positions (kernel j spans ``stride*j .. stride*j+size-1``)."""
+    ids, valid = _block_kernel_windows(n_blocks, n_kernels, size, stride, block_size)
+
+    def block_max(shared: jax.Array) -> jax.Array:
+        if n_kernels == 0:
+            return jnp.full(shared.shape[:-1] + (n_blocks,), -jnp.inf)
+        return jnp.where(valid, shared[..., ids], -jnp.inf).max(axis=-1)
+
+    return block_max
+
+
+def select_from_kernels(q: jax.Array, fine: jax.Array, coarse: jax.Array | None,
+                        q_pos: jax.Array, *, n_blocks: int, kernel_size: int, kernel_stride: int,
+                        block_size: int, topk: int, init_blocks: int, local_blocks: int,
+                        query_chunk: int = 256) -> jax.Array:
+    """Stage 1 from pooled keys ``[B, KV, N, D]`` at their fixed positions, over query chunks.
+
+    ``q [B, Tq, H, D]`` at positions ``q_pos [B or 1, Tq]`` (per row and dynamic in decode from
+    a position-addressed cache); a kernel is visible once the query has reached its last key.
+    ``coarse`` (4x kernels) gives the LSE approximation, None uses ``fine``. Returns int32
+    ``[B, KV, Tq, topk]`` as `select_from_pooled`.
+    """
+    b, tq, h, d = q.shape
+    kvh = fine.shape[1]
+    g = h // kvh
+    end1 = kernel_stride * jnp.arange(fine.shape[2]) + kernel_size - 1
+    end2 = 4 * kernel_stride * jnp.arange(coarse.shape[2]) + 4 * kernel_size - 1 if (
+        coarse is not None) else None
+    block_max = window_block_max(fine.shape[2], n_blocks, kernel_size, kernel_stride, block_size)
 
     chunk = min(query_chunk, tq)
     n_chunks = -(-tq // chunk)
     qp = jnp.pad(q, ((0, 0), (0, n_chunks * chunk - tq), (0, 0), (0, 0)))
     qc = qp.reshape(b, n_chunks, chunk, kvh, g, d).transpose(1, 0, 3, 4, 2, 5)  # [n, B, KV, G, c, D]
-    pos = (cache_len + jnp.arange(n_chunks * chunk)).reshape(n_chunks, chunk)
+    pos = jnp.pad(q_pos, ((0, 0), (0, n_chunks * chunk - tq)), constant_values=-1)
+    pos = pos.reshape(pos.shape[0], n_chunks, chunk).transpose(1, 0, 2)  # [n, B or 1, c]
 
     def one_chunk(args: tuple[jax.Array, jax.Array]) -> jax.Array:
         qch, qpos = args
-        qch = qch.astype(jnp.float32)
 
-        def scores(kc: jax.Array, ends: jax.Array) -> tuple[jax.Array, jax.Array]:
-            s = jnp.einsum("bkgcd,bknd->bkgcn", qch, kc) * scale
-            vis = jnp.ones((chunk, kc.shape[2]), bool) if decode else ends[None, :] <= qpos[:, None]
-            return s, vis
+        def visible(ends: jax.Array) -> jax.Array:
+            return ends <= qpos[:, None, None, :, None]
 
-        s1, vis1 = scores(kc1, end1)
-        s2, vis2 = (scores(kc2, end2) if lse_approx else (s1, vis1))
-        lse = jax.nn.logsumexp(jnp.where(vis2, s2, -jnp.inf), axis=-1, keepdims=True)
-        p = jnp.where(vis1, jnp.exp(s1 - lse), 0.0)
-        shared = jnp.where(jnp.isfinite(p), p, 0.0).sum(axis=2)  # [B, KV, c, n1]
-        if n1:
-            score = jnp.where(valid, shared[..., ids], -jnp.inf).max(axis=-1)
-        else:
-            score = jnp.full(shared.shape[:-1] + (n_blocks,), -jnp.inf)
-        blocks = jnp.arange(n_blocks)
-        qblock = (qpos // block_size)[:, None]
-        forced = (blocks < init_blocks) | ((blocks >= qblock - local_blocks) & (blocks <= qblock))
-        score = jnp.where(forced, jnp.inf, score)
-        _, idx = jax.lax.top_k(score, kk)
-        # ascending order with dropped (future) blocks last, as -1
-        idx = jnp.sort(jnp.where(idx > qblock, n_blocks, idx), axis=-1)
-        return jnp.where(idx == n_blocks, -1, idx).astype(jnp.int32)
+        return select_from_pooled(
+            qch, (fine, visible(end1)), None if coarse is None else (coarse, visible(end2)),
+            qpos, block_max, n_blocks=n_blocks, block_size=block_size, topk=topk,
+            init_blocks=init_blocks, local_blocks=local_blocks)
 
-    out = jax.lax.map(one_chunk, (qc, pos))  # [n, B, KV, c, kk]
-    out = out.transpose(1, 2, 0, 3, 4).reshape(b, kvh, n_chunks * chunk, kk)[:, :, :tq]
-    out = jnp.pad(out, ((0, 0), (0, 0), (0, 0), (0, topk - kk)), constant_values=-1)
-    return jax.lax.stop_gradient(out)
+    out = jax.lax.map(one_chunk, (qc, pos))  # [n, B, KV, c, topk]
+    return out.transpose(1, 2, 0, 3, 4).reshape(b, kvh, n_chunks * chunk, topk)[:, :, :tq]
+
+
+def select_blocks_chunked(q: jax.Array, k: jax.Array, *, kernel_size: int, kernel_stride: int,
+                          block_size: int, topk: int, init_blocks: int, local_blocks: int,
+                          lse_approx: bool = True, cache_len: int = 0,
+                          query_chunk: int = 256) -> jax.Array:
+    """Stage 1 over query chunks. Same contract as `api.select_blocks`.
+
+    Query t sits at ``cache_len + t``; in decode (Tq == 1) every full kernel ends at or before
+    it, which is HF's non-causal decode stage 1.
+    """
+    fine = pooled_kernels(k, kernel_size, kernel_stride)
+    coarse = pooled_kernels(k, 4 * kernel_size, 4 * kernel_stride) if lse_approx else None
+    q_pos = (cache_len + jnp.arange(q.shape[1]))[None]
+    return select_from_kernels(q, fine, coarse, q_pos, n_blocks=-(-k.shape[1] // block_size),
+                               kernel_size=kernel_size, kernel_stride=kernel_stride,
+                               block_size=block_size, topk=topk, init_blocks=init_blocks,
+                               local_blocks=local_blocks, query_chunk=query_chunk)

@@ -1,0 +1,89 @@
+"""Tests for the InfLLM v2 ops on queries at per-row dynamic positions in a KV cache."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.infllmv2 import (select_blocks, select_blocks_at, sparse_attention,
+                              sparse_attention_at)
+from kernels.infllmv2.reference import sparse_attention_reference
+from kernels.infllmv2.selection import pooled_kernels
+
+SEL = dict(kernel_size=8, kernel_stride=4, block_size=16, topk=5, init_blocks=1, local_blocks=1)
+S = 150  # cache length, not a multiple of the block size
+
+
+def _cache(seed: int, b: int, tq: int, h: int = 8, kv: int = 2, d: int = 16):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(ks[0], (b, tq, h, d)), jax.random.normal(ks[1], (b, S, kv, d)),
+            jax.random.normal(ks[2], (b, S, kv, d)))
+
+
+def _select_at(q, k, q_pos):
+    fine = pooled_kernels(k, SEL["kernel_size"], SEL["kernel_stride"])
+    coarse = pooled_kernels(k, 4 * SEL["kernel_size"], 4 * SEL["kernel_stride"])
+    return select_blocks_at(q, fine, coarse, q_pos, kv_len=S, **SEL)
+
+
+@pytest.mark.parametrize("tq", [1, 4])
+def test_rows_at_their_own_positions_equal_the_static_op_per_row(tq):
+    """Row b's queries sit at p_b..p_b+tq-1 of a full cache whose later keys are junk: selection
+    and attention equal the static-``cache_len`` op on that row's prefix alone."""
+    starts = [3, 70, 131]
+    q, k, v = _cache(0, len(starts), tq)
+    q_pos = jnp.asarray([[p + t for t in range(tq)] for p in starts], jnp.int32)
+    idx = _select_at(q, k, q_pos)
+    got = sparse_attention_at(q, k, v, idx, q_pos, block_size=SEL["block_size"])
+    assert idx.shape == (len(starts), 2, tq, SEL["topk"])
+    for b, p in enumerate(starts):
+        row = lambda x: x[b:b + 1, :p + tq]
+        want_idx = select_blocks(q[b:b + 1], row(k), cache_len=p, **SEL)
+        np.testing.assert_array_equal(idx[b:b + 1], want_idx, err_msg=f"row {b}")
+        want = sparse_attention_reference(q[b:b + 1], row(k), row(v), want_idx,
+                                          block_size=SEL["block_size"], cache_len=p)
+        np.testing.assert_allclose(got[b:b + 1], want, atol=1e-5, rtol=1e-5, err_msg=f"row {b}")
+    # the last row is really sparse: 5 of its 9 blocks, 2 of them chosen by score
+    assert ((np.asarray(idx[2]) >= 0).sum(-1) == 5).all()
+
+
+def test_padding_rows_select_nothing_and_give_zeros():
+    q, k, v = _cache(1, 2, 2)
+    q_pos = jnp.asarray([[-1, -1], [40, 41]], jnp.int32)
+    idx = _select_at(q, k, q_pos)
+    assert (np.asarray(idx[0]) == -1).all() and (np.asarray(idx[1]) >= 0).any()
+    out = np.asarray(sparse_attention_at(q, k, v, idx, q_pos, block_size=16))
+    assert (out[0] == 0).all() and np.isfinite(out).all() and (out[1] != 0).all()
+
+
+def test_attention_cost_does_not_grow_with_the_cache():
+    """Compiled stage 2 does the same FLOPs (and exps) for a 1K and a 16K cache: only the
+    topk*block_size gathered keys are scored; the static dense-masked reference grows."""
+    def cost(fn, s):
+        q = jax.ShapeDtypeStruct((2, 1, 8, 16), jnp.float32)
+        kv = jax.ShapeDtypeStruct((2, s, 2, 16), jnp.float32)
+        idx = jax.ShapeDtypeStruct((2, 2, 1, 3), jnp.int32)
+        pos = jax.ShapeDtypeStruct((2, 1), jnp.int32)
+        c = jax.jit(fn).lower(q, kv, kv, idx, pos).compile().cost_analysis()
+        return c["flops"], c["transcendentals"]
+
+    at = lambda q, k, v, i, p: sparse_attention_at(q, k, v, i, p, block_size=16)
+    assert cost(at, 1024) == cost(at, 16384)
+    ref = lambda q, k, v, i, p: sparse_attention_reference(q, k, v, i, block_size=16,
+                                                           cache_len=k.shape[1] - 1)
+    assert cost(ref, 16384)[0] > 4 * cost(ref, 1024)[0]
+
+
+def test_bad_inputs_are_named():
+    q, k, v = _cache(2, 2, 3)
+    idx = jnp.zeros((2, 2, 3, 5), jnp.int32)
+    with pytest.raises(ValueError, match="q_pos must be integer"):
+        sparse_attention_at(q, k, v, idx, jnp.zeros((2, 1), jnp.int32), block_size=16)
+    with pytest.raises(ValueError, match="q_pos must be integer"):
+        sparse_attention_at(q, k, v, idx, jnp.zeros((2, 3)), block_size=16)
+    with pytest.raises(ValueError, match="block_idx must be"):
+        sparse_attention_at(q, k, v, idx[:, :1], jnp.zeros((2, 3), jnp.int32), block_size=16)
+    with pytest.raises(ValueError, match="H=8 is not a multiple of KV=3"):
+        select_blocks_at(q, jnp.zeros((2, 3, 5, 16)), None, jnp.zeros((2, 3), jnp.int32),
+                         kv_len=S, **SEL)
