@@ -9,10 +9,13 @@ window cannot reach it).
 Recipe (default, as MiniCPM4 trains InfLLM v2: sparse attention is switched on in the
 long-context stage, on top of dense pre-training; spec MINICPM4.md §2, tech report §5):
 
-1. dense, a length curriculum ``--dense_phases`` (``length:steps:batch`` each; short lengths
-   are cheap, attention costs T^2; the last phase at ``--length`` lets RoPE see the long
-   distances). From scratch at 512 tokens the dense model stays at chance for 400 steps, at
-   128 it learns in ~150, so the curriculum starts short;
+1. dense, a length curriculum ``--dense_phases`` (``length:steps:batch[:keep]`` each; short
+   lengths are cheap, attention costs T^2). From scratch at 512 tokens the dense model stayed
+   at chance for 400 steps, at 128 it learns in ~150, so the curriculum starts short. Trained
+   up to 1024 it is at chance at 4096 and 30 steps of 2 rows at 4096 (~18 s each) did not move
+   it, so the 4K distances are first learned on rows cut to ``keep`` tokens (the first quarter,
+   which holds the pair, and the row's end, at their original positions: `keep_ends`), then a
+   few steps run on whole 4K rows;
 2. the same weights with ``sparse_config`` on, ``--sparse_steps`` steps of ``--sparse_batch``
    rows at ``--length``.
 
@@ -23,7 +26,7 @@ many steps (stage 1 is discrete and gets no gradient of its own, so it has to di
 pair by chance). For each sparse evaluation the fraction of held-out rows is recorded whose
 stage-1 selection (last query, last layer, every KV head) includes the pair's block.
 
-    python launch/sparse_retrieval.py                       # the 4K recipe, ~25 min on 2 cores
+    python launch/sparse_retrieval.py                       # the 4K recipe, ~35 min on 2 cores
     python launch/sparse_retrieval.py --length=1024 --dense_phases=128:250:8,1024:100:4
 
 Flags: ``--length`` the sparse and eval length; ``--dense_phases``; ``--sparse_steps``,
@@ -96,40 +99,60 @@ def make_batch(rng: np.random.Generator, batch: int, length: int,
     return tokens, answers, where
 
 
-def answer_logits(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+def keep_ends(tokens: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first quarter and the last ``keep - length//4`` tokens of each row with their
+    original positions, ``(tokens, positions)``: the row's pair-to-query distances at a fraction
+    of the attention cost (position skipping, as PoSE, Zhu et al. 2023, arXiv:2309.10400)."""
+    length = tokens.shape[1]
+    if not length // 4 + N_QUERY + 1 <= keep <= length:
+        raise ValueError(f"keep {keep} must be in [{length // 4 + N_QUERY + 1}, {length}] "
+                         f"(the first quarter plus the query) for length {length}")
+    idx = np.concatenate([np.arange(length // 4), np.arange(length - keep + length // 4, length)])
+    return tokens[:, idx], np.broadcast_to(idx, tokens.shape[:1] + idx.shape)
+
+
+def answer_logits(params: Params, cfg: ModelConfig, tokens: jax.Array,
+                  positions: jax.Array | None = None) -> jax.Array:
     """Logits at the QUERY positions, ``[B, N_QUERY, V]``."""
-    h = forward(params, cfg, tokens, return_logits=False).hidden[:, -N_QUERY:]
-    return lm_head(params, cfg, h)
+    h = forward(params, cfg, tokens, positions=positions, return_logits=False).hidden
+    return lm_head(params, cfg, h[:, -N_QUERY:])
 
 
 def train(params: Params, cfg: ModelConfig, *, steps: int, batch: int, length: int,
-          n_pairs: int, lr: float, rng: np.random.Generator, name: str
+          n_pairs: int, lr: float, rng: np.random.Generator, name: str, keep: int | None = None
           ) -> tuple[Params, dict[str, Any]]:
     """AdamW (warmup + cosine, fresh state) on the answer at the QUERY positions, all >= N_QUERY
-    tokens past the local window's reach of the pair."""
+    tokens past the local window's reach of the pair. ``keep`` < ``length``: rows cut by
+    `keep_ends` (dense only: the sparse fast path assumes positions 0..T-1)."""
+    keep = length if keep is None else keep
+    if keep < length and cfg.sparse_config is not None:
+        raise ValueError("keep < length (position skipping) is for dense phases only")
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
         optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps, lr / 10),
         weight_decay=0.0))
     state = opt.init(params)
 
-    def loss_fn(p: Params, tok: jax.Array, ans: jax.Array) -> jax.Array:
+    def loss_fn(p: Params, tok: jax.Array, pos: jax.Array, ans: jax.Array) -> jax.Array:
         return optax.softmax_cross_entropy_with_integer_labels(
-            answer_logits(p, cfg, tok), ans[:, None]).mean()
+            answer_logits(p, cfg, tok, pos), ans[:, None]).mean()
 
     @jax.jit
-    def step(p: Params, s: Any, tok: jax.Array, ans: jax.Array) -> tuple[Params, Any, jax.Array]:
-        loss, g = jax.value_and_grad(loss_fn)(p, tok, ans)
+    def step(p: Params, s: Any, tok: jax.Array, pos: jax.Array, ans: jax.Array
+             ) -> tuple[Params, Any, jax.Array]:
+        loss, g = jax.value_and_grad(loss_fn)(p, tok, pos, ans)
         upd, s = opt.update(g, s, p)
         return optax.apply_updates(p, upd), s, loss
 
     t0, losses, every = time.time(), [], max(steps // 20, 1)
     for i in range(steps):
         tok, ans, _ = make_batch(rng, batch, length, n_pairs)
-        params, state, loss = step(params, state, jnp.asarray(tok), jnp.asarray(ans))
+        tok, pos = keep_ends(tok, keep)
+        params, state, loss = step(params, state, jnp.asarray(tok), jnp.asarray(pos, np.int32),
+                                   jnp.asarray(ans))
         if i % every == 0 or i == steps - 1:
             losses.append((i, round(float(loss), 4)))
             print(f"{name} step {i} loss {float(loss):.4f} ({time.time() - t0:.0f}s)", flush=True)
-    return params, {"steps": steps, "batch": batch, "length": length, "lr": lr,
+    return params, {"steps": steps, "batch": batch, "length": length, "kept": keep, "lr": lr,
                     "seconds": round(time.time() - t0, 1), "loss_curve": losses}
 
 
@@ -184,24 +207,26 @@ def evaluate(params: Params, cfg: ModelConfig, *, rows: int, batch: int, length:
     return out
 
 
-Phase = tuple[int, int, int]  # (length, steps, batch)
-DEFAULT_PHASES = "128:250:8,512:150:8,1024:60:4,4096:30:2"
+Phase = tuple[int, int, int, int]  # (length, steps, batch, kept tokens per row)
+DEFAULT_PHASES = "128:250:8,512:150:8,1024:60:4,4096:150:4:1280,4096:20:2"
 
 
 def parse_phases(text: str) -> list[Phase]:
-    """``"128:250:8,4096:30:2"`` -> ``[(128, 250, 8), (4096, 30, 2)]``."""
+    """``"128:250:8,4096:30:2:1280"`` -> ``[(128, 250, 8, 128), (4096, 30, 2, 1280)]``; the
+    optional 4th field keeps that many tokens of each row (`keep_ends`)."""
     phases = []
     for item in text.split(","):
         parts = item.split(":")
-        if len(parts) != 3 or not all(x.strip().isdigit() and int(x) > 0 for x in parts):
-            raise ValueError(f"dense phase {item!r} must be length:steps:batch, positive integers")
-        phases.append(tuple(int(x) for x in parts))
+        if len(parts) not in (3, 4) or not all(x.strip().isdigit() and int(x) > 0 for x in parts):
+            raise ValueError(f"dense phase {item!r} must be length:steps:batch[:keep], positive "
+                             "integers")
+        phases.append(tuple(int(x) for x in parts) + ((int(parts[0]),) if len(parts) == 3 else ()))
     return phases
 
 
 def run(length: int = 4096, dense_phases: str = DEFAULT_PHASES, sparse_steps: int = 60,
         sparse_batch: int = 2, scratch_steps: int = 0, n_pairs: int = 1, lr: float = 5e-3,
-        finetune_lr: float = 1e-3, topk: int = 8, seed: int = 0, eval_rows: int = 128,
+        finetune_lr: float = 2e-3, topk: int = 8, seed: int = 0, eval_rows: int = 128,
         out: str | None = "bench/results/sparse_retrieval.json") -> dict[str, Any]:
     """Dense curriculum, sparse continuation (and optionally sparse from scratch); write and
     return the comparison."""
@@ -214,10 +239,10 @@ def run(length: int = 4096, dense_phases: str = DEFAULT_PHASES, sparse_steps: in
         p, c, rows=eval_rows, batch=4, length=length, n_pairs=n_pairs, seed=seed)
     t0 = time.time()
     params, logs = init_params(dense_cfg, jax.random.PRNGKey(seed)), []
-    for i, (plen, steps, batch) in enumerate(phases):
+    for i, (plen, steps, batch, keep) in enumerate(phases):
         params, log = train(params, dense_cfg, steps=steps, batch=batch, length=plen,
                             n_pairs=n_pairs, lr=lr if i == 0 else finetune_lr, rng=rng,
-                            name=f"dense@{plen}")
+                            name=f"dense@{plen}" + (f"/{keep}" if keep < plen else ""), keep=keep)
         logs.append(log)
     dense = {"train": logs, **ev(params, dense_cfg)}
     before = ev(params, sparse_cfg)
@@ -232,7 +257,7 @@ def run(length: int = 4096, dense_phases: str = DEFAULT_PHASES, sparse_steps: in
                      "sparse_config": {**SPARSE, "topk": topk},
                      "visible_tokens_per_query": sparse_cfg.sparse_config.total_topk
                      * SPARSE["block_size"],
-                     "recipe": f"dense phases {dense_phases} (length:steps:batch), then "
+                     "recipe": f"dense phases {dense_phases} (length:steps:batch[:kept]), then "
                                f"sparse_config on (same weights), {sparse_steps} sparse steps "
                                f"of {sparse_batch} rows at {length}"},
         "device": f"{jax.default_backend()} ({os.cpu_count()} cores, shared)",
@@ -260,13 +285,14 @@ def _write_atomic(path: str, obj: Any) -> None:
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("length", 4096, "context length of the sparse phase and of every eval")
-flags.DEFINE_string("dense_phases", DEFAULT_PHASES, "dense curriculum, length:steps:batch,...")
+flags.DEFINE_string("dense_phases", DEFAULT_PHASES, "dense curriculum, length:steps:batch[:keep],... (keep: first quarter + "
+                    "last tokens of each row, original positions)")
 flags.DEFINE_integer("sparse_steps", 60, "sparse steps at length, from the dense weights")
 flags.DEFINE_integer("sparse_batch", 2, "rows per sparse step")
 flags.DEFINE_integer("scratch_steps", 0, "sparse-from-scratch steps at length (0: skip)")
 flags.DEFINE_integer("n_pairs", 1, "key-value pairs per row")
 flags.DEFINE_float("lr", 5e-3, "peak LR of the first dense phase (and of sparse from scratch)")
-flags.DEFINE_float("finetune_lr", 1e-3, "peak LR of the later dense phases and the sparse one")
+flags.DEFINE_float("finetune_lr", 2e-3, "peak LR of the later dense phases and the sparse one")
 flags.DEFINE_integer("topk", 8, "stage-1 blocks per query (config.json topk, window excluded)")
 flags.DEFINE_integer("eval_rows", 128, "held-out rows")
 flags.DEFINE_string("out", "bench/results/sparse_retrieval.json", "result JSON")

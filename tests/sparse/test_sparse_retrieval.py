@@ -31,10 +31,22 @@ def test_rows_hide_the_pair_after_block_zero_in_the_first_quarter():
 
 
 def test_parse_phases():
-    assert sr.parse_phases("128:250:8,4096:30:2") == [(128, 250, 8), (4096, 30, 2)]
-    for bad in ("128:250", "128:0:8", "a:1:1", ""):
+    assert sr.parse_phases("128:250:8,4096:30:2:1280") == [(128, 250, 8, 128), (4096, 30, 2, 1280)]
+    for bad in ("128:250", "128:0:8", "a:1:1", "", "1:2:3:4:5"):
         with pytest.raises(ValueError, match="length:steps:batch"):
             sr.parse_phases(bad)
+
+
+def test_keep_ends_keeps_the_pair_and_query_at_their_positions():
+    full, ans, where = sr.make_batch(np.random.default_rng(1), 16, 1024, 1)
+    tok, pos = sr.keep_ends(full, 320)
+    assert tok.shape == pos.shape == (16, 320)
+    assert (pos[:, :256] == np.arange(256)).all() and (pos[:, 256:] == np.arange(960, 1024)).all()
+    assert (np.take_along_axis(full, pos, 1) == tok).all()
+    assert (tok[np.arange(16), where + 1] == ans).all() and (tok[:, -sr.N_QUERY:] == sr.QUERY).all()
+    for keep in (256, 1025):
+        with pytest.raises(ValueError, match="keep"):
+            sr.keep_ends(full, keep)
 
 
 @pytest.mark.parametrize("topk,expected", [(16, 1.0), (2, 0.0)])
