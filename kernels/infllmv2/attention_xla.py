@@ -54,19 +54,22 @@ def sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: ja
     def one_chunk(kb: jax.Array, vb: jax.Array, qch: jax.Array, idx: jax.Array,
                   qpos: jax.Array) -> jax.Array:
         safe = jnp.maximum(idx, 0)
-        ks, vs = gather(kb, safe), gather(vb, safe)  # [B, KV, c, topk, bs, D]
-        s = jnp.einsum("bkcgd,bkctsd->bkcgts", qch, ks,
+        n_keys = topk * block_size  # the selected blocks' keys, flat: one reduction axis
+        ks = gather(kb, safe).reshape(b, kvh, chunk, n_keys, d)
+        vs = gather(vb, safe).reshape(b, kvh, chunk, n_keys, d)
+        s = jnp.einsum("bkcgd,bkcsd->bkcgs", qch, ks,
                        preferred_element_type=jnp.float32) * scale
-        key_pos = idx[..., None] * block_size + jnp.arange(block_size)  # [B, KV, c, topk, bs]
-        mask = ((idx[..., None] >= 0) & (key_pos <= qpos[:, None, :, None, None])
-                & (key_pos < tk))
+        key_pos = (idx[..., None] * block_size + jnp.arange(block_size)).reshape(
+            b, kvh, chunk, n_keys)
+        mask = ((jnp.repeat(idx, block_size, axis=-1) >= 0)
+                & (key_pos <= qpos[:, None, :, None]) & (key_pos < tk))
         mask = mask[:, :, :, None]  # broadcast over G
         s = jnp.where(mask, s, -jnp.inf)
-        m = jnp.max(s, axis=(-2, -1), keepdims=True)
+        m = jnp.max(s, axis=-1, keepdims=True)
         p = jnp.where(mask, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-        den = p.sum(axis=(-2, -1), keepdims=True)
+        den = p.sum(axis=-1, keepdims=True)
         p = p / jnp.where(den > 0, den, 1.0)
-        o = jnp.einsum("bkcgts,bkctsd->bkcgd", p.astype(v.dtype), vs,
+        o = jnp.einsum("bkcgs,bkcsd->bkcgd", p.astype(v.dtype), vs,
                        preferred_element_type=jnp.float32)
         return o.astype(q.dtype)
 
