@@ -2,7 +2,8 @@
 the target frozen: ``python launch/train.py --config=configs/tiny_draft.py`` after the main job
 (``configs/tiny.py``, which writes ``runs/tiny``).
 
-Only the draft head learns (the objective's MTP term: predict x_{t+2} from h_t and x_{t+1}); the
+Only the draft head learns (the objective's MTP term: from h_t and x_{t+1}, predict the target's own
+distribution of x_{t+2}, self-distillation, since acceptance is judged against the target); the
 run keeps orbax checkpoints like any other and writes ``runs/tiny_draft/draft.safetensors`` in
 CPM.cu's EAGLE tensor layout, which ``launch/serve.py --draft=...`` and
 ``launch/generate.py --draft=...`` load.
@@ -17,6 +18,7 @@ def get_config():
     t = cfg.train
     t.freeze_target = "runs/tiny"
     t.mtp_weight = 1.0
+    t.mtp_distill = True  # learn what the target predicts, which is what verification accepts
     t.steps, t.warmup_steps, t.seq_len, t.global_batch_size = 200, 20, 256, 16
     t.lr = 3e-3
     t.log_every, t.eval_every = 20, 200

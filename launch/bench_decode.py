@@ -1,6 +1,11 @@
 """Decode-throughput benchmark: the cpmjax serving engine vs HF transformers ``generate``.
 
-    python launch/bench_decode.py            # tiny and small, batch 1 and 8, random weights
+    python launch/bench.py decode     # tiny and small, batch 1 and 8, plain/speculative/HF
+
+The tiny model is the trained one (``runs/tiny`` and its draft ``runs/tiny_draft``, from
+``launch/train.py --config=configs/tiny.py`` then ``--config=configs/tiny_draft.py``) when those
+runs exist, with held-out corpus prompts; otherwise, and for ``small``, random weights with an
+untrained draft (whose acceptance is a lower bound).
 
 Both sides run the same weights in the same process on this machine: the cpmjax params are exported
 with ``cpmjax.convert.save_hf(..., format="llama")`` (muP scales folded in) and loaded as
@@ -30,6 +35,8 @@ from cpmjax.config import ModelConfig  # noqa: E402
 from cpmjax.convert import save_hf  # noqa: E402
 from cpmjax.model import init_params  # noqa: E402
 from cpmjax.serve.engine import DecodeEngine  # noqa: E402
+from cpmjax.serve.generate import Speculative  # noqa: E402
+from cpmjax.serve.spec_engine import SpeculativeEngine  # noqa: E402
 from cpmjax.serve.scheduler import Scheduler  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
@@ -40,18 +47,25 @@ def _prompts(cfg: ModelConfig, batch: int, prompt_len: int) -> list[list[int]]:
     return rng.integers(3, cfg.vocab_size, (batch, prompt_len)).tolist()
 
 
-def time_cpmjax(cfg: ModelConfig, params: Any, prompts: list[list[int]], new_tokens: int
-                ) -> tuple[float, int]:
-    """(seconds, generated tokens) for one batch through the scheduler, after a warm-up batch."""
-    engine = DecodeEngine(cfg, max_slots=len(prompts), max_len=len(prompts[0]) + new_tokens + 1,
-                          chunk=64)
+def time_cpmjax(cfg: ModelConfig, params: Any, prompts: list[list[int]], new_tokens: int,
+                speculative: Speculative | None = None) -> tuple[float, int, float]:
+    """(seconds, generated tokens, mean accept length) for one batch through the scheduler, after
+    a warm-up batch; ``speculative`` runs the draft-and-verify engine instead of the plain one."""
+    kw = dict(max_slots=len(prompts), max_len=len(prompts[0]) + new_tokens + 1, chunk=64)
+    if speculative is None:
+        engine = DecodeEngine(cfg, **kw)
+    else:
+        kw["max_len"] += speculative.k
+        engine = SpeculativeEngine(cfg, speculative.draft_params, k=speculative.k,
+                                   frspec_ids=speculative.frspec_ids, **kw)
 
-    def once() -> tuple[float, int]:
+    def once() -> tuple[float, int, float]:
         sched = Scheduler(engine, params, max_queue=len(prompts))
-        reqs = [sched.submit(p, new_tokens, stop_token_ids=[]) for p in prompts]
+        reqs = [sched.submit(p, new_tokens, stop_token_ids=[], ignore_eos=True) for p in prompts]
         t = time.perf_counter()
         sched.run_until_done()
-        return time.perf_counter() - t, sum(len(r.output) for r in reqs)
+        return (time.perf_counter() - t, sum(len(r.output) for r in reqs),
+                sched.step_tokens / max(sched.decode_steps, 1))
 
     once()
     return once()
@@ -74,10 +88,47 @@ def time_hf(folder: Path, prompts: list[list[int]], new_tokens: int) -> tuple[fl
     return dt, int((out.shape[1] - ids.shape[1]) * ids.shape[0])
 
 
+TRAINED = {"tiny": ("runs/tiny", "runs/tiny_draft/draft.safetensors")}  # the README's two jobs
+
+
+def _corpus_prompts(batch: int, prompt_len: int) -> list[list[int]]:
+    """The first ``prompt_len`` tokens of held-out documents of the default corpus."""
+    from cpmjax.data.corpus import build_default_corpus
+    from cpmjax.data.pipeline import tokenize_documents
+    from cpmjax.data.sources import read_documents
+    from cpmjax.data.tokenizer import get_or_build_default_tokenizer
+
+    cache = ".cache/cpmjax"
+    docs = read_documents(str(build_default_corpus(cache) / "valid.jsonl"), "jsonl")
+    toks = tokenize_documents(docs, str(get_or_build_default_tokenizer(cache)))
+    rows = [list(map(int, t[:prompt_len])) for t in toks if len(t) >= prompt_len][:batch]
+    if len(rows) < batch:
+        raise ValueError(f"the held-out split has fewer than {batch} documents of {prompt_len} "
+                         "tokens")
+    return rows
+
+
+def _model(name: str) -> tuple[ModelConfig, Any, Any, str, Any]:
+    """(cfg, params, draft params, provenance, prompt maker): the trained tiny model and draft
+    when the README's jobs have written them, else random weights and an untrained draft."""
+    from cpmjax.model.mtp import init_mtp_params, load_mtp
+    from cpmjax.train.checkpoint import load_model
+
+    target, draft = TRAINED.get(name, (None, None))
+    if target and Path(target).exists() and Path(draft).is_file():
+        cfg, params = load_model(target)
+        return cfg, params, load_mtp(cfg, draft), f"trained ({target}, {draft})", _corpus_prompts
+    cfg = ModelConfig.from_hf_config(presets.PRESETS[name]())
+    return (cfg, init_params(cfg, jax.random.PRNGKey(0)), init_mtp_params(cfg, jax.random.key(1)),
+            "random weights, untrained draft", lambda b, n: _prompts(cfg, b, n))
+
+
 def run(presets_: tuple[str, ...] = ("tiny", "small"), batches: tuple[int, ...] = (1, 8),
-        prompt_len: int = 64, new_tokens: int = 64, torch_threads: int = 1,
+        prompt_len: int = 64, new_tokens: int = 64, torch_threads: int = 1, spec_k: int = 3,
         write: bool = True) -> list[dict[str, Any]]:
-    """Benchmark rows (one per preset x batch x implementation); appended to decode_<platform>.jsonl.
+    """Benchmark rows (preset x batch x {cpmjax plain, cpmjax speculative, HF}); appended to
+    decode_<platform>.jsonl. Speculative rows carry the mean accept length and their speedup over
+    the plain row measured just before in the same process.
 
     ``torch_threads=1`` is the baseline's best setting on the shared 2-core CPU machine: with 2
     threads HF generate of the tiny model ran 9x slower (8 vs 72 tok/s, measured 22 Nov 2026 under
@@ -89,24 +140,32 @@ def run(presets_: tuple[str, ...] = ("tiny", "small"), batches: tuple[int, ...] 
 
     rows = []
     for name in presets_:
-        cfg = ModelConfig.from_hf_config(presets.PRESETS[name]())
-        params = init_params(cfg, jax.random.PRNGKey(0))
+        cfg, params, draft, source, make_prompts = _model(name)
+        spec = Speculative(draft, spec_k)
         with tempfile.TemporaryDirectory() as tmp:
             folder = save_hf(cfg, params, Path(tmp) / "llama", format="llama")
             for batch in batches:
-                prompts = _prompts(cfg, batch, prompt_len)
-                for impl, fn in (("cpmjax", lambda: time_cpmjax(cfg, params, prompts, new_tokens)),
-                                 ("hf_transformers", lambda: time_hf(folder, prompts, new_tokens))):
-                    dt, n = fn()
-                    rows.append({"bench": "decode", "impl": impl, "preset": name, "batch": batch,
-                                 "prompt_len": prompt_len, "new_tokens": new_tokens,
-                                 "decoding": "plain", "dtype": "float32", "seconds": dt,
-                                 "tokens": n, "tokens_per_s": n / dt,
-                                 "device": jax.devices()[0].device_kind,
-                                 "platform": jax.default_backend(), "cpu_count": os.cpu_count(),
-                                 "torch_threads": torch.get_num_threads(),
-                                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-                    print(json.dumps(rows[-1]), flush=True)
+                prompts = make_prompts(batch, prompt_len)
+                runs = (("cpmjax", "plain", lambda: time_cpmjax(cfg, params, prompts, new_tokens)),
+                        ("cpmjax", "speculative",
+                         lambda: time_cpmjax(cfg, params, prompts, new_tokens, spec)),
+                        ("hf_transformers", "plain",
+                         lambda: (*time_hf(folder, prompts, new_tokens), 1.0)))
+                for impl, decoding, fn in runs:
+                    dt, n, accept = fn()
+                    row = {"bench": "decode", "impl": impl, "preset": name, "batch": batch,
+                           "prompt_len": prompt_len, "new_tokens": new_tokens,
+                           "decoding": decoding, "dtype": "float32", "seconds": dt,
+                           "tokens": n, "tokens_per_s": n / dt, "weights": source,
+                           "device": jax.devices()[0].device_kind,
+                           "platform": jax.default_backend(), "cpu_count": os.cpu_count(),
+                           "torch_threads": torch.get_num_threads(),
+                           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                    if decoding == "speculative":
+                        row.update(k=spec_k, mean_accept_length=accept,
+                                   speedup_vs_plain=row["tokens_per_s"] / rows[-1]["tokens_per_s"])
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     if write:
         RESULTS.mkdir(parents=True, exist_ok=True)
         with open(RESULTS / f"decode_{jax.default_backend()}.jsonl", "a") as f:

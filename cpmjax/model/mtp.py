@@ -123,12 +123,17 @@ def mtp_logits(mtp_params: Params, params: Params, cfg: ModelConfig, hidden: jax
 
 
 def mtp_loss(mtp_params: Params, params: Params, cfg: ModelConfig, hidden: jax.Array,
-             batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+             batch: dict[str, jax.Array], teacher_logits: jax.Array | None = None
+             ) -> tuple[jax.Array, jax.Array]:
     """(sum of CE of x_{i+2}, number of counted positions) for a packed batch.
 
     ``batch`` has ``inputs``, ``targets`` (= inputs shifted by one), ``positions``,
     ``segment_ids`` and ``loss_mask``. Position i counts iff targets i and i+1 are both loss targets
     and x_i, x_{i+2} lie in the same document, so nothing is predicted across a boundary.
+    With ``teacher_logits [B, T, V]`` (the target model's logits on the same batch) the label at i
+    is the target's own distribution of x_{i+2} (softmax of its logits at i+1) instead of the data
+    token: a draft is judged by what the target accepts, not by the corpus (self-distillation, as
+    Medusa-2, arXiv:2401.10774 §2.3.2, trains its heads).
     """
     tgt = batch["targets"]
     h = mtp_forward(mtp_params, params, cfg, hidden, tgt, batch["positions"], batch["segment_ids"])
@@ -137,7 +142,12 @@ def mtp_loss(mtp_params: Params, params: Params, cfg: ModelConfig, hidden: jax.A
     mask = (batch["loss_mask"][:, :-1] * batch["loss_mask"][:, 1:]
             * (seg[:, :-1] == seg[:, 1:])).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    nll = -jnp.take_along_axis(logp, tgt[:, 1:, None], axis=-1)[..., 0]
+    if teacher_logits is None:
+        nll = -jnp.take_along_axis(logp, tgt[:, 1:, None], axis=-1)[..., 0]
+    else:
+        teacher = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits[:, 1:]).astype(jnp.float32),
+                                 axis=-1)
+        nll = -jnp.sum(teacher * logp, axis=-1)
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 

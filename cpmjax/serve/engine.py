@@ -86,7 +86,7 @@ class DecodeEngine:
         self.draft_args: Any = None
         self.speculative_k: int | None = None
         self._prefill_chunk = self._jit("prefill", self._prefill_chunk_impl, donate=(2, 3, 4))
-        self._insert = self._jit("insert", self._insert_impl, donate=(0,))
+        self._insert = self._jit("insert", self._insert_impl, donate=(2,))
         self._generate = self._jit("generate", self._generate_impl, donate=(2,))
         self._release = self._jit("release", self._release_impl, donate=(0,))
 
@@ -175,32 +175,39 @@ class DecodeEngine:
                            top_k=zi(), top_p=jnp.ones((B,), jnp.float32),
                            repetition_penalty=jnp.ones((B,), jnp.float32), seed=zi())
 
-    def _insert_impl(self, state: DecodeState, prefix_cache: KVCache, prefix_draft: Any,
-                     logits: jax.Array, seen: jax.Array, length: jax.Array, slot: jax.Array,
-                     temperature: jax.Array,
+    def _insert_impl(self, params: Params, draft_args: Any, state: DecodeState,
+                     prefix_cache: KVCache, prefix_draft: Any, logits: jax.Array, seen: jax.Array,
+                     length: jax.Array, slot: jax.Array, temperature: jax.Array,
                      top_k: jax.Array, top_p: jax.Array, repetition_penalty: jax.Array,
                      seed: jax.Array) -> tuple[DecodeState, jax.Array]:
-        params = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
-                  "repetition_penalty": repetition_penalty, "seed": seed}
+        settings = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                    "repetition_penalty": repetition_penalty, "seed": seed}
         first = sample(logits[None], seen[None], jnp.zeros((1,), jnp.int32),
-                       **{k: v[None] for k, v in params.items()})[0]
+                       **{k: v[None] for k, v in settings.items()})[0]
         cache = {k: jax.lax.dynamic_update_slice_in_dim(state.cache[k], prefix_cache[k], slot,
                                                         axis=1) for k in state.cache}
+        prefix_draft = self._draft_insert(params, draft_args, prefix_draft, first, length)
         draft = jax.tree.map(lambda s, p: jax.lax.dynamic_update_slice_in_dim(s, p, slot, axis=0),
                              state.draft, prefix_draft)
         row = seen.at[first].set(True)
         new = state._replace(cache=cache, draft=draft, tokens=state.tokens.at[slot].set(first),
                              lengths=state.lengths.at[slot].set(length),
                              steps=state.steps.at[slot].set(1), seen=state.seen.at[slot].set(row),
-                             **{k: getattr(state, k).at[slot].set(v) for k, v in params.items()})
+                             **{k: getattr(state, k).at[slot].set(v) for k, v in settings.items()})
         return new, first
 
-    def insert(self, prefix: Prefix, state: DecodeState, slot: int,
+    def _draft_insert(self, params: Params, draft_args: Any, prefix_draft: Any, first: jax.Array,
+                      length: jax.Array) -> Any:
+        """Hook for engines with a draft model: let it read the first sampled token; nothing here."""
+        return prefix_draft
+
+    def insert(self, params: Params, prefix: Prefix, state: DecodeState, slot: int,
                sampling: SamplingParams = SamplingParams()) -> tuple[DecodeState, jax.Array]:
         """Put a prefilled prompt into ``slot``; returns the new state and the first token."""
         if not 0 <= slot < self.max_slots:
             raise ValueError(f"slot must be in [0, {self.max_slots}), got {slot}")
-        return self._insert(state, prefix.cache, prefix.draft, prefix.logits, prefix.seen,
+        return self._insert(params, self.draft_args, state, prefix.cache, prefix.draft,
+                            prefix.logits, prefix.seen,
                             np.int32(prefix.length), np.int32(slot),
                             np.float32(sampling.temperature), np.int32(sampling.top_k),
                             np.float32(sampling.top_p), np.float32(sampling.repetition_penalty),
@@ -223,11 +230,12 @@ class DecodeEngine:
                              steps=state.steps + active.astype(jnp.int32))
         return new, nxt[:, None], active.astype(jnp.int32)
 
-    def generate(self, params: Params, state: DecodeState
+    def generate(self, params: Params, state: DecodeState, all_greedy: bool = False
                  ) -> tuple[DecodeState, jax.Array, jax.Array]:
         """One decode step for every slot: (new state, tokens ``[B, W]``, counts ``[B]``); slot b
         produced ``tokens[b, :counts[b]]`` in order (W = 1 here; speculative engines emit up to
-        k+1 per step). Idle slots have count 0."""
+        k+1 per step). Idle slots have count 0. ``all_greedy`` is a hint that every busy slot
+        samples at temperature 0 (the plain step needs none: its sampler branches on device)."""
         return self._generate(params, self.draft_args, state)
 
     def check_sampling(self, sampling: SamplingParams) -> None:

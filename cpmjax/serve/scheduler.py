@@ -216,7 +216,8 @@ class Scheduler:
             if prefix is None:
                 continue
             self._prefilling = None
-            self.state, first = self.engine.insert(prefix, self.state, slot, req.sampling)
+            self.state, first = self.engine.insert(self.params, prefix, self.state, slot,
+                                                   req.sampling)
             self.slots[slot] = req
             self.tokens_generated += 1
             self._token_times.append((time.monotonic(), 1))
@@ -230,7 +231,8 @@ class Scheduler:
         self._admit()
         if self.active == 0:
             return False
-        self.state, tokens, counts = self.engine.generate(self.params, self.state)
+        greedy = all(r.sampling.temperature == 0 for r in self.slots if r is not None)
+        self.state, tokens, counts = self.engine.generate(self.params, self.state, greedy)
         tokens, counts = np.asarray(tokens), np.asarray(counts)
         n = 0
         for slot, req in enumerate(self.slots):

@@ -4,8 +4,9 @@ MTP/EAGLE head and verifies them in one target forward (``cpmjax.serve.speculati
 Same JetStream contract and static shapes as :class:`DecodeEngine`, so the scheduler, the server and
 ``generate`` run it unchanged; slots join and leave between steps and each slot accepts its own
 number of tokens per step. The draft is kept in step with the prompt during prefill (its layer
-reads every (target hidden, next token) pair of the prompt but the last, which the first step
-reads), and its cache lives in the decode state next to the target's.
+reads every (target hidden, next token) pair of the prompt but the last, whose next token is
+sampled at insert, which then reads it), and its cache lives in the decode state next to the
+target's.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class SpeculativeEngine(DecodeEngine):
             raise ValueError(f"draft length k must be an integer >= 1, got {k!r}")
         super().__init__(cfg, **kw)
         self.speculative_k = int(k)
+        self._greedy_generate = self._jit("generate_greedy", self._greedy_generate_impl,
+                                          donate=(2,))
         self.set_draft(draft_params, frspec_ids)
 
     def set_draft(self, draft_params: Params, frspec_ids: Any = None) -> None:
@@ -68,21 +71,43 @@ class SpeculativeEngine(DecodeEngine):
                               jnp.maximum(next_tokens, 0), pos, cache_kv=(draft["k"], draft["v"]))
         return {"k": k, "v": v, "h": hidden[:, last].astype(jnp.float32)}
 
+    def _draft_insert(self, params: Params, draft_args: Any, prefix_draft: Any, first: jax.Array,
+                      length: jax.Array) -> dict[str, jax.Array]:
+        """The draft reads the prompt's last pair (its hidden state, the first sampled token);
+        its output is the feature the first round's first proposal comes from."""
+        h, (k, v) = mtp_block(dense_draft(draft_args["params"], self.cfg, self.dtype), params,
+                              self.cfg, prefix_draft["h"][:, None].astype(self.dtype),
+                              first[None, None], (length - 1)[None, None],
+                              cache_kv=(prefix_draft["k"], prefix_draft["v"]))
+        return {"k": k, "v": v, "h": h[:, 0].astype(jnp.float32)}
+
     def init_decode_state(self) -> DecodeState:
         return super().init_decode_state()._replace(
             draft=init_draft_cache(self.cfg, self.max_slots, self.max_len, self.dtype))
 
     # ---- generate: one speculative round -------------------------------------------------
-    def _generate_impl(self, params: Params, draft_args: Any, state: DecodeState
-                       ) -> tuple[DecodeState, jax.Array, jax.Array]:
+    def _generate_impl(self, params: Params, draft_args: Any, state: DecodeState,
+                       all_greedy: bool = False) -> tuple[DecodeState, jax.Array, jax.Array]:
         keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(
             state.seed, state.steps)
         r = speculative_round(params, draft_args["params"], self.cfg, self.speculative_k,
                               state.cache, state.draft, state.tokens, state.lengths, keys,
                               RowSampling(state.temperature, state.top_k, state.top_p),
-                              draft_args["vocab_ids"], self.dtype)
+                              draft_args["vocab_ids"], self.dtype, all_greedy)
         active = state.lengths >= 0
         new = state._replace(cache=r.cache, draft=r.draft, tokens=r.last,
                              lengths=jnp.where(active, state.lengths + r.count, -1),
                              steps=state.steps + r.count)
         return new, r.tokens, r.count
+
+    def _greedy_generate_impl(self, params: Params, draft_args: Any, state: DecodeState
+                              ) -> tuple[DecodeState, jax.Array, jax.Array]:
+        return self._generate_impl(params, draft_args, state, all_greedy=True)
+
+    def generate(self, params: Params, state: DecodeState, all_greedy: bool = False
+                 ) -> tuple[DecodeState, jax.Array, jax.Array]:
+        """One speculative round; ``all_greedy`` (every busy slot at temperature 0, known to the
+        scheduler) runs the argmax-only variant, compiled once on first use."""
+        if all_greedy:
+            return self._greedy_generate(params, self.draft_args, state)
+        return self._generate(params, self.draft_args, state)

@@ -3,12 +3,13 @@ verification by the target, lossless acceptance. Pure functions over decode-slot
 engine (``cpmjax.serve.engine.SpeculativeEngine``) runs them as its decode step.
 
 A row holds committed tokens x_0..x_m; the target cache holds positions 0..m-1 and ``last`` = x_m
-goes at position m (the engine's ``lengths``). The draft cache holds positions 0..m-2, and ``h``
-is the target's hidden state at position m-1. One round, per row:
+goes at position m (the engine's ``lengths``). The draft cache holds positions 0..m-1: the draft
+layer has read every pair (target hidden at i, x_{i+1}) up to i = m-1, and ``h`` is its output
+there, the feature of its first proposal. One round, per row:
 
-1. draft: the draft layer reads (h, x_m) at position m-1 and proposes d_0; then (its own output
-   feature, d_{j-1}) at position m-1+j proposes d_j, EAGLE-style, for j < k. FR-Spec restricts its
-   head to a vocabulary subset;
+1. draft: d_0 comes from ``h``; then the draft layer reads (its own output feature, d_{j-1}) at
+   position m-1+j and proposes d_j, EAGLE-style, for 0 < j < k. FR-Spec restricts its head to a
+   vocabulary subset;
 2. ONE target forward over [x_m, d_0..d_{k-1}] at positions m..m+k gives the target distributions
    p_0..p_k and hidden states;
 3. acceptance (Leviathan et al. 2023, arXiv:2211.17192, Thm. 1): accept d_i with probability
@@ -18,9 +19,10 @@ is the target's hidden state at position m-1. One round, per row:
    target's argmax) and one-hot q (at the draft's argmax): the same rule then accepts exactly the
    drafts equal to the target's argmax and emits the argmax at the first mismatch, which is plain
    greedy decoding token for token;
-4. catch-up: the draft layer re-reads the accepted pairs (target hidden at m+j, d_j) for j < n at
-   positions m..m+n-1, overwriting the entries its own proposals wrote; the pair at m+n is read at
-   step 1 of the next round.
+4. catch-up: the draft layer re-reads the accepted pairs (target hidden at m+j, token m+j+1) for
+   j <= n at positions m..m+n, overwriting what its own proposals wrote; its output at m+n is the
+   next round's ``h``. So a round costs k draft-layer passes (k-1 proposals + 1 catch-up) and one
+   target pass; the engine's insert does the prompt's last pair once.
 
 Both caches are position-addressed, so rejected entries are simply overwritten later; idle rows
 use position -1, which is never written. Rows are independent: each has its own sampling
@@ -45,7 +47,7 @@ from cpmjax.model.params import Params
 from cpmjax.quant.qforward import dense_draft, layer_transform_for
 from cpmjax.serve.sampling import top_k_mask, top_p_mask
 
-DraftCache = dict[str, jax.Array]  # "k", "v": [B, S, KV, hd]; "h": [B, d] target hidden at m-1
+DraftCache = dict[str, jax.Array]  # "k", "v": [B, S, KV, hd]; "h": [B, d] draft feature of d_0
 
 
 def accept_chain(p: jax.Array, q: jax.Array, draft: jax.Array, keys: jax.Array
@@ -94,12 +96,11 @@ def target_probs(logits: jax.Array, s: RowSampling) -> jax.Array:
     return jax.lax.cond(jnp.any(s.temperature > 0), warped, lambda _: greedy, None)
 
 
-def draft_choice(params: Params, cfg: ModelConfig, h: jax.Array, keys: jax.Array,
-                 temperature: jax.Array, vocab_ids: jax.Array | None
-                 ) -> tuple[jax.Array, jax.Array]:
-    """(draft token [B], its distribution q over the FULL vocabulary [B, V]) from draft features
-    ``h [B, d]``: the argmax for greedy rows, a sample of softmax(logits / T) otherwise."""
-    logits = lm_head(params, cfg, h[:, None], vocab_ids)[:, 0]
+def draft_sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array,
+                 vocab_ids: jax.Array | None, vocab_size: int) -> tuple[jax.Array, jax.Array]:
+    """(draft token [B], its distribution q over the FULL vocabulary [B, V]) from draft-head
+    ``logits [B, N]`` (N = len(vocab_ids) with FR-Spec): the argmax for greedy rows, a sample of
+    softmax(logits / T) otherwise."""
     t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
     drawn = jax.vmap(jax.random.categorical)(keys, logits / t)
     idx = jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1))
@@ -107,8 +108,16 @@ def draft_choice(params: Params, cfg: ModelConfig, h: jax.Array, keys: jax.Array
                       jax.nn.one_hot(idx, logits.shape[-1], dtype=jnp.float32))
     if vocab_ids is None:
         return idx.astype(jnp.int32), probs
-    full = jnp.zeros((h.shape[0], cfg.vocab_size), probs.dtype).at[:, vocab_ids].set(probs)
+    full = jnp.zeros((logits.shape[0], vocab_size), probs.dtype).at[:, vocab_ids].set(probs)
     return vocab_ids[idx].astype(jnp.int32), full
+
+
+def accept_greedy(logits: jax.Array, draft: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """:func:`accept_chain` for rows that are all greedy, without building distributions: the
+    drafts equal to the target's argmax up to the first mismatch, then the argmax there."""
+    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, k+1]
+    n = jnp.sum(jnp.cumprod((draft == best[:, :-1]).astype(jnp.int32), axis=-1), axis=-1)
+    return n, best[jnp.arange(best.shape[0]), n]
 
 
 class RoundOut(NamedTuple):
@@ -124,44 +133,57 @@ class RoundOut(NamedTuple):
 def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k: int,
                       cache: KVCache, draft: DraftCache, last: jax.Array, lengths: jax.Array,
                       keys: jax.Array, sampling: RowSampling, vocab_ids: jax.Array | None,
-                      dtype: Any = jnp.float32) -> RoundOut:
+                      dtype: Any = jnp.float32, all_greedy: bool = False) -> RoundOut:
     """Draft k tokens, verify them in one target step and accept (see the module docstring).
 
     ``lengths [B]`` is where ``last`` goes in the target cache (-1: idle row); ``keys [B]`` one
-    PRNG key per row, fresh every round.
+    PRNG key per row, fresh every round. ``all_greedy`` (static) promises every row is greedy:
+    drafts and acceptance then use argmaxes only (same tokens, no vocabulary-sized sampling work,
+    which dominates a small model's round).
     """
     B = last.shape[0]
     active = lengths >= 0
     draft_params = dense_draft(draft_params, cfg, dtype)
     step_keys = jax.vmap(lambda key: jax.random.split(key, k + 1))(keys)  # [B, k+1]
-    h, tok, kv = draft["h"], last, (draft["k"], draft["v"])
+    h, kv = draft["h"], (draft["k"], draft["v"])
     drafts, qs = [], []
     for j in range(k):
-        pos = jnp.where(active, lengths - 1 + j, -1)[:, None]
-        h, kv = mtp_block(draft_params, params, cfg, h[:, None].astype(dtype), tok[:, None], pos,
-                          cache_kv=kv)
-        h = h[:, 0]
-        tok, q = draft_choice(params, cfg, h, step_keys[:, j], sampling.temperature, vocab_ids)
+        if j > 0:  # the draft reads its own previous proposal
+            pos = jnp.where(active, lengths - 1 + j, -1)[:, None]
+            h, kv = mtp_block(draft_params, params, cfg, h[:, None].astype(dtype),
+                              tok[:, None], pos, cache_kv=kv)
+            h = h[:, 0]
+        logits = lm_head(params, cfg, h[:, None], vocab_ids)[:, 0]
+        if all_greedy:
+            tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            tok = tok if vocab_ids is None else vocab_ids[tok]
+        else:
+            tok, q = draft_sample(logits, step_keys[:, j], sampling.temperature, vocab_ids,
+                                  cfg.vocab_size)
+            qs.append(q)
         drafts.append(tok)
-        qs.append(q)
     drafted = jnp.stack(drafts, 1)
     ar = jnp.arange(k + 1)[None]
     out = forward(params, cfg, jnp.concatenate([last[:, None], drafted], 1),
                   positions=jnp.where(active[:, None], lengths[:, None] + ar, -1), cache=cache,
                   dtype=dtype, layer_transform=layer_transform_for(params, cfg, dtype))
-    n, nxt = accept_chain(target_probs(out.logits, sampling), jnp.stack(qs, 1), drafted,
-                          step_keys[:, k])
+    if all_greedy:
+        n, nxt = accept_greedy(out.logits, drafted)
+    else:
+        n, nxt = accept_chain(target_probs(out.logits, sampling), jnp.stack(qs, 1), drafted,
+                              step_keys[:, k])
     new = jnp.concatenate([drafted, drafted[:, :1]], 1).at[jnp.arange(B), n].set(nxt)
-    catch_up = jnp.where(active[:, None] & (ar < n[:, None]), lengths[:, None] + ar, -1)
-    _, kv = mtp_block(draft_params, params, cfg, out.hidden, new, catch_up, cache_kv=kv)
-    h_next = jnp.where(active[:, None], out.hidden[jnp.arange(B), n], draft["h"])
+    catch_up = jnp.where(active[:, None] & (ar <= n[:, None]), lengths[:, None] + ar, -1)
+    hc, kv = mtp_block(draft_params, params, cfg, out.hidden, new, catch_up, cache_kv=kv)
+    h_next = jnp.where(active[:, None], hc[jnp.arange(B), n], draft["h"])
     return RoundOut(out.cache, {"k": kv[0], "v": kv[1], "h": h_next.astype(draft["h"].dtype)},
                     new, jnp.where(active, n + 1, 0), jnp.where(active, nxt, last))
 
 
 def init_draft_cache(cfg: ModelConfig, batch: int, max_len: int,
                      dtype: Any = jnp.float32) -> DraftCache:
-    """The draft layer's own KV cache ``[B, S, KV, hd]`` and the per-row target feature ``[B, d]``."""
+    """The draft layer's own KV cache ``[B, S, KV, hd]`` and its per-row output feature ``[B, d]``
+    (during prefill: the target's hidden state at the prompt's last token)."""
     shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "h": jnp.zeros((batch, cfg.hidden_size), jnp.float32)}

@@ -38,6 +38,7 @@ def experiment_config(model: Mapping[str, Any], name: str) -> ml_collections.Con
     # a trained target (run dir or HF folder): train only the MTP/EAGLE draft head on top of it,
     # frozen (spec §3.2); needs mtp_weight > 0 and the target's model config
     t.freeze_target = ""
+    t.mtp_distill = False  # MTP labels = the model's own next-next-token distribution (drafts)
     t.log_every = 20
     t.eval_every = 200
     t.eval_batches = 8

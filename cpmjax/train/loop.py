@@ -108,7 +108,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     batch_shape = (t.global_batch_size, t.seq_len)
     step_fn = jit_train_step(make_train_step(model_cfg, tx, grad_accum=t.grad_accum, dtype=dtype,
                                              remat=t.remat, mtp_weight=t.mtp_weight,
-                                             freeze_model=bool(t.get("freeze_target"))),
+                                             freeze_model=bool(t.get("freeze_target")),
+                                             mtp_distill=bool(t.get("mtp_distill"))),
                              state_sh, mesh, batch_shape)
     eval_fn = jax.jit(make_eval_step(model_cfg, dtype))
 

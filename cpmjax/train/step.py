@@ -113,10 +113,11 @@ def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
 
 def make_grad_fn(cfg: ModelConfig, *, grad_accum: int = 1, dtype: Any = jnp.float32,
                  remat: str = "none", mtp_weight: float = 0.0,
-                 freeze_model: bool = False) -> Callable[..., Any]:
+                 freeze_model: bool = False, mtp_distill: bool = False) -> Callable[..., Any]:
     """``grads(tree, batch) -> (grads, metrics)`` of the mean-token objective over the whole batch,
     accumulated over ``grad_accum`` microbatches (scan); ``tree`` is what the optimizer sees.
-    ``freeze_model``: the model is a constant (zero gradients, no backward pass through it)."""
+    ``freeze_model``: the model is a constant (zero gradients, no backward pass through it).
+    ``mtp_distill``: the MTP head learns the model's own next-next-token distribution."""
     with_mtp = mtp_weight > 0
 
     def objective(tree: Any, micro: dict[str, jax.Array], counts: jax.Array
@@ -128,7 +129,8 @@ def make_grad_fn(cfg: ModelConfig, *, grad_accum: int = 1, dtype: Any = jnp.floa
                       segment_ids=micro["segment_ids"], dtype=dtype, remat=remat)
         sums = [_nll_sum(out.logits, micro["targets"], micro["loss_mask"])]
         if with_mtp:
-            sums.append(mtp_loss(mtp_params, params, cfg, out.hidden, micro)[0])
+            teacher = out.logits if mtp_distill else None
+            sums.append(mtp_loss(mtp_params, params, cfg, out.hidden, micro, teacher)[0])
         sums = jnp.stack(sums)
         weights = jnp.asarray([1.0, mtp_weight][:len(sums)])
         return jnp.sum(weights * sums / counts), sums
@@ -159,11 +161,14 @@ def make_grad_fn(cfg: ModelConfig, *, grad_accum: int = 1, dtype: Any = jnp.floa
 
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, *, grad_accum: int = 1,
                     dtype: Any = jnp.float32, remat: str = "none",
-                    mtp_weight: float = 0.0, freeze_model: bool = False) -> Callable[..., Any]:
+                    mtp_weight: float = 0.0, freeze_model: bool = False,
+                    mtp_distill: bool = False) -> Callable[..., Any]:
     """``step(state, batch) -> (state, metrics)``; batch leaves are ``[global_batch, T]``.
-    ``freeze_model``: only the MTP head learns (draft training on a frozen target)."""
+    ``freeze_model``: only the MTP head learns (draft training on a frozen target);
+    ``mtp_distill``: its labels are the model's own predictions (see ``mtp_loss``)."""
     grad_fn = make_grad_fn(cfg, grad_accum=grad_accum, dtype=dtype, remat=remat,
-                           mtp_weight=mtp_weight, freeze_model=freeze_model)
+                           mtp_weight=mtp_weight, freeze_model=freeze_model,
+                           mtp_distill=mtp_distill)
 
     def step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
         tree = trainable(state)

@@ -52,7 +52,8 @@ def test_engine_with_joins_equals_plain_greedy_and_compiles_once(setup):
         sched, got = _run(spec, params, stop_token_ids=[])
         for w, g in zip(want, got):
             assert g.output == w.output and g.finish_reason == w.finish_reason
-        assert spec.compilations["generate"] == 1 and spec.compilations["prefill"] == 1
+        assert spec.compilations["generate_greedy"] == 1 and spec.compilations["prefill"] == 1
+        assert spec.compilations["generate"] == 0  # all greedy: the sampling round never ran
         m = sched.metrics()
         assert m["speculative_k"] == k and 1.0 <= m["mean_accept_length"] <= k + 1
         assert m["decode_steps"] == sum(r.decode_steps for r in got)
