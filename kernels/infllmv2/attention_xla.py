@@ -35,6 +35,9 @@ def sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: ja
     ``s <= q_pos`` (s < Tk); a query with none (e.g. q_pos < 0, padding) gives zeros."""
     b, tq, h, d = q.shape
     tk, kvh = k.shape[1], k.shape[2]
+    # rows are ascending with -1 padding, so slots past the number of blocks are all -1:
+    # gather no more than there are blocks (a short cache with a large topk)
+    block_idx = block_idx[..., :-(-tk // block_size)]
     g, topk = h // kvh, block_idx.shape[-1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     kb, vb = kv_blocks(k, block_size), kv_blocks(v, block_size)
