@@ -19,8 +19,8 @@ def get_config():
     t.freeze_target = "runs/tiny"
     t.mtp_weight = 1.0
     t.mtp_distill = True  # learn what the target predicts, which is what verification accepts
-    t.steps, t.warmup_steps, t.seq_len, t.global_batch_size = 200, 20, 256, 16
+    t.steps, t.warmup_steps, t.seq_len, t.global_batch_size = 600, 30, 256, 16
     t.lr = 3e-3
-    t.log_every, t.eval_every = 20, 200
-    cfg.checkpoint.every = 100
+    t.log_every, t.eval_every = 50, 600
+    cfg.checkpoint.every = 200
     return cfg

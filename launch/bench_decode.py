@@ -88,7 +88,8 @@ def time_hf(folder: Path, prompts: list[list[int]], new_tokens: int) -> tuple[fl
     return dt, int((out.shape[1] - ids.shape[1]) * ids.shape[0])
 
 
-TRAINED = {"tiny": ("runs/tiny", "runs/tiny_draft/draft.safetensors")}  # the README's two jobs
+# the README's jobs: target, draft, FR-Spec ranking (launch/build_frspec.py, used if present)
+TRAINED = {"tiny": ("runs/tiny", "runs/tiny_draft/draft.safetensors", "runs/tiny_draft/frspec.npy")}
 
 
 def _corpus_prompts(batch: int, prompt_len: int) -> list[list[int]]:
@@ -108,18 +109,24 @@ def _corpus_prompts(batch: int, prompt_len: int) -> list[list[int]]:
     return rows
 
 
-def _model(name: str) -> tuple[ModelConfig, Any, Any, str, Any]:
-    """(cfg, params, draft params, provenance, prompt maker): the trained tiny model and draft
-    when the README's jobs have written them, else random weights and an untrained draft."""
+def _model(name: str, k: int) -> tuple[ModelConfig, Any, Speculative, str, Any]:
+    """(cfg, params, speculative settings, provenance, prompt maker): the trained tiny model, its
+    draft and FR-Spec ranking when the README's jobs have written them, else random weights and an
+    untrained draft."""
     from cpmjax.model.mtp import init_mtp_params, load_mtp
+    from cpmjax.serve.frspec import load_frspec
     from cpmjax.train.checkpoint import load_model
 
-    target, draft = TRAINED.get(name, (None, None))
+    target, draft, frspec = TRAINED.get(name, (None, None, None))
     if target and Path(target).exists() and Path(draft).is_file():
         cfg, params = load_model(target)
-        return cfg, params, load_mtp(cfg, draft), f"trained ({target}, {draft})", _corpus_prompts
+        ids = load_frspec(frspec, cfg.vocab_size) if Path(frspec).is_file() else None
+        return (cfg, params, Speculative(load_mtp(cfg, draft), k, ids),
+                f"trained ({target}, {draft}, frspec {'none' if ids is None else len(ids)})",
+                _corpus_prompts)
     cfg = ModelConfig.from_hf_config(presets.PRESETS[name]())
-    return (cfg, init_params(cfg, jax.random.PRNGKey(0)), init_mtp_params(cfg, jax.random.key(1)),
+    return (cfg, init_params(cfg, jax.random.PRNGKey(0)),
+            Speculative(init_mtp_params(cfg, jax.random.key(1)), k),
             "random weights, untrained draft", lambda b, n: _prompts(cfg, b, n))
 
 
@@ -140,8 +147,7 @@ def run(presets_: tuple[str, ...] = ("tiny", "small"), batches: tuple[int, ...] 
 
     rows = []
     for name in presets_:
-        cfg, params, draft, source, make_prompts = _model(name)
-        spec = Speculative(draft, spec_k)
+        cfg, params, spec, source, make_prompts = _model(name, spec_k)
         with tempfile.TemporaryDirectory() as tmp:
             folder = save_hf(cfg, params, Path(tmp) / "llama", format="llama")
             for batch in batches:
@@ -163,6 +169,8 @@ def run(presets_: tuple[str, ...] = ("tiny", "small"), batches: tuple[int, ...] 
                            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
                     if decoding == "speculative":
                         row.update(k=spec_k, mean_accept_length=accept,
+                                   frspec_size=None if spec.frspec_ids is None
+                                   else len(spec.frspec_ids),
                                    speedup_vs_plain=row["tokens_per_s"] / rows[-1]["tokens_per_s"])
                     rows.append(row)
                     print(json.dumps(row), flush=True)
