@@ -12,8 +12,11 @@ prints a table and appends JSON lines to bench/results/attention_cpu.jsonl.
 stage 2 gathering only the selected blocks) against the masked path decode used before
 (selection + dense attention over the whole cache under the block mask).
 Head shapes: MiniCPM4-8B has G = 16 query heads per KV head and D = 128; for a 2-core CPU we use
-one KV head, G = 8, D = 32 (FLOP ratios do not depend on H or D), and fwd+bwd only up to
-8K, so the whole run takes minutes on a shared 2-core machine. Block 64, kernels 32/16,
+one KV head, G = 8, D = 32 (FLOP ratios do not depend on H or D). Fwd+bwd was once cut at 8K
+for time, not memory: compiled temporaries of fwd+bwd at 32K are 0.41 GiB sparse and 1.54 GiB
+dense (peak RSS 4.3 GB), but 32K fwd+bwd alone takes ~11 min on the shared 2-core CPU (dense
+511 s), so the whole run takes ~30 min; `run_prefill(lengths=(32768,), backward_up_to=32768,
+forward=False)` adds one length's fwd+bwd rows alone. Block 64, kernels 32/16,
 topk 96, local 32 blocks, init 1 (MiniCPM4 sparse_config, spec MINICPM4.md §2.1).
 """
 from __future__ import annotations
@@ -87,8 +90,10 @@ def run() -> list[dict[str, Any]]:
 
 
 def run_prefill(lengths: tuple[int, ...] = (4096, 8192, 16384, 32768), heads_per_kv: int = 8,
-        head_dim: int = 32, backward_up_to: int = 8192, out_path: str = RESULTS) -> list[dict[str, Any]]:
-    """Benchmark each length; fwd+bwd only for lengths <= backward_up_to. Returns the records."""
+        head_dim: int = 32, backward_up_to: int = 32768, forward: bool = True,
+        out_path: str = RESULTS) -> list[dict[str, Any]]:
+    """Benchmark each length; fwd+bwd only for lengths <= backward_up_to; ``forward=False``
+    skips the forward-only timing (to add fwd+bwd rows alone). Returns the records."""
     dev = jax.devices()[0]
     device = f"{dev.platform}:{dev.device_kind} x{jax.device_count()} ({os.cpu_count()} cpu)"
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -110,16 +115,17 @@ def run_prefill(lengths: tuple[int, ...] = (4096, 8192, 16384, 32768), heads_per
         slots = min(SPARSE["topk"], -(-t // bs))  # the gather path reads every slot
         sparse_flops = 2 * head_dim * (n1 * 1.25) + 4 * head_dim * slots * bs
         dense_flops = 4 * head_dim * t  # masked XLA dense computes every key
-        cfg = dict(device=device, config=f"T{t}_G{heads_per_kv}_D{head_dim}_kv1_b64_topk96",
+        cfg = dict(device=device, load_avg_1m=os.getloadavg()[0], config=f"T{t}_G{heads_per_kv}_D{head_dim}_kv1_b64_topk96",
                    seq_len=t, heads_per_kv=heads_per_kv, head_dim=head_dim, jax=jax.__version__,
                    time=stamp, dense_baseline="query-chunked masked causal softmax (XLA)")
         rows = [dict(metric="attended_tokens_per_query", value=attended, baseline=dense_causal_keys,
                      ratio=attended / dense_causal_keys, higher_is_better=False),
                 dict(metric="flops_per_query_head", value=sparse_flops, baseline=dense_flops,
                      ratio=sparse_flops / dense_flops, higher_is_better=False)]
-        fs, fd = _time(sparse, q, k, v), _time(dense_causal, q, k, v)
-        rows.append(dict(metric="forward_s", value=fs, baseline=fd, ratio=fd / fs,
-                         higher_is_better=False, ratio_is="speedup"))
+        if forward:
+            fs, fd = _time(sparse, q, k, v), _time(dense_causal, q, k, v)
+            rows.append(dict(metric="forward_s", value=fs, baseline=fd, ratio=fd / fs,
+                             higher_is_better=False, ratio_is="speedup"))
         if t <= backward_up_to:
             bs_, bd = _time(_fwd_bwd(sparse), q, k, v), _time(_fwd_bwd(dense_causal), q, k, v)
             rows.append(dict(metric="forward_backward_s", value=bs_, baseline=bd, ratio=bd / bs_,
