@@ -84,6 +84,21 @@ def _fwd_bwd(fn: Callable) -> Callable:
     return jax.grad(lambda q, k, v: fn(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
 
 
+def _meta() -> dict[str, Any]:
+    """Device, jax version and UTC start time, recorded with every row of a run."""
+    dev = jax.devices()[0]
+    return dict(device=f"{dev.platform}:{dev.device_kind} x{jax.device_count()} "
+                       f"({os.cpu_count()} cpu)", jax=jax.__version__,
+                time=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
+def _random_qkv(seed: int, batch: int, tq: int, tk: int, heads: int, kv_heads: int,
+                head_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    ks = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(ks[0], (batch, tq, heads, head_dim), jnp.float32),
+            *(jax.random.normal(x, (batch, tk, kv_heads, head_dim), jnp.float32) for x in ks[1:]))
+
+
 def run() -> list[dict[str, Any]]:
     """Both tables (``python launch/bench.py attention``)."""
     return run_prefill() + run_decode()
@@ -94,15 +109,10 @@ def run_prefill(lengths: tuple[int, ...] = (4096, 8192, 16384, 32768), heads_per
         out_path: str = RESULTS) -> list[dict[str, Any]]:
     """Benchmark each length; fwd+bwd only for lengths <= backward_up_to; ``forward=False``
     skips the forward-only timing (to add fwd+bwd rows alone). Returns the records."""
-    dev = jax.devices()[0]
-    device = f"{dev.platform}:{dev.device_kind} x{jax.device_count()} ({os.cpu_count()} cpu)"
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    meta = _meta()
     records = []
     for t in lengths:
-        ks = jax.random.split(jax.random.key(t), 3)
-        q = jax.random.normal(ks[0], (1, t, heads_per_kv, head_dim), jnp.float32)
-        k = jax.random.normal(ks[1], (1, t, 1, head_dim), jnp.float32)
-        v = jax.random.normal(ks[2], (1, t, 1, head_dim), jnp.float32)
+        q, k, v = _random_qkv(t, 1, t, t, heads_per_kv, 1, head_dim)
         idx = select_blocks(q, k, **SPARSE)
         bs = SPARSE["block_size"]
         # attended tokens: selected blocks, minus the causal tail of the current block
@@ -115,9 +125,10 @@ def run_prefill(lengths: tuple[int, ...] = (4096, 8192, 16384, 32768), heads_per
         slots = min(SPARSE["topk"], -(-t // bs))  # the gather path reads every slot
         sparse_flops = 2 * head_dim * (n1 * 1.25) + 4 * head_dim * slots * bs
         dense_flops = 4 * head_dim * t  # masked XLA dense computes every key
-        cfg = dict(device=device, load_avg_1m=os.getloadavg()[0], config=f"T{t}_G{heads_per_kv}_D{head_dim}_kv1_b64_topk96",
-                   seq_len=t, heads_per_kv=heads_per_kv, head_dim=head_dim, jax=jax.__version__,
-                   time=stamp, dense_baseline="query-chunked masked causal softmax (XLA)")
+        cfg = dict(meta, load_avg_1m=os.getloadavg()[0],
+                   config=f"T{t}_G{heads_per_kv}_D{head_dim}_kv1_b64_topk96", seq_len=t,
+                   heads_per_kv=heads_per_kv, head_dim=head_dim,
+                   dense_baseline="query-chunked masked causal softmax (XLA)")
         rows = [dict(metric="attended_tokens_per_query", value=attended, baseline=dense_causal_keys,
                      ratio=attended / dense_causal_keys, higher_is_better=False),
                 dict(metric="flops_per_query_head", value=sparse_flops, baseline=dense_flops,
@@ -162,14 +173,10 @@ def run_decode(cache_lens: tuple[int, ...] = (8192, 32768, 131072), batch: int =
                out_path: str = RESULTS) -> list[dict[str, Any]]:
     """One decode step of one layer's attention, each row at the end of a full cache."""
     cfg = _decode_config(heads_per_kv * kv_heads, kv_heads, head_dim)
-    dev = jax.devices()[0]
-    device = f"{dev.platform}:{dev.device_kind} x{jax.device_count()} ({os.cpu_count()} cpu)"
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    meta = _meta()
     records = []
     for s in cache_lens:
-        ks = jax.random.split(jax.random.key(s), 3)
-        q = jax.random.normal(ks[0], (batch, 1, heads_per_kv * kv_heads, head_dim))
-        k, v = (jax.random.normal(x, (batch, s, kv_heads, head_dim)) for x in ks[1:])
+        q, k, v = _random_qkv(s, batch, 1, s, heads_per_kv * kv_heads, kv_heads, head_dim)
         comp = update_compressed(init_compressed(cfg.sparse_config, batch, s, kv_heads, head_dim),
                                  k, jnp.broadcast_to(jnp.arange(s), (batch, s)), cfg.sparse_config)
         q_pos = jnp.full((batch, 1), s - 1)
@@ -183,7 +190,7 @@ def run_decode(cache_lens: tuple[int, ...] = (8192, 32768, 131072), batch: int =
 
         cached = _time(lambda *a: step(*a, False), q, k, v, comp, repeats=repeats)
         masked = _time(lambda *a: step(*a, True), q, k, v, comp, repeats=repeats)
-        rec = dict(device=device, jax=jax.__version__, time=stamp, seq_len=s,
+        rec = dict(meta, seq_len=s,
                    load_avg_1m=os.getloadavg()[0],
                    config=f"decode_S{s}_B{batch}_G{heads_per_kv}_kv{kv_heads}_D{head_dim}_b64_topk96",
                    metric="decode_attention_step_s", value=cached, baseline=masked,
