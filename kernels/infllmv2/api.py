@@ -64,24 +64,62 @@ def _pallas_pair(kind: str):
     return (functools.partial(fwd, interpret=interpret), functools.partial(bwd, interpret=interpret))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _kernel_attention(q, k, v, block_idx, kind, block_size, cache_len, scale):
-    return _pallas_pair(kind)[0](q, k, v, block_idx, block_size=block_size, cache_len=cache_len,
-                                 softmax_scale=scale)
+# Scalar memory holds each Pallas call's prefetched block ids (B*KV*Tq*topk int32; the TPU dK/dV
+# kernel prefetches three such arrays) and is 1 MiB on v5e. Calls therefore run over query chunks
+# whose three index arrays take at most 3/4 of that; a 4K-token 8B-shaped call (KV 2, topk 96)
+# needed 3 MiB in one piece and did not compile.
+SMEM_INDEX_ENTRIES = (3 * 2**20 // 4) // (3 * 4)
 
 
-def _kernel_attention_fwd(q, k, v, block_idx, kind, block_size, cache_len, scale):
-    out, lse = _pallas_pair(kind)[0](q, k, v, block_idx, block_size=block_size,
-                                     cache_len=cache_len, softmax_scale=scale, return_lse=True)
+def query_chunk_for(batch: int, kv_heads: int, topk: int, tq: int) -> int:
+    """Largest query chunk (a power of two, or all of ``tq``) whose block ids fit the budget."""
+    rows = max(1, SMEM_INDEX_ENTRIES // (batch * kv_heads * topk))
+    if rows >= tq:
+        return tq
+    return 1 << (rows.bit_length() - 1)
+
+
+def _chunks(tq: int, chunk: int) -> list[tuple[int, int]]:
+    return [(c, min(c + chunk, tq)) for c in range(0, tq, chunk)]
+
+
+def _forward_chunks(q, k, v, block_idx, kind, block_size, cache_len, scale, chunk, with_lse):
+    # one kernel call per query chunk: chunk [a, b) holds the queries at cache_len + a ... and
+    # attends to the full k/v (later keys are masked by position, later blocks never selected)
+    fwd = _pallas_pair(kind)[0]
+    res = [fwd(q[:, a:b], k, v, block_idx[:, :, a:b], block_size=block_size,
+               cache_len=cache_len + a, softmax_scale=scale, return_lse=with_lse)
+           for a, b in _chunks(q.shape[1], chunk)]
+    if not with_lse:
+        return jnp.concatenate(res, axis=1)
+    return (jnp.concatenate([o for o, _ in res], axis=1),
+            jnp.concatenate([lse for _, lse in res], axis=2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _kernel_attention(q, k, v, block_idx, kind, block_size, cache_len, scale, chunk):
+    return _forward_chunks(q, k, v, block_idx, kind, block_size, cache_len, scale, chunk, False)
+
+
+def _kernel_attention_fwd(q, k, v, block_idx, kind, block_size, cache_len, scale, chunk):
+    out, lse = _forward_chunks(q, k, v, block_idx, kind, block_size, cache_len, scale, chunk,
+                               True)
     return out, (q, k, v, block_idx, out, lse)
 
 
-def _kernel_attention_bwd(kind, block_size, cache_len, scale, res, g):
-    # Pallas dQ and dK/dV kernels, recomputing P from the forward's log-sum-exp.
+def _kernel_attention_bwd(kind, block_size, cache_len, scale, chunk, res, g):
+    # Pallas dQ and dK/dV kernels per query chunk, recomputing P from the forward's log-sum-exp;
+    # every chunk contributes to the full dK/dV.
     q, k, v, block_idx, out, lse = res
-    grads = _pallas_pair(kind)[1](q, k, v, block_idx, out, lse, g, block_size=block_size,
-                                  cache_len=cache_len, softmax_scale=scale)
-    return (*grads, None)
+    bwd = _pallas_pair(kind)[1]
+    dqs, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    for a, b in _chunks(q.shape[1], chunk):
+        dq_c, dk_c, dv_c = bwd(q[:, a:b], k, v, block_idx[:, :, a:b], out[:, a:b],
+                               lse[:, :, a:b], g[:, a:b], block_size=block_size,
+                               cache_len=cache_len + a, softmax_scale=scale)
+        dqs.append(dq_c)
+        dk, dv = dk + dk_c.astype(jnp.float32), dv + dv_c.astype(jnp.float32)
+    return jnp.concatenate(dqs, axis=1), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
@@ -93,14 +131,16 @@ def default_implementation() -> str:
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "block_size", "cache_len", "softmax_scale", "implementation"))
+    "block_size", "cache_len", "softmax_scale", "implementation", "query_chunk"))
 def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax.Array, *,
                      block_size: int, cache_len: int = 0, softmax_scale: float | None = None,
-                     implementation: Implementation = "auto") -> jax.Array:
+                     implementation: Implementation = "auto",
+                     query_chunk: int | None = None) -> jax.Array:
     """Stage 2: each query attends, causally at token level, only to its group's selected blocks.
 
     q [B, Tq, H, D], k/v [B, Tk, KV, D], block_idx from `select_blocks`. Differentiable in
-    q, k, v. Rows with no visible key return zeros.
+    q, k, v. Rows with no visible key return zeros. ``query_chunk`` (Pallas only): queries per
+    kernel call; default `query_chunk_for` (the scalar-memory budget of the block ids).
     """
     _check_lengths(q, k, cache_len)
     impl = default_implementation() if implementation == "auto" else implementation
@@ -110,7 +150,10 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax.Ar
     if impl == "xla":
         return sparse_attention_xla(q, k, v, block_idx, (cache_len + jnp.arange(q.shape[1]))[None],
                                     block_size=block_size, softmax_scale=softmax_scale)
-    return _kernel_attention(q, k, v, block_idx, impl, block_size, cache_len, softmax_scale)
+    b, kvh, tq, topk = block_idx.shape
+    chunk = query_chunk or query_chunk_for(b, kvh, topk, tq)
+    return _kernel_attention(q, k, v, block_idx, impl, block_size, cache_len, softmax_scale,
+                             chunk)
 
 
 # ---------------------------------------------------------------- queries at dynamic positions

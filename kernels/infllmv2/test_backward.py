@@ -26,8 +26,8 @@ def _case(seed: int, tq: int, cache_len: int, h: int, kv: int, d: int, topk: int
     q, do = (jax.random.normal(kk, (1, tq, h, d), jnp.float32).astype(dtype) for kk in ks[::3])
     k, v = (jax.random.normal(kk, (1, tk, kv, d), jnp.float32).astype(dtype) for kk in ks[1:3])
     nb = -(-tk // BS)
-    perm = np.random.RandomState(seed).rand(1, kv, tq, nb).argsort(-1)
-    perm = np.where(perm == 1, nb - 1, perm)  # block 1 is never selected
+    others = np.delete(np.arange(nb), 1)  # block 1 is never selected; the rest distinct per row
+    perm = others[np.random.RandomState(seed).rand(1, kv, tq, nb - 1).argsort(-1)]
     idx = np.full((1, kv, tq, topk), -1, np.int32)
     idx[..., : topk - 1] = perm[..., : topk - 1]
     return q, k, v, do, jnp.asarray(idx)
@@ -55,6 +55,38 @@ def test_grads_f32(impl, h, kv, d):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5, err_msg=f"d{name}")
     for a in got[1:]:  # block 1 (keys 4..7) is selected by no query
         assert (np.asarray(a)[:, BS: 2 * BS] == 0).all()
+
+
+@pytest.mark.parametrize("impl", ["pallas_interpret", "pallas_gpu_interpret"])
+def test_query_chunks_give_the_unchunked_forward_and_grads(impl):
+    """Kernel calls over query chunks (the scalar-memory bound of the block ids) with a chunk
+    that does not divide Tq: same output and gradients as one call and as the oracle."""
+    q, k, v, do, idx = _case(3, 11, 2, 4, 2, 8, 4, jnp.float32)
+    whole = sparse_attention(q, k, v, idx, block_size=BS, cache_len=2, implementation=impl,
+                             query_chunk=11)
+    parts = sparse_attention(q, k, v, idx, block_size=BS, cache_len=2, implementation=impl,
+                             query_chunk=4)
+    np.testing.assert_allclose(parts, whole, atol=1e-6, rtol=1e-6)
+
+    def loss(chunk):
+        return lambda q_, k_, v_: (sparse_attention(
+            q_, k_, v_, idx, block_size=BS, cache_len=2, implementation=impl,
+            query_chunk=chunk) * do).sum()
+
+    got = jax.grad(loss(4), (0, 1, 2))(q, k, v)
+    want = _grads("reference", q, k, v, do, idx, 2)
+    for name, a, b in zip("qkv", got, want):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5, err_msg=f"d{name}")
+
+
+def test_default_query_chunk_fits_scalar_memory():
+    from kernels.infllmv2.api import SMEM_INDEX_ENTRIES, query_chunk_for
+
+    assert query_chunk_for(1, 2, 96, 4096) == 256  # MiniCPM4-8B shapes: 2 KV heads, topk 96
+    assert query_chunk_for(1, 2, 96, 100) == 100  # small calls stay whole
+    for b, kv, topk in [(1, 2, 96), (4, 2, 96), (1, 8, 16), (64, 8, 96)]:
+        c = query_chunk_for(b, kv, topk, 1 << 20)
+        assert b * kv * topk * c <= SMEM_INDEX_ENTRIES and c >= 1
 
 
 @pytest.mark.parametrize("impl", ["pallas_interpret", "pallas_gpu_interpret"])
