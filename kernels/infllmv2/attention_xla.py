@@ -35,9 +35,11 @@ def sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: ja
     ``s <= q_pos`` (s < Tk); a query with none (e.g. q_pos < 0, padding) gives zeros."""
     b, tq, h, d = q.shape
     tk, kvh = k.shape[1], k.shape[2]
-    # rows are ascending with -1 padding, so slots past the number of blocks are all -1:
-    # gather no more than there are blocks (a short cache with a large topk)
-    block_idx = block_idx[..., :-(-tk // block_size)]
+    n_blocks = -(-tk // block_size)
+    if block_idx.shape[-1] > n_blocks:
+        # a row holds at most n_blocks distinct blocks: keep its n_blocks largest entries (every
+        # valid id, in any order) so a short cache with a large topk gathers no empty slots
+        block_idx = jax.lax.top_k(block_idx, n_blocks)[0]
     g, topk = h // kvh, block_idx.shape[-1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     kb, vb = kv_blocks(k, block_size), kv_blocks(v, block_size)

@@ -87,3 +87,18 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="H=8 is not a multiple of KV=3"):
         select_blocks_at(q, jnp.zeros((2, 3, 5, 16)), None, jnp.zeros((2, 3), jnp.int32),
                          kv_len=S, **SEL)
+
+
+def test_more_slots_than_blocks_in_any_order():
+    """topk 5 over a 2-block cache, valid ids between -1 slots: the gather keeps every valid id
+    (the XLA path reads at most n_blocks slots) and equals the oracle."""
+    q, k, v = _cache(3, 1, 20)
+    k, v = k[:, :20], v[:, :20]
+    idx = np.full((1, 2, 20, 5), -1, np.int32)
+    idx[..., 3] = 0
+    idx[:, :, 10:, 1] = 1
+    idx = jnp.asarray(idx)
+    q_pos = jnp.arange(20, dtype=jnp.int32)[None]
+    got = sparse_attention_at(q, k, v, idx, q_pos, block_size=16)
+    want = sparse_attention_reference(q, k, v, idx, block_size=16)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
