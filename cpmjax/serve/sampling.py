@@ -42,6 +42,17 @@ class SamplingParams:
             raise ValueError(f"seed must be in [0, 2**31), got {self.seed}")
 
 
+def argmax_last(x: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, -1)`` (the first index of the maximum) as int32, computed as a max and a
+    min: XLA on CPU lowers argmax to a variadic (value, index) reduce that ran 4.6x slower than
+    these two plain reductions on [32, 4096] logits (0.60 vs 0.13 ms); decoding takes one per
+    token. Rows containing NaN give the last index instead of the NaN's."""
+    m = jnp.max(x, axis=-1, keepdims=True)
+    V = x.shape[-1]
+    first = jnp.min(jnp.where(x == m, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+    return jnp.minimum(first, V - 1)
+
+
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Array:
     """HF semantics over tokens seen (prompt and output): ``l/p`` if ``l > 0`` else ``l*p``."""
     p = penalty[:, None]
@@ -76,7 +87,7 @@ def sample(logits: jax.Array, seen: jax.Array, step: jax.Array, *, temperature: 
     """Next token per row of float32 ``logits [B, V]``; all other arguments are ``[B]`` (``seen`` is
     a ``[B, V]`` bool mask of tokens already in the row's prompt or output)."""
     logits = apply_repetition_penalty(logits.astype(jnp.float32), seen, repetition_penalty)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = argmax_last(logits)
 
     def draw(_: None) -> jax.Array:
         scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]

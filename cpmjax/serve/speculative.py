@@ -45,7 +45,7 @@ from cpmjax.model.cache import KVCache
 from cpmjax.model.mtp import mtp_block
 from cpmjax.model.params import Params
 from cpmjax.quant.qforward import dense_draft, layer_transform_for
-from cpmjax.serve.sampling import top_k_mask, top_p_mask
+from cpmjax.serve.sampling import argmax_last, top_k_mask, top_p_mask
 
 DraftCache = dict[str, jax.Array]  # "k", "v": [B, S, KV, hd]; "h": [B, d] draft feature of d_0
 
@@ -83,7 +83,7 @@ def target_probs(logits: jax.Array, s: RowSampling) -> jax.Array:
     """Target distributions ``[B, T, V]`` that the engine's plain sampler draws from: one-hot at the
     argmax for greedy rows, else softmax of the temperature-scaled, top-k/top-p-masked logits."""
     B, T, V = logits.shape
-    greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), V, dtype=jnp.float32)
+    greedy = jax.nn.one_hot(argmax_last(logits), V, dtype=jnp.float32)
 
     def warped(_: None) -> jax.Array:
         flat = logits.reshape(B * T, V) / jnp.where(s.temperature > 0, s.temperature, 1.0
@@ -103,7 +103,7 @@ def draft_sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array,
     softmax(logits / T) otherwise."""
     t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
     drawn = jax.vmap(jax.random.categorical)(keys, logits / t)
-    idx = jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1))
+    idx = jnp.where(temperature > 0, drawn, argmax_last(logits))
     probs = jnp.where((temperature > 0)[:, None], jax.nn.softmax(logits / t, axis=-1),
                       jax.nn.one_hot(idx, logits.shape[-1], dtype=jnp.float32))
     if vocab_ids is None:
@@ -115,7 +115,7 @@ def draft_sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array,
 def accept_greedy(logits: jax.Array, draft: jax.Array) -> tuple[jax.Array, jax.Array]:
     """:func:`accept_chain` for rows that are all greedy, without building distributions: the
     drafts equal to the target's argmax up to the first mismatch, then the argmax there."""
-    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, k+1]
+    best = argmax_last(logits)  # [B, k+1]
     n = jnp.sum(jnp.cumprod((draft == best[:, :-1]).astype(jnp.int32), axis=-1), axis=-1)
     return n, best[jnp.arange(best.shape[0]), n]
 
@@ -155,7 +155,7 @@ def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k:
             h = h[:, 0]
         logits = lm_head(params, cfg, h[:, None], vocab_ids)[:, 0]
         if all_greedy:
-            tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            tok = argmax_last(logits)
             tok = tok if vocab_ids is None else vocab_ids[tok]
         else:
             tok, q = draft_sample(logits, step_keys[:, j], sampling.temperature, vocab_ids,

@@ -77,3 +77,12 @@ def test_same_seed_and_step_same_token_other_seed_differs():
 def test_invalid_parameters_name_the_field(kw, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kw)
+
+
+def test_argmax_last_equals_argmax_including_ties():
+    from cpmjax.serve.sampling import argmax_last
+
+    x = jax.random.normal(jax.random.key(0), (3, 5, 97))
+    assert (argmax_last(x) == jnp.argmax(x, -1)).all()
+    tied = jnp.asarray([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    assert argmax_last(tied).tolist() == [1, 0]  # the first maximum, as jnp.argmax
