@@ -1,6 +1,11 @@
 """Train the speculative draft (the one-layer MTP/EAGLE head, spec §3.2) of the tiny model with
-the target frozen: ``python launch/train.py --config=configs/tiny_draft.py`` after the main job
-(``configs/tiny.py``, which writes ``runs/tiny``).
+the target frozen, after the main job (``configs/tiny.py``, which writes ``runs/tiny``)::
+
+    python launch/self_distill_data.py --checkpoint=runs/tiny --out=runs/tiny/selfgen.jsonl
+    python launch/train.py --config=configs/tiny_draft.py
+
+The data mixes the corpus with the target's own continuations (``selfgen.jsonl``; without it,
+``--config.data.train_files=`` trains on the corpus alone).
 
 Only the draft head learns (the objective's MTP term: from h_t and x_{t+1}, predict the target's own
 distribution of x_{t+2}, self-distillation, since acceptance is judged against the target); the
@@ -23,4 +28,8 @@ def get_config():
     t.lr = 3e-3
     t.log_every, t.eval_every = 50, 600
     cfg.checkpoint.every = 200
+    d = cfg.data
+    d.train_files = f"{d.cache_dir}/corpus/train.jsonl,runs/tiny/selfgen.jsonl"
+    d.weights = "1,3"
+    d.valid_file = f"{d.cache_dir}/corpus/valid.jsonl"
     return cfg

@@ -121,7 +121,9 @@ def _draft_cmd(workdir: Path, target: Path, *extra: str) -> list[str]:
             "--config.train.global_batch_size=8", "--config.train.warmup_steps=4",
             "--config.train.log_every=1", "--config.train.eval_every=40",
             "--config.train.eval_batches=1", "--config.checkpoint.every=40",
-            f"--config.data.cache_dir={ROOT / '.cache' / 'cpmjax'}", *extra]
+            f"--config.data.cache_dir={ROOT / '.cache' / 'cpmjax'}",
+            "--config.data.train_files=", "--config.data.weights=", "--config.data.valid_file=",
+            *extra]
 
 
 def test_draft_training_on_a_frozen_target(full_run: Path, tmp_path: Path) -> None:
