@@ -133,3 +133,15 @@ def test_cached_attention_computes_nothing_cache_wide(tq):
     assert _materialized_at_least(cached, cache_size) == []
     assert len(_cache_wide(masked, s)) > 0
     assert len(_materialized_at_least(masked, cache_size)) > 0
+
+
+def test_model_decode_step_takes_the_cached_path(model):
+    """The model's cached step calls the per-row ops; a packed-row forward does not."""
+    cfg, params, tokens, _ = model
+    cache = init_cache(cfg, 2, T)
+    step = jax.make_jaxpr(lambda t, pos: forward(params, cfg, t, positions=pos, cache=cache).logits)
+    text = str(step(tokens[:, :1], jnp.full((2, 1), 7)))
+    assert "select_blocks_at" in text and "sparse_attention_at" in text
+    packed = jax.make_jaxpr(lambda t: forward(params, cfg, t,
+                                              segment_ids=jnp.zeros_like(t)).logits)(tokens)
+    assert "sparse_attention_at" not in str(packed)
