@@ -123,3 +123,31 @@ def test_tpu_backward_aot_compiles_for_v5e():
 
     compiled = compile_for_v5e(train_like)
     assert compiled.as_text().count("tpu_custom_call") >= 3  # forward, dQ, dK/dV
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_long_query_grad_compiles_for_v5e_only_in_chunks():
+    """MiniCPM4-8B attention shapes (KV 2, topk 96) at 1K queries: one kernel call's block ids
+    overflow v5e's scalar memory; the default query chunks (256) compile."""
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    mesh = Mesh(np.array(topologies.get_topology_desc(topology_name="v5e:2x2",
+                                                      platform="tpu").devices[:1]), ("x",))
+    t, kv, topk = 1024, 2, 96
+    args = [jax.ShapeDtypeStruct(s, dt) for s, dt in [
+        ((1, t, 16, 128), jnp.bfloat16), ((1, t, kv, 128), jnp.bfloat16),
+        ((1, t, kv, 128), jnp.bfloat16), ((1, kv, t, topk), jnp.int32)]]
+
+    def compiled(chunk):
+        def grads(q, k, v, i):
+            return jax.grad(lambda *a: sparse_attention(
+                *a, i, block_size=64, implementation="pallas_tpu", query_chunk=chunk
+            ).astype(jnp.float32).sum(), (0, 1, 2))(q, k, v)
+        step = jax.shard_map(grads, mesh=mesh, in_specs=(P(),) * 4, out_specs=P(),
+                             check_vma=False)
+        return jax.jit(step).lower(*args).compile()
+
+    assert compiled(None).as_text().count("tpu_custom_call") >= 3 * 4  # 4 chunks x 3 kernels
+    with pytest.raises(Exception, match="SMEM|RESOURCE_EXHAUSTED|scalar memory"):
+        compiled(t)
