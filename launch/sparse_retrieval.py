@@ -24,7 +24,7 @@ with sparse attention before any sparse training, and the sparse-trained model. 
 ``--scratch_steps`` > 0 a sparse model is also trained from scratch at ``--length`` for that
 many steps (stage 1 is discrete and gets no gradient of its own, so it has to discover the
 pair by chance). For each sparse evaluation the fraction of held-out rows is recorded whose
-stage-1 selection (last query, last layer, every KV head) includes the pair's block.
+stage-1 selection (last query, last layer) includes the pair's block, per KV head.
 
     python launch/sparse_retrieval.py                       # the 4K recipe, ~35 min on 2 cores
     python launch/sparse_retrieval.py --length=1024 --dense_phases=128:250:8,1024:100:4
@@ -32,7 +32,8 @@ stage-1 selection (last query, last layer, every KV head) includes the pair's bl
 Flags: ``--length`` the sparse and eval length; ``--dense_phases``; ``--sparse_steps``,
 ``--sparse_batch``; ``--scratch_steps``; ``--lr`` the peak LR of the first dense phase and of
 sparse from scratch, ``--finetune_lr`` of every later phase; ``--topk`` stage-1 blocks
-(config.json's ``topk``, window excluded); ``--eval_rows`` held-out rows; ``--n_pairs``.
+(config.json's ``topk``, window excluded); ``--eval_rows`` held-out rows; ``--n_pairs``;
+``--dense_dir`` keeps the dense stage (weights and result) and reuses it on the next run.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ from cpmjax.model.params import Params
 from cpmjax.model.rope import apply_rope, rope_cos_sin
 from cpmjax.model.transformer import decoder_layer, embed_tokens
 from cpmjax.presets import tiny
+from cpmjax.train.checkpoint import load_model, save_model
 from kernels import infllmv2
 
 N_QUERY = 16  # the row ends with `key QUERY*16`; the answer is the target at every QUERY
@@ -198,13 +200,33 @@ def evaluate(params: Params, cfg: ModelConfig, *, rows: int, batch: int, length:
         if cfg.sparse_config is not None:
             blocks = np.asarray(select(params, jnp.asarray(tok)))  # [B, KV, topk]
             pair_block = (where // cfg.sparse_config.block_size)[:, None, None]
-            hits += int((blocks == pair_block).any(-1).all(-1).sum())
+            hits = hits + (blocks == pair_block).any(-1).sum(0)  # per KV head
         n += batch
     out = {"accuracy": correct / n, "rows": n, "seconds": round(time.time() - t0, 1)}
     if cfg.sparse_config is not None:
-        out["pair_block_selected"] = hits / n  # every KV head of the last layer picks it
+        out["pair_block_selected"] = [round(float(h) / n, 4) for h in hits]  # per KV head
     print(f"eval {out}", flush=True)
     return out
+
+
+def reads_the_key(params: Params, cfg: ModelConfig, *, rows: int, batch: int, length: int,
+                  n_pairs: int, seed: int) -> float:
+    """Fraction of held-out rows whose answer changes when the row asks for a key it does not
+    hold. A model that retrieves by key must change its answer; one that outputs "the value
+    token of the row" (enough with one pair per row) does not, and then has no reason to attend
+    to the pair, so stage 1 has nothing to rank."""
+    predict = jax.jit(lambda p, tok: answer_logits(p, cfg, tok)[:, -1].argmax(-1))
+    rng = np.random.default_rng(10_000 + seed)
+    changed = n = 0
+    for _ in range(rows // batch):
+        tok, ans, _ = make_batch(rng, batch, length, n_pairs)
+        for r in range(batch):
+            held = set(tok[r, : length // 4].tolist())
+            tok[r, -N_QUERY - 1] = next(KEY0 + i for i in range(N_KEYS) if KEY0 + i not in held)
+        changed += int((np.asarray(predict(params, jnp.asarray(tok))) != ans).sum())
+        n += batch
+    print(f"answer changes when asked for an absent key: {changed}/{n}", flush=True)
+    return changed / n
 
 
 Phase = tuple[int, int, int, int]  # (length, steps, batch, kept tokens per row)
@@ -224,12 +246,37 @@ def parse_phases(text: str) -> list[Phase]:
     return phases
 
 
+DENSE_RESULT = "dense_result.json"
+
+
+def save_dense(path: str, phases: str, cfg: ModelConfig, params: Params,
+               result: dict[str, Any]) -> None:
+    """The dense stage's weights (`save_model`) and result, tagged with its phases."""
+    save_model(cfg, params, os.path.join(path, "model"), overwrite=True)
+    _write_atomic(os.path.join(path, DENSE_RESULT), {"dense_phases": phases, **result})
+
+
+def load_dense(path: str, phases: str, cfg: ModelConfig) -> tuple[Params, dict[str, Any]]:
+    """What `save_dense` wrote; refuses a dense stage trained with other phases or shapes."""
+    with open(os.path.join(path, DENSE_RESULT)) as f:
+        result = json.load(f)
+    saved_cfg, params = load_model(os.path.join(path, "model"))
+    if result.pop("dense_phases") != phases or saved_cfg.to_hf_config() != cfg.to_hf_config():
+        raise ValueError(f"{path} holds a dense stage of other phases or another model; "
+                         f"use another --dense_dir")
+    print(f"dense stage loaded from {path}: accuracy {result['accuracy']}", flush=True)
+    return params, {**result, "loaded_from": path}
+
+
 def run(length: int = 4096, dense_phases: str = DEFAULT_PHASES, sparse_steps: int = 60,
         sparse_batch: int = 2, scratch_steps: int = 0, n_pairs: int = 1, lr: float = 5e-3,
         finetune_lr: float = 2e-3, topk: int = 8, seed: int = 0, eval_rows: int = 128,
+        dense_dir: str | None = None,
         out: str | None = "bench/results/sparse_retrieval.json") -> dict[str, Any]:
     """Dense curriculum, sparse continuation (and optionally sparse from scratch); write and
-    return the comparison."""
+    return the comparison. ``dense_dir``: keep the dense stage there (weights and its result)
+    and reuse it when it is already there, so sparse settings can be compared on one dense
+    model without retraining it."""
     phases = parse_phases(dense_phases)
     if max(p[0] for p in phases) > length:
         raise ValueError(f"dense_phases {dense_phases!r} go past length {length}")
@@ -238,16 +285,25 @@ def run(length: int = 4096, dense_phases: str = DEFAULT_PHASES, sparse_steps: in
     ev: Callable[[Params, ModelConfig], dict[str, Any]] = lambda p, c: evaluate(
         p, c, rows=eval_rows, batch=4, length=length, n_pairs=n_pairs, seed=seed)
     t0 = time.time()
-    params, logs = init_params(dense_cfg, jax.random.PRNGKey(seed)), []
-    for i, (plen, steps, batch, keep) in enumerate(phases):
-        params, log = train(params, dense_cfg, steps=steps, batch=batch, length=plen,
-                            n_pairs=n_pairs, lr=lr if i == 0 else finetune_lr, rng=rng,
-                            name=f"dense@{plen}" + (f"/{keep}" if keep < plen else ""), keep=keep)
-        logs.append(log)
-    dense = {"train": logs, **ev(params, dense_cfg)}
+    if dense_dir and os.path.exists(os.path.join(dense_dir, DENSE_RESULT)):
+        params, dense = load_dense(dense_dir, dense_phases, dense_cfg)
+    else:
+        params, logs = init_params(dense_cfg, jax.random.PRNGKey(seed)), []
+        for i, (plen, steps, batch, keep) in enumerate(phases):
+            params, log = train(params, dense_cfg, steps=steps, batch=batch, length=plen,
+                                n_pairs=n_pairs, lr=lr if i == 0 else finetune_lr, rng=rng,
+                                name=f"dense@{plen}" + (f"/{keep}" if keep < plen else ""),
+                                keep=keep)
+            logs.append(log)
+        dense = {"train": logs, **ev(params, dense_cfg)}
+        if dense_dir:
+            save_dense(dense_dir, dense_phases, dense_cfg, params, dense)
+    dense["reads_the_key"] = reads_the_key(params, dense_cfg, rows=min(eval_rows, 32), batch=4,
+                                           length=length, n_pairs=n_pairs, seed=seed)
     before = ev(params, sparse_cfg)
     params, sp = train(params, sparse_cfg, steps=sparse_steps, batch=sparse_batch, length=length,
-                       n_pairs=n_pairs, lr=finetune_lr, rng=rng, name=f"sparse@{length}")
+                       n_pairs=n_pairs, lr=finetune_lr, rng=np.random.default_rng(seed + 1),
+                       name=f"sparse@{length}")
     warm = {"train": [sp], **ev(params, sparse_cfg)}
     result = {
         "task": "key-value retrieval: pairs in the first quarter after block 0, query at the end",
@@ -295,6 +351,7 @@ flags.DEFINE_float("lr", 5e-3, "peak LR of the first dense phase (and of sparse 
 flags.DEFINE_float("finetune_lr", 2e-3, "peak LR of the later dense phases and the sparse one")
 flags.DEFINE_integer("topk", 8, "stage-1 blocks per query (config.json topk, window excluded)")
 flags.DEFINE_integer("eval_rows", 128, "held-out rows")
+flags.DEFINE_string("dense_dir", None, "keep/reuse the dense stage here (weights + result)")
 flags.DEFINE_string("out", "bench/results/sparse_retrieval.json", "result JSON")
 
 
@@ -302,7 +359,7 @@ def main(argv: list[str]) -> None:
     del argv
     res = run(FLAGS.length, FLAGS.dense_phases, FLAGS.sparse_steps, FLAGS.sparse_batch,
               FLAGS.scratch_steps, FLAGS.n_pairs, FLAGS.lr, FLAGS.finetune_lr, FLAGS.topk,
-              eval_rows=FLAGS.eval_rows, out=FLAGS.out)
+              eval_rows=FLAGS.eval_rows, dense_dir=FLAGS.dense_dir, out=FLAGS.out)
     print(json.dumps({k: res[k]["accuracy"] for k in
                       ("dense", "sparse_before_sparse_training", "sparse_warm_started")}),
           "warm/dense", res["warm_over_dense"])

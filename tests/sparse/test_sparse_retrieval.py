@@ -56,5 +56,5 @@ def test_pair_block_selected(topk, expected):
     cfg = sr.model_config(256, topk)
     params = init_params(cfg, jax.random.PRNGKey(0))
     out = sr.evaluate(params, cfg, rows=8, batch=4, length=256, n_pairs=1, seed=0)
-    assert out["pair_block_selected"] == expected
+    assert out["pair_block_selected"] == [expected] * cfg.num_key_value_heads
     assert out["rows"] == 8 and 0.0 <= out["accuracy"] <= 1.0
