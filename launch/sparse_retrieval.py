@@ -126,11 +126,13 @@ def train(params: Params, cfg: ModelConfig, *, steps: int, batch: int, length: i
     """AdamW (warmup + cosine, fresh state) on the answer at the QUERY positions, all >= N_QUERY
     tokens past the local window's reach of the pair. ``keep`` < ``length``: rows cut by
     `keep_ends` (dense only: the sparse fast path assumes positions 0..T-1)."""
+    if steps < 1:
+        raise ValueError(f"{name}: steps must be at least 1, got {steps}")
     keep = length if keep is None else keep
     if keep < length and cfg.sparse_config is not None:
         raise ValueError("keep < length (position skipping) is for dense phases only")
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
-        optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps, lr / 10),
+        optax.warmup_cosine_decay_schedule(0.0, lr, steps // 10, steps, lr / 10),
         weight_decay=0.0))
     state = opt.init(params)
 
