@@ -26,7 +26,7 @@ from cpmjax.data.pipeline import Source, eval_batches
 from cpmjax.data.tokenizer import get_or_build_default_tokenizer
 from cpmjax.model import forward
 from cpmjax.quant import qforward, quantize_params
-from cpmjax.train.checkpoint import load_model
+from cpmjax.train.checkpoint import load_trained_model
 
 flags.DEFINE_string("checkpoint", "runs/tiny", "trained model checkpoint or run workdir")
 flags.DEFINE_string("out", "bench/results/quant_cpu.json", "results file (written atomically)")
@@ -56,11 +56,11 @@ def perplexity(fwd, params, cfg, batches) -> float:
 def main(argv: list[str]) -> int:
     del argv
     f = flags.FLAGS
-    if not Path(f.checkpoint).exists():
-        print(f"error: no checkpoint at {f.checkpoint}; train one first "
-              "(python launch/train.py --config=configs/tiny.py)", file=sys.stderr)
+    try:
+        cfg, params = load_trained_model(f.checkpoint)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
-    cfg, params = load_model(f.checkpoint)
     tok = str(get_or_build_default_tokenizer(f.cache_dir, cfg.vocab_size))
     corpus = build_default_corpus(f.cache_dir)
     calib = eval_batches(Source(str(corpus / "train.jsonl")), tok, f.seq_len, f.calib_rows, 1)

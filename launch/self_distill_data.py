@@ -28,7 +28,7 @@ from cpmjax.data.sources import read_documents  # noqa: E402
 from cpmjax.data.tokenizer import get_or_build_default_tokenizer, load_tokenizer  # noqa: E402
 from cpmjax.serve.generate import run_requests  # noqa: E402
 from cpmjax.serve.sampling import SamplingParams  # noqa: E402
-from cpmjax.train.checkpoint import load_model  # noqa: E402
+from cpmjax.train.checkpoint import load_trained_model  # noqa: E402
 
 _CKPT = flags.DEFINE_string("checkpoint", "runs/tiny", "the target (run dir or checkpoint)")
 _OUT = flags.DEFINE_string("out", "runs/tiny/selfgen.jsonl", "output JSONL")
@@ -41,11 +41,11 @@ _CACHE = flags.DEFINE_string("cache_dir", ".cache/cpmjax", "default corpus and t
 
 def main(argv: list[str]) -> int:
     del argv
-    if not Path(_CKPT.value).exists():
-        print(f"error: no checkpoint at {_CKPT.value}; train one first "
-              "(python launch/train.py --config=configs/tiny.py)", file=sys.stderr)
+    try:
+        cfg, params = load_trained_model(_CKPT.value)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
-    cfg, params = load_model(_CKPT.value)
     tok_path = str(get_or_build_default_tokenizer(_CACHE.value, cfg.vocab_size))
     docs = read_documents(str(build_default_corpus(_CACHE.value) / "train.jsonl"), "jsonl")
     prompts = [list(map(int, t[:_PROMPT_LEN.value]))

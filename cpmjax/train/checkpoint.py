@@ -155,6 +155,15 @@ def _on_device(tree: Any) -> Any:
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
 
 
+def load_trained_model(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
+    """:func:`load_model` for scripts that need the README's trained model: a missing checkpoint
+    is a ``FileNotFoundError`` saying how to make one."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no checkpoint at {path}; train one first "
+                                "(python launch/train.py --config=configs/tiny.py)")
+    return load_model(path)
+
+
 def load_model(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[ModelConfig, Params]:
     """(config, params) from a model checkpoint (``save_model``) or a training run: its workdir
     or ``checkpoints/`` (the newest good step) or one ``checkpoints/<step>``. Norm gains stay
