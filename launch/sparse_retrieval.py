@@ -342,19 +342,24 @@ def _write_atomic(path: str, obj: Any) -> None:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("length", 4096, "context length of the sparse phase and of every eval")
-flags.DEFINE_string("dense_phases", DEFAULT_PHASES, "dense curriculum, length:steps:batch[:keep],... (keep: first quarter + "
-                    "last tokens of each row, original positions)")
-flags.DEFINE_integer("sparse_steps", 60, "sparse steps at length, from the dense weights")
-flags.DEFINE_integer("sparse_batch", 2, "rows per sparse step")
-flags.DEFINE_integer("scratch_steps", 0, "sparse-from-scratch steps at length (0: skip)")
-flags.DEFINE_integer("n_pairs", 1, "key-value pairs per row")
-flags.DEFINE_float("lr", 5e-3, "peak LR of the first dense phase (and of sparse from scratch)")
-flags.DEFINE_float("finetune_lr", 2e-3, "peak LR of the later dense phases and the sparse one")
-flags.DEFINE_integer("topk", 8, "stage-1 blocks per query (config.json topk, window excluded)")
-flags.DEFINE_integer("eval_rows", 128, "held-out rows")
-flags.DEFINE_string("dense_dir", None, "keep/reuse the dense stage here (weights + result)")
-flags.DEFINE_string("out", "bench/results/sparse_retrieval.json", "result JSON")
+
+
+def define_flags() -> None:
+    """The script's flags, defined only when it runs as a script: tests import this module next
+    to other launch scripts, and absl flags are process-global (two ``--out`` would clash)."""
+    flags.DEFINE_integer("length", 4096, "context length of the sparse phase and of every eval")
+    flags.DEFINE_string("dense_phases", DEFAULT_PHASES, "dense curriculum, length:steps:batch[:keep],... (keep: first quarter + "
+                        "last tokens of each row, original positions)")
+    flags.DEFINE_integer("sparse_steps", 60, "sparse steps at length, from the dense weights")
+    flags.DEFINE_integer("sparse_batch", 2, "rows per sparse step")
+    flags.DEFINE_integer("scratch_steps", 0, "sparse-from-scratch steps at length (0: skip)")
+    flags.DEFINE_integer("n_pairs", 1, "key-value pairs per row")
+    flags.DEFINE_float("lr", 5e-3, "peak LR of the first dense phase (and of sparse from scratch)")
+    flags.DEFINE_float("finetune_lr", 2e-3, "peak LR of the later dense phases and the sparse one")
+    flags.DEFINE_integer("topk", 8, "stage-1 blocks per query (config.json topk, window excluded)")
+    flags.DEFINE_integer("eval_rows", 128, "held-out rows")
+    flags.DEFINE_string("dense_dir", None, "keep/reuse the dense stage here (weights + result)")
+    flags.DEFINE_string("out", "bench/results/sparse_retrieval.json", "result JSON")
 
 
 def main(argv: list[str]) -> None:
@@ -369,4 +374,5 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    define_flags()
     app.run(main)
