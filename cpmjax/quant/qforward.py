@@ -44,9 +44,13 @@ def dequantize_layer(cfg: ModelConfig, dtype: Any = jnp.float32):
     return transform
 
 
+def _has_packed_linears(layer: Params) -> bool:
+    return any(isinstance(layer.get(k), dict) for k in LINEAR_INPUTS)
+
+
 def is_quantized(params: Params) -> bool:
     """Whether ``params`` hold packed decoder linears (the output of :func:`quantize_params`)."""
-    return any(isinstance(params["layers"].get(k), dict) for k in LINEAR_INPUTS)
+    return _has_packed_linears(params["layers"])
 
 
 def layer_transform_for(params: Params, cfg: ModelConfig, dtype: Any = jnp.float32):
@@ -67,7 +71,8 @@ def quantize_draft(cfg: ModelConfig, draft_params: Params, bits: int = 4,
 
 
 def is_quantized_draft(draft_params: Params) -> bool:
-    return any(isinstance(draft_params["layer"].get(k), dict) for k in LINEAR_INPUTS)
+    """Whether a draft's decoder layer is packed (the output of :func:`quantize_draft`)."""
+    return _has_packed_linears(draft_params["layer"])
 
 
 def dense_draft(draft_params: Params, cfg: ModelConfig, dtype: Any = jnp.float32) -> Params:

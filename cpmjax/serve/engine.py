@@ -14,8 +14,9 @@ jitted ``generate`` step advances every slot at once. Shapes never depend on a r
 
 Attention goes through ``cpmjax.model.forward``, so whatever attention the model uses (dense,
 cuDNN, InfLLM v2 sparse) the engine inherits; params quantized by ``cpmjax.quant`` (int8/int4,
-RTN/GPTQ/P-GPTQ) run with each layer dequantized on the fly inside the layer scan. Every jitted function counts its traces in
-``compilations`` so tests and ``/metrics`` can show the number of compilations stays fixed.
+RTN/GPTQ/P-GPTQ) run with each layer dequantized on the fly inside the layer scan. Every jitted
+function counts its traces in ``compilations`` so tests and ``/metrics`` can show the number of
+compilations stays fixed.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ class DecodeEngine:
 
     def _draft_insert(self, params: Params, draft_args: Any, prefix_draft: Any, first: jax.Array,
                       length: jax.Array) -> Any:
-        """Hook for engines with a draft model: let it read the first sampled token; nothing here."""
+        """Hook for engines with a draft model: let it read the first sampled token (none here)."""
         return prefix_draft
 
     def insert(self, params: Params, prefix: Prefix, state: DecodeState, slot: int,

@@ -61,10 +61,19 @@ def save_frspec(ids: np.ndarray, path: str | os.PathLike, meta: dict | None = No
     os.replace(tmpj, side)
 
 
+def check_frspec_ids(ids: Sequence[int] | np.ndarray, vocab_size: int,
+                     name: str = "frspec_ids") -> np.ndarray:
+    """``ids`` as int32 after checking they are a non-empty 1-D list of distinct integer token ids
+    of the target's vocabulary; the error names ``name`` (the argument or the file)."""
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer) \
+            or ids.min() < 0 or ids.max() >= vocab_size or np.unique(ids).size != ids.size:
+        lo, hi = (ids.min(), ids.max()) if ids.size else ("-", "-")
+        raise ValueError(f"{name} must be distinct ids in [0, {vocab_size}) (token ids of the "
+                         f"target's vocabulary); got {ids.size} ids in [{lo}, {hi}]")
+    return ids.astype(np.int32)
+
+
 def load_frspec(path: str | os.PathLike, vocab_size: int) -> np.ndarray:
     """Read an FR-Spec id file and check it against the model's vocabulary."""
-    ids = np.load(Path(path))
-    if ids.ndim != 1 or ids.size == 0 or ids.min() < 0 or ids.max() >= vocab_size \
-            or np.unique(ids).size != ids.size:
-        raise ValueError(f"{path}: FR-Spec ids must be distinct ids in [0, {vocab_size})")
-    return ids.astype(np.int32)
+    return check_frspec_ids(np.load(Path(path)), vocab_size, f"{path}: FR-Spec ids")

@@ -23,8 +23,8 @@ from cpmjax.model.params import Params
 from cpmjax.quant.qforward import dense_draft
 from cpmjax.serve.engine import DecodeEngine, DecodeState
 from cpmjax.serve.sampling import SamplingParams
-from cpmjax.serve.speculative import (RowSampling, check_frspec_ids, init_draft_cache,
-                                      speculative_round)
+from cpmjax.serve.frspec import check_frspec_ids
+from cpmjax.serve.speculative import RowSampling, init_draft_cache, speculative_round
 
 
 class SpeculativeEngine(DecodeEngine):
@@ -47,8 +47,9 @@ class SpeculativeEngine(DecodeEngine):
     def set_draft(self, draft_params: Params, frspec_ids: Any = None) -> None:
         """Use these draft weights (and FR-Spec ids) from the next step on; a draft of the same
         shapes reuses the compiled steps. Swap only between requests, never while slots decode."""
-        self.draft_args = {"params": draft_params,
-                           "vocab_ids": check_frspec_ids(self.cfg, frspec_ids)}
+        ids = None if frspec_ids is None else jnp.asarray(
+            check_frspec_ids(frspec_ids, self.cfg.vocab_size))
+        self.draft_args = {"params": draft_params, "vocab_ids": ids}
 
     def check_sampling(self, sampling: SamplingParams) -> None:
         if sampling.repetition_penalty != 1.0:
@@ -67,8 +68,9 @@ class SpeculativeEngine(DecodeEngine):
         prompt's last (its next token, -1 here, is not sampled yet); remembers the hidden state
         at the chunk's last token (the prompt's last, once the final chunk ran)."""
         pos = jnp.where(next_tokens >= 0, positions, -1)
-        _, (k, v) = mtp_block(dense_draft(draft_args["params"], self.cfg, self.dtype), params, self.cfg, hidden,
-                              jnp.maximum(next_tokens, 0), pos, cache_kv=(draft["k"], draft["v"]))
+        _, (k, v) = mtp_block(dense_draft(draft_args["params"], self.cfg, self.dtype), params,
+                              self.cfg, hidden, jnp.maximum(next_tokens, 0), pos,
+                              cache_kv=(draft["k"], draft["v"]))
         return {"k": k, "v": v, "h": hidden[:, last].astype(jnp.float32)}
 
     def _draft_insert(self, params: Params, draft_args: Any, prefix_draft: Any, first: jax.Array,

@@ -37,7 +37,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cpmjax.config import ModelConfig
 from cpmjax.model import forward, lm_head
@@ -187,17 +186,3 @@ def init_draft_cache(cfg: ModelConfig, batch: int, max_len: int,
     shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "h": jnp.zeros((batch, cfg.hidden_size), jnp.float32)}
-
-
-def check_frspec_ids(cfg: ModelConfig, frspec_ids: Any) -> jax.Array | None:
-    """FR-Spec ids as an int32 array, or None; distinct ids inside the target's vocabulary."""
-    if frspec_ids is None:
-        return None
-    ids = np.asarray(frspec_ids)
-    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer) \
-            or ids.min() < 0 or ids.max() >= cfg.vocab_size or np.unique(ids).size != ids.size:
-        raise ValueError(f"frspec_ids must be a non-empty list of distinct token ids in "
-                         f"[0, {cfg.vocab_size}) (the target's vocabulary); got {ids.size} ids "
-                         f"in [{ids.min() if ids.size else '-'}, "
-                         f"{ids.max() if ids.size else '-'}]")
-    return jnp.asarray(ids, jnp.int32)
