@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -64,12 +65,30 @@ class Model:
                         speculative=speculative, **sampling)
 
 
-def _load_tokenizer(folder: Path) -> Any:
+def tokenizer_file(folder: str | os.PathLike, vocab_size: int) -> Path | None:
+    """The tokenizer a checkpoint was made with: its own ``tokenizer.json`` (HF folders), or, for
+    a training run (its workdir, ``checkpoints/`` or one step), the run's ``data.tokenizer`` or the
+    project tokenizer its ``data.cache_dir`` holds for this vocabulary; None if none is there."""
+    folder = Path(folder)
     if (folder / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
+        return folder / "tokenizer.json"
+    run = next((d for d in (folder, folder.parent, folder.parent.parent)
+                if (d / "experiment.json").is_file()), None)
+    if run is None:
+        return None
+    data = json.loads((run / "experiment.json").read_text()).get("data", {})
+    tok_dir = (Path(data["tokenizer"]) if data.get("tokenizer")
+               else Path(data.get("cache_dir", ".cache/cpmjax")) / f"tokenizer-{vocab_size}")
+    return tok_dir / "tokenizer.json" if (tok_dir / "tokenizer.json").is_file() else None
 
-        return Tokenizer.from_file(str(folder / "tokenizer.json"))
-    return None
+
+def _load_tokenizer(folder: Path, vocab_size: int) -> Any:
+    path = tokenizer_file(folder, vocab_size)
+    if path is None:
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
 
 
 def load(path: str | os.PathLike, dtype: Any = jnp.float32) -> Model:
@@ -85,7 +104,7 @@ def load(path: str | os.PathLike, dtype: Any = jnp.float32) -> Model:
         from cpmjax.train.checkpoint import load_model
 
         cfg, params = load_model(folder, dtype=dtype)
-    return Model(cfg, params, tokenizer=_load_tokenizer(folder), dtype=dtype)
+    return Model(cfg, params, tokenizer=_load_tokenizer(folder, cfg.vocab_size), dtype=dtype)
 
 
 def save_hf(model: Model, out_dir: str | os.PathLike, format: str = "minicpm",

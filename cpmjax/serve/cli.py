@@ -66,8 +66,8 @@ def load_model() -> tuple[ModelConfig, Any, Any]:
 
         model = cpmjax.load(CHECKPOINT.value)
         cfg, params, tok = model.config, model.params, model.tokenizer
-        own = Path(CHECKPOINT.value) / "tokenizer.json"
-        tok_path = tok_path or (str(own) if own.is_file() else None)
+        own = cpmjax.api.tokenizer_file(CHECKPOINT.value, cfg.vocab_size)
+        tok_path = tok_path or (None if own is None else str(own))
     else:
         if PRESET.value not in presets.PRESETS:
             raise app.UsageError(f"--random_preset must be one of {sorted(presets.PRESETS)}")

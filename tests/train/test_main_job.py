@@ -65,6 +65,10 @@ def test_metrics_and_outputs(full_run: Path) -> None:
     assert list((full_run / "tensorboard").glob("events.out.tfevents.*"))
     cfg, params = load_model(full_run)  # the run's workdir is a loadable model checkpoint
     assert cfg.hidden_size == 128 and params["embed"].shape == (4096, 128)
+    import cpmjax  # a run loads with the tokenizer it trained with, so text prompts work
+
+    model = cpmjax.load(full_run / "checkpoints")
+    assert model.tokenizer is not None and model.tokenizer.get_vocab_size() == 4096
 
 
 def test_sigkill_resume_is_bit_exact(full_run: Path, tmp_path: Path) -> None:
