@@ -45,8 +45,9 @@ class SamplingParams:
 def argmax_last(x: jax.Array) -> jax.Array:
     """``jnp.argmax(x, -1)`` (the first index of the maximum) as int32, computed as a max and a
     min: XLA on CPU lowers argmax to a variadic (value, index) reduce that ran 4.6x slower than
-    these two plain reductions on [32, 4096] logits (0.60 vs 0.13 ms); decoding takes one per
-    token. Rows containing NaN give the last index instead of the NaN's."""
+    these two plain reductions on [32, 4096] logits (0.60 vs 0.13 ms, an ad-hoc timing on the
+    2-core CPU; the decode rows of ``launch/bench.py decode`` include its effect); decoding takes
+    one per token. Rows containing NaN give the last index instead of the NaN's."""
     m = jnp.max(x, axis=-1, keepdims=True)
     V = x.shape[-1]
     first = jnp.min(jnp.where(x == m, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
