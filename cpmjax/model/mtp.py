@@ -89,12 +89,13 @@ def draft_residual_scale(cfg: ModelConfig) -> float:
 
 def mtp_block(mtp_params: Params, params: Params, cfg: ModelConfig, hidden: jax.Array,
               next_tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-              cache_kv: tuple[jax.Array, jax.Array] | None = None,
+              cache_kv: tuple[jax.Array, jax.Array] | None = None, kv_len: int | None = None,
               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """(h^MTP [B,T,d], updated draft-layer (k, v) cache or None) from h_t and x_{t+1}.
 
     ``positions`` are those of h_t; with ``cache_kv`` (``[B,S,KV,hd]`` each) keys are written at
-    them, so a rejected draft's entries are overwritten by the next step (position-addressed).
+    them, so a rejected draft's entries are overwritten by the next step (position-addressed);
+    ``kv_len`` limits the attention read as in `decoder_layer`.
     """
     dt = hidden.dtype
     e = rms_norm(embed_tokens(params, cfg, next_tokens, dt), mtp_params["emb_norm"], cfg.rms_norm_eps)
@@ -103,7 +104,7 @@ def mtp_block(mtp_params: Params, params: Params, cfg: ModelConfig, hidden: jax.
     cos, sin = rope_cos_sin(cfg, jnp.maximum(positions, 0))
     return decoder_layer(u, mtp_params["layer"], cfg, cos=cos, sin=sin, positions=positions,
                          segment_ids=segment_ids, cache_kv=cache_kv,
-                         residual_scale=draft_residual_scale(cfg))
+                         residual_scale=draft_residual_scale(cfg), kv_len=kv_len)
 
 
 def mtp_forward(mtp_params: Params, params: Params, cfg: ModelConfig, hidden: jax.Array,

@@ -63,6 +63,7 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
                   cache_kv: tuple[jax.Array, ...] | None,
                   attn_impl: attn_lib.Implementation = "auto",
                   residual_scale: float | None = None, taps: dict[str, jax.Array] | None = None,
+                  kv_len: int | None = None,
                   ) -> tuple[jax.Array, tuple[jax.Array, ...] | None]:
     """One pre-norm block; returns the new hidden state and the updated (k, v) cache of the layer.
 
@@ -73,6 +74,9 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
     scale_depth/sqrt(L+1) because it counts as layer L+1 (spec §1.5, CPM.cu ``speculative/eagle.py``).
     ``taps``, when given, receives the input of every linear (``attn_in``, ``wo_in``, ``mlp_in``,
     ``down_in``) so GPTQ calibration (``cpmjax.quant``) reads the exact activations of this code.
+    ``kv_len`` (static; dense models with a cache): attention reads only cache positions below it,
+    which the caller guarantees hold every position a query may see (the serving engine's
+    length buckets: a short request in a long-context cache does not read the whole cache).
     """
     dt = h.dtype
     scale = jnp.asarray(cfg.residual_scale if residual_scale is None else residual_scale, dt)
@@ -89,10 +93,12 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
     else:
         keys = write_kv(cache_kv[0], k, positions)
         values = write_kv(cache_kv[1], v, positions)
+        new_cache = (keys, values)
+        if kv_len is not None and cfg.sparse_config is None:
+            keys, values = keys[:, :kv_len], values[:, :kv_len]
         B, S = keys.shape[:2]
         kv_pos = jnp.broadcast_to(jnp.arange(S, dtype=positions.dtype), (B, S))
         kv_seg = None
-        new_cache = (keys, values)
     compressed = None
     if cache_kv is not None and len(cache_kv) == 4 and cfg.sparse_config is not None:
         compressed = update_compressed(cache_kv[2:], keys, positions, cfg.sparse_config)
@@ -117,7 +123,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
             positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
             cache: KVCache | None = None, dtype: Any = jnp.float32, return_logits: bool = True,
             remat: str = "none", attn_impl: attn_lib.Implementation = "auto",
-            layer_transform: Callable[[Params], Params] | None = None) -> ModelOutput:
+            layer_transform: Callable[[Params], Params] | None = None,
+            kv_len: int | None = None) -> ModelOutput:
     """Run the decoder.
 
     Args:
@@ -131,6 +138,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
       remat: a key of ``REMAT_POLICIES`` (rematerialisation of each layer in the backward pass).
       layer_transform: maps one layer's params before use, inside the scan (``cpmjax.quant``
         dequantizes packed weights there, so only one layer is ever dequantized at a time).
+      kv_len: with a cache, attend only to its first ``kv_len`` positions (see `decoder_layer`).
     """
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
@@ -147,7 +155,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
         if layer_transform is not None:
             layer = layer_transform(layer)
         return decoder_layer(carry, layer, cfg, cos=cos, sin=sin, positions=positions,
-                             segment_ids=segment_ids, cache_kv=cache_kv, attn_impl=attn_impl)
+                             segment_ids=segment_ids, cache_kv=cache_kv, attn_impl=attn_impl,
+                             kv_len=kv_len)
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)

@@ -72,15 +72,17 @@ class DecodeEngine:
     """Jitted prefill/insert/generate for one model config and one static batch shape."""
 
     def __init__(self, cfg: ModelConfig, *, max_slots: int = 8, max_len: int | None = None,
-                 chunk: int = 64, dtype: Any = jnp.float32) -> None:
+                 chunk: int = 64, dtype: Any = jnp.float32, kv_bucket: int | None = 128) -> None:
         max_len = cfg.max_position_embeddings if max_len is None else max_len
         if max_slots < 1 or chunk < 1:
             raise ValueError(f"max_slots and chunk must be >= 1, got {max_slots}, {chunk}")
+        if kv_bucket is not None and kv_bucket < 1:
+            raise ValueError(f"kv_bucket must be >= 1 or None, got {kv_bucket}")
         if not 1 < max_len <= cfg.max_position_embeddings:
             raise ValueError(f"max_len must be in (1, max_position_embeddings="
                              f"{cfg.max_position_embeddings}], got {max_len}")
         self.cfg, self.max_slots, self.max_len, self.chunk = cfg, max_slots, max_len, chunk
-        self.dtype = dtype
+        self.dtype, self.kv_bucket = dtype, kv_bucket
         self.compilations: collections.Counter[str] = collections.Counter()
         # what a speculative engine's jitted steps take besides the target params (a jit argument,
         # so swapping drafts of one shape recompiles nothing); None for plain decoding
@@ -88,10 +90,11 @@ class DecodeEngine:
         self.speculative_k: int | None = None
         self._prefill_chunk = self._jit("prefill", self._prefill_chunk_impl, donate=(2, 3, 4))
         self._insert = self._jit("insert", self._insert_impl, donate=(2,))
-        self._generate = self._jit("generate", self._generate_impl, donate=(2,))
+        self._generate = self._jit("generate", self._generate_impl, donate=(2,), static=(3,))
         self._release = self._jit("release", self._release_impl, donate=(0,))
 
-    def _jit(self, name: str, fn: Callable[..., Any], donate: tuple[int, ...]) -> Callable[..., Any]:
+    def _jit(self, name: str, fn: Callable[..., Any], donate: tuple[int, ...],
+             static: tuple[int, ...] = ()) -> Callable[..., Any]:
         """``jax.jit`` that counts its traces (one per compilation) under ``name``."""
 
         @functools.wraps(fn)
@@ -99,7 +102,7 @@ class DecodeEngine:
             self.compilations[name] += 1
             return fn(*args)
 
-        return jax.jit(counted, donate_argnums=donate)
+        return jax.jit(counted, donate_argnums=donate, static_argnums=static)
 
     @property
     def total_compilations(self) -> int:
@@ -215,12 +218,25 @@ class DecodeEngine:
                             np.int32(sampling.seed))
 
     # ---- generate ------------------------------------------------------------------------
-    def _generate_impl(self, params: Params, draft_args: Any, state: DecodeState
+    def kv_span(self, context: int | None) -> int:
+        """Cache positions a decode step reads (static, one compilation each): the smallest of
+        ``kv_bucket * 2**i`` (capped at ``max_len``) holding every position the step writes when
+        the longest busy slot holds ``context`` tokens (its newest not yet cached). Reading the
+        whole ``max_len`` cache made a 100-token request in a 1024-token engine pay for 1024.
+        ``None`` (or ``kv_bucket=None``): the whole cache."""
+        if context is None or self.kv_bucket is None:
+            return self.max_len
+        need, span = context + (self.speculative_k or 0), self.kv_bucket
+        while span < need:
+            span *= 2
+        return min(span, self.max_len)
+
+    def _generate_impl(self, params: Params, draft_args: Any, state: DecodeState, kv_len: int
                        ) -> tuple[DecodeState, jax.Array, jax.Array]:
         del draft_args
         active = state.lengths >= 0
         out = forward(params, self.cfg, state.tokens[:, None], positions=state.lengths[:, None],
-                      cache=state.cache, dtype=self.dtype,
+                      cache=state.cache, dtype=self.dtype, kv_len=kv_len,
                       layer_transform=layer_transform_for(params, self.cfg, self.dtype))
         nxt = sample(out.logits[:, 0], state.seen, state.steps, **_sampling_kwargs(state))
         V = self.cfg.vocab_size
@@ -231,13 +247,15 @@ class DecodeEngine:
                              steps=state.steps + active.astype(jnp.int32))
         return new, nxt[:, None], active.astype(jnp.int32)
 
-    def generate(self, params: Params, state: DecodeState, all_greedy: bool = False
-                 ) -> tuple[DecodeState, jax.Array, jax.Array]:
+    def generate(self, params: Params, state: DecodeState, all_greedy: bool = False,
+                 context: int | None = None) -> tuple[DecodeState, jax.Array, jax.Array]:
         """One decode step for every slot: (new state, tokens ``[B, W]``, counts ``[B]``); slot b
         produced ``tokens[b, :counts[b]]`` in order (W = 1 here; speculative engines emit up to
         k+1 per step). Idle slots have count 0. ``all_greedy`` is a hint that every busy slot
-        samples at temperature 0 (the plain step needs none: its sampler branches on device)."""
-        return self._generate(params, self.draft_args, state)
+        samples at temperature 0 (the plain step needs none: its sampler branches on device).
+        ``context``: the most tokens any busy slot holds (prompt + generated), which lets the
+        step read only the cache positions in use (`kv_span`); None reads the whole cache."""
+        return self._generate(params, self.draft_args, state, self.kv_span(context))
 
     def check_sampling(self, sampling: SamplingParams) -> None:
         """Raise ``ValueError`` for sampling settings this engine cannot honour (none here)."""

@@ -231,8 +231,10 @@ class Scheduler:
         self._admit()
         if self.active == 0:
             return False
-        greedy = all(r.sampling.temperature == 0 for r in self.slots if r is not None)
-        self.state, tokens, counts = self.engine.generate(self.params, self.state, greedy)
+        busy = [r for r in self.slots if r is not None]
+        greedy = all(r.sampling.temperature == 0 for r in busy)
+        context = max(len(r.prompt) + len(r.output) for r in busy)
+        self.state, tokens, counts = self.engine.generate(self.params, self.state, greedy, context)
         tokens, counts = np.asarray(tokens), np.asarray(counts)
         n = 0
         for slot, req in enumerate(self.slots):

@@ -41,7 +41,7 @@ class SpeculativeEngine(DecodeEngine):
         super().__init__(cfg, **kw)
         self.speculative_k = int(k)
         self._greedy_generate = self._jit("generate_greedy", self._greedy_generate_impl,
-                                          donate=(2,))
+                                          donate=(2,), static=(3,))
         self.set_draft(draft_params, frspec_ids)
 
     def set_draft(self, draft_params: Params, frspec_ids: Any = None) -> None:
@@ -88,28 +88,28 @@ class SpeculativeEngine(DecodeEngine):
             draft=init_draft_cache(self.cfg, self.max_slots, self.max_len, self.dtype))
 
     # ---- generate: one speculative round -------------------------------------------------
-    def _generate_impl(self, params: Params, draft_args: Any, state: DecodeState,
+    def _generate_impl(self, params: Params, draft_args: Any, state: DecodeState, kv_len: int,
                        all_greedy: bool = False) -> tuple[DecodeState, jax.Array, jax.Array]:
         keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(
             state.seed, state.steps)
         r = speculative_round(params, draft_args["params"], self.cfg, self.speculative_k,
                               state.cache, state.draft, state.tokens, state.lengths, keys,
                               RowSampling(state.temperature, state.top_k, state.top_p),
-                              draft_args["vocab_ids"], self.dtype, all_greedy)
+                              draft_args["vocab_ids"], self.dtype, all_greedy, kv_len)
         active = state.lengths >= 0
         new = state._replace(cache=r.cache, draft=r.draft, tokens=r.last,
                              lengths=jnp.where(active, state.lengths + r.count, -1),
                              steps=state.steps + r.count)
         return new, r.tokens, r.count
 
-    def _greedy_generate_impl(self, params: Params, draft_args: Any, state: DecodeState
-                              ) -> tuple[DecodeState, jax.Array, jax.Array]:
-        return self._generate_impl(params, draft_args, state, all_greedy=True)
+    def _greedy_generate_impl(self, params: Params, draft_args: Any, state: DecodeState,
+                              kv_len: int) -> tuple[DecodeState, jax.Array, jax.Array]:
+        return self._generate_impl(params, draft_args, state, kv_len, all_greedy=True)
 
-    def generate(self, params: Params, state: DecodeState, all_greedy: bool = False
-                 ) -> tuple[DecodeState, jax.Array, jax.Array]:
+    def generate(self, params: Params, state: DecodeState, all_greedy: bool = False,
+                 context: int | None = None) -> tuple[DecodeState, jax.Array, jax.Array]:
         """One speculative round; ``all_greedy`` (every busy slot at temperature 0, known to the
-        scheduler) runs the argmax-only variant, compiled once on first use."""
-        if all_greedy:
-            return self._greedy_generate(params, self.draft_args, state)
-        return self._generate(params, self.draft_args, state)
+        scheduler) runs the argmax-only variant, compiled once per span on first use;
+        ``context`` as for :meth:`DecodeEngine.generate`."""
+        step = self._greedy_generate if all_greedy else self._generate
+        return step(params, self.draft_args, state, self.kv_span(context))

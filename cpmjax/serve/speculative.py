@@ -132,13 +132,15 @@ class RoundOut(NamedTuple):
 def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k: int,
                       cache: KVCache, draft: DraftCache, last: jax.Array, lengths: jax.Array,
                       keys: jax.Array, sampling: RowSampling, vocab_ids: jax.Array | None,
-                      dtype: Any = jnp.float32, all_greedy: bool = False) -> RoundOut:
+                      dtype: Any = jnp.float32, all_greedy: bool = False,
+                      kv_len: int | None = None) -> RoundOut:
     """Draft k tokens, verify them in one target step and accept (see the module docstring).
 
     ``lengths [B]`` is where ``last`` goes in the target cache (-1: idle row); ``keys [B]`` one
     PRNG key per row, fresh every round. ``all_greedy`` (static) promises every row is greedy:
     drafts and acceptance then use argmaxes only (same tokens, no vocabulary-sized sampling work,
-    which dominates a small model's round).
+    which dominates a small model's round). ``kv_len`` (static) bounds the cache positions both
+    models' attention reads; it must exceed every position the round writes (lengths + k).
     """
     B = last.shape[0]
     active = lengths >= 0
@@ -150,7 +152,7 @@ def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k:
         if j > 0:  # the draft reads its own previous proposal
             pos = jnp.where(active, lengths - 1 + j, -1)[:, None]
             h, kv = mtp_block(draft_params, params, cfg, h[:, None].astype(dtype),
-                              tok[:, None], pos, cache_kv=kv)
+                              tok[:, None], pos, cache_kv=kv, kv_len=kv_len)
             h = h[:, 0]
         logits = lm_head(params, cfg, h[:, None], vocab_ids)[:, 0]
         if all_greedy:
@@ -165,7 +167,8 @@ def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k:
     ar = jnp.arange(k + 1)[None]
     out = forward(params, cfg, jnp.concatenate([last[:, None], drafted], 1),
                   positions=jnp.where(active[:, None], lengths[:, None] + ar, -1), cache=cache,
-                  dtype=dtype, layer_transform=layer_transform_for(params, cfg, dtype))
+                  dtype=dtype, layer_transform=layer_transform_for(params, cfg, dtype),
+                  kv_len=kv_len)
     if all_greedy:
         n, nxt = accept_greedy(out.logits, drafted)
     else:
@@ -173,7 +176,8 @@ def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k:
                               step_keys[:, k])
     new = jnp.concatenate([drafted, drafted[:, :1]], 1).at[jnp.arange(B), n].set(nxt)
     catch_up = jnp.where(active[:, None] & (ar <= n[:, None]), lengths[:, None] + ar, -1)
-    hc, kv = mtp_block(draft_params, params, cfg, out.hidden, new, catch_up, cache_kv=kv)
+    hc, kv = mtp_block(draft_params, params, cfg, out.hidden, new, catch_up, cache_kv=kv,
+                       kv_len=kv_len)
     h_next = jnp.where(active[:, None], hc[jnp.arange(B), n], draft["h"])
     return RoundOut(out.cache, {"k": kv[0], "v": kv[1], "h": h_next.astype(draft["h"].dtype)},
                     new, jnp.where(active, n + 1, 0), jnp.where(active, nxt, last))

@@ -86,6 +86,25 @@ def test_compilations_stay_fixed_across_many_requests(cfg, params, engine):
     assert dict(engine.compilations) == {"prefill": 1, "insert": 1, "generate": 1, "release": 1}
 
 
+def test_decode_reads_only_the_cache_span_in_use(cfg, params, engine):
+    # kv_bucket=16 in a 128-token engine: steps read 16, 32 or 64 cache positions as the longest
+    # slot grows, one compilation per span, and every output equals the whole-cache engine's.
+    spans = DecodeEngine(cfg, max_slots=2, max_len=128, chunk=8, kv_bucket=16)
+    assert [spans.kv_span(c) for c in (None, 1, 16, 17, 33, 64, 65, 500)] == \
+        [128, 16, 16, 32, 64, 64, 128, 128]
+    assert DecodeEngine(cfg, max_len=128, kv_bucket=None).kv_span(5) == 128
+    outputs = []
+    for eng in (engine, spans):
+        sched = Scheduler(eng, params)
+        reqs = [sched.submit(p, n, stop_token_ids=[]) for p, n in zip(PROMPTS, NEW)]
+        sched.run_until_done()
+        outputs.append([r.output for r in reqs])
+    assert outputs[0] == outputs[1]
+    assert spans.compilations["generate"] == 3  # spans 16, 32, 64 (the longest row ends at 52)
+    with pytest.raises(ValueError, match="kv_bucket"):
+        DecodeEngine(cfg, max_len=128, kv_bucket=0)
+
+
 def test_seeded_sampling_does_not_depend_on_batch_companions(cfg, params, engine):
     sp = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.2, seed=7)
     alone = Scheduler(engine, params)

@@ -59,6 +59,19 @@ def test_engine_with_joins_equals_plain_greedy_and_compiles_once(setup):
         assert m["decode_steps"] == sum(r.decode_steps for r in got)
 
 
+def test_rounds_read_only_the_cache_span_in_use(setup):
+    """With 16-position span buckets the round's target and draft attention read 16..64 of 96
+    cache positions (the span covers the k positions a round writes past the longest row) and
+    the outputs still equal plain greedy decoding."""
+    cfg, params, draft = setup
+    _, want = _run(DecodeEngine(cfg, max_slots=2, max_len=96, chunk=8), params, stop_token_ids=[])
+    spec = SpeculativeEngine(cfg, draft, k=3, max_slots=2, max_len=96, chunk=8, kv_bucket=16)
+    assert [spec.kv_span(c) for c in (13, 14, 30, 94)] == [16, 32, 64, 96]
+    _, got = _run(spec, params, stop_token_ids=[])
+    assert [g.output for g in got] == [w.output for w in want]
+    assert spec.compilations["generate_greedy"] == 3
+
+
 def test_a_stop_token_inside_an_accepted_chain_ends_the_request_there(setup):
     """A step can produce tokens past a stop token; the scheduler emits up to the stop token and
     drops the rest, so the outputs equal plain decoding with the same stop."""
