@@ -88,7 +88,8 @@ class DecodeEngine:
         # so swapping drafts of one shape recompiles nothing); None for plain decoding
         self.draft_args: Any = None
         self.speculative_k: int | None = None
-        self._prefill_chunk = self._jit("prefill", self._prefill_chunk_impl, donate=(2, 3, 4))
+        self._prefill_chunk = self._jit("prefill", self._prefill_chunk_impl, donate=(2, 3, 4),
+                                        static=(9,))
         self._insert = self._jit("insert", self._insert_impl, donate=(2,))
         self._generate = self._jit("generate", self._generate_impl, donate=(2,), static=(3,))
         self._release = self._jit("release", self._release_impl, donate=(0,))
@@ -111,21 +112,21 @@ class DecodeEngine:
     # ---- prefill -------------------------------------------------------------------------
     def _prefill_chunk_impl(self, params: Params, draft_args: Any, cache: KVCache,
                             seen: jax.Array, draft: Any, tokens: jax.Array, positions: jax.Array,
-                            last: jax.Array, next_tokens: jax.Array
+                            last: jax.Array, next_tokens: jax.Array, kv_len: int
                             ) -> tuple[KVCache, jax.Array, jax.Array, Any]:
         out = forward(params, self.cfg, tokens, positions=positions, cache=cache, dtype=self.dtype,
-                      return_logits=False,
+                      return_logits=False, kv_len=kv_len,
                       layer_transform=layer_transform_for(params, self.cfg, self.dtype))
         logits = lm_head(params, self.cfg, out.hidden[:, last][:, None])[0, 0]
         V = seen.shape[0]
         seen = seen.at[jnp.where(positions[0] >= 0, tokens[0], V)].set(True, mode="drop")
         draft = self._draft_prefill(params, draft_args, draft, out.hidden, next_tokens,
-                                    positions, last)
+                                    positions, last, kv_len)
         return out.cache, logits, seen, draft
 
     def _draft_prefill(self, params: Params, draft_args: Any, draft: Any,
                        hidden: jax.Array, next_tokens: jax.Array, positions: jax.Array,
-                       last: jax.Array) -> Any:
+                       last: jax.Array, kv_len: int) -> Any:
         """Hook for engines that keep a draft model in step with the prompt; nothing here."""
         return draft
 
@@ -163,7 +164,8 @@ class DecodeEngine:
             pos = np.full((1, self.chunk), -1, np.int32)
             pos[0, :m] = np.arange(start, start + m)
             cache, logits, seen, draft = self._prefill_chunk(
-                params, self.draft_args, cache, seen, draft, tok, pos, np.int32(m - 1), nxt)
+                params, self.draft_args, cache, seen, draft, tok, pos, np.int32(m - 1), nxt,
+                self._span(start + m))
             yield Prefix(cache, logits, seen, n, draft) if start + m == n else None
 
     # ---- decode state --------------------------------------------------------------------
@@ -224,9 +226,13 @@ class DecodeEngine:
         the longest busy slot holds ``context`` tokens (its newest not yet cached). Reading the
         whole ``max_len`` cache made a 100-token request in a 1024-token engine pay for 1024.
         ``None`` (or ``kv_bucket=None``): the whole cache."""
-        if context is None or self.kv_bucket is None:
+        return self.max_len if context is None else self._span(context + (self.speculative_k or 0))
+
+    def _span(self, need: int) -> int:
+        """The smallest span of the ``kv_bucket * 2**i`` series (capped at ``max_len``) >= need."""
+        if self.kv_bucket is None:
             return self.max_len
-        need, span = context + (self.speculative_k or 0), self.kv_bucket
+        span = self.kv_bucket
         while span < need:
             span *= 2
         return min(span, self.max_len)

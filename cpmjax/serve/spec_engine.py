@@ -63,14 +63,14 @@ class SpeculativeEngine(DecodeEngine):
 
     def _draft_prefill(self, params: Params, draft_args: Any, draft: Any,
                        hidden: jax.Array, next_tokens: jax.Array, positions: jax.Array,
-                       last: jax.Array) -> dict[str, jax.Array]:
+                       last: jax.Array, kv_len: int) -> dict[str, jax.Array]:
         """Draft layer over (hidden at i, token i+1) for the chunk's positions, except the
         prompt's last (its next token, -1 here, is not sampled yet); remembers the hidden state
         at the chunk's last token (the prompt's last, once the final chunk ran)."""
         pos = jnp.where(next_tokens >= 0, positions, -1)
         _, (k, v) = mtp_block(dense_draft(draft_args["params"], self.cfg, self.dtype), params,
                               self.cfg, hidden, jnp.maximum(next_tokens, 0), pos,
-                              cache_kv=(draft["k"], draft["v"]))
+                              cache_kv=(draft["k"], draft["v"]), kv_len=kv_len)
         return {"k": k, "v": v, "h": hidden[:, last].astype(jnp.float32)}
 
     def _draft_insert(self, params: Params, draft_args: Any, prefix_draft: Any, first: jax.Array,

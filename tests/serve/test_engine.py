@@ -87,8 +87,9 @@ def test_compilations_stay_fixed_across_many_requests(cfg, params, engine):
 
 
 def test_decode_reads_only_the_cache_span_in_use(cfg, params, engine):
-    # kv_bucket=16 in a 128-token engine: steps read 16, 32 or 64 cache positions as the longest
-    # slot grows, one compilation per span, and every output equals the whole-cache engine's.
+    # kv_bucket=16 in a 128-token engine: decode steps read 16, 32 or 64 cache positions as the
+    # longest slot grows, prefill chunks as much as the prompt so far needs, one compilation per
+    # span, and every output equals the whole-cache engine's.
     spans = DecodeEngine(cfg, max_slots=2, max_len=128, chunk=8, kv_bucket=16)
     assert [spans.kv_span(c) for c in (None, 1, 16, 17, 33, 64, 65, 500)] == \
         [128, 16, 16, 32, 64, 64, 128, 128]
@@ -101,6 +102,7 @@ def test_decode_reads_only_the_cache_span_in_use(cfg, params, engine):
         outputs.append([r.output for r in reqs])
     assert outputs[0] == outputs[1]
     assert spans.compilations["generate"] == 3  # spans 16, 32, 64 (the longest row ends at 52)
+    assert spans.compilations["prefill"] == 3  # chunks ending by 16, 32 and 40 positions
     with pytest.raises(ValueError, match="kv_bucket"):
         DecodeEngine(cfg, max_len=128, kv_bucket=0)
 
