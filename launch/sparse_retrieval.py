@@ -16,21 +16,29 @@ long-context stage, on top of dense pre-training; spec MINICPM4.md §2, tech rep
    it, so the 4K distances are first learned on rows cut to ``keep`` tokens (the first quarter,
    which holds the pair, and the row's end, at their original positions: `keep_ends`), then a
    few steps run on whole 4K rows;
-2. the same weights with ``sparse_config`` on, ``--sparse_steps`` steps of ``--sparse_batch``
-   rows at ``--length``.
+2. the same weights with ``sparse_config`` on, again through a length curriculum,
+   ``--sparse_phases``. Switched on directly at 4096 (60 steps) the model reached 26%: the dense
+   model's retrieval head puts all its weight on the value by pushing every filler logit ~30
+   below it rather than raising the value's, so after mean-pooling over a kernel of 8 the
+   value's kernel gains only ~4 while pooled filler scores vary by ~6 over 4K positions, and
+   stage 1 keeps the pair's block for 2-8% of rows (chance is 8 of 256 blocks); with the
+   softmax saturated there is no gradient to sharpen it either. At 1024 the pair's block is one
+   of 64 and stage 1 keeps it often enough for sparse training to work; 2048 then 4096 follow.
 
 Evaluated on the same held-out rows at ``--length``: the dense model, the dense weights run
 with sparse attention before any sparse training, and the sparse-trained model. With
 ``--scratch_steps`` > 0 a sparse model is also trained from scratch at ``--length`` for that
 many steps (stage 1 is discrete and gets no gradient of its own, so it has to discover the
 pair by chance). For each sparse evaluation the fraction of held-out rows is recorded whose
-stage-1 selection (last query, last layer) includes the pair's block, per KV head.
+question (``key QUERY*16``) has stage 1 select, in any of its positions, the pair's block, and
+the pair's block or the next one (whose tokens see the pair in their local window, so layer 0
+can copy it there for layer 1 to find), per layer and KV head.
 
-    python launch/sparse_retrieval.py                       # the 4K recipe, ~35 min on 2 cores
+    python launch/sparse_retrieval.py                       # the 4K recipe, ~40 min on 2 cores
     python launch/sparse_retrieval.py --length=1024 --dense_phases=128:250:8,1024:100:4
 
-Flags: ``--length`` the sparse and eval length; ``--dense_phases``; ``--sparse_steps``,
-``--sparse_batch``; ``--scratch_steps``; ``--lr`` the peak LR of the first dense phase and of
+Flags: ``--length`` the sparse and eval length; ``--dense_phases``; ``--sparse_phases``;
+``--scratch_steps``; ``--lr`` the peak LR of the first dense phase and of
 sparse from scratch, ``--finetune_lr`` of every later phase; ``--topk`` stage-1 blocks
 (config.json's ``topk``, window excluded); ``--eval_rows`` held-out rows; ``--n_pairs``;
 ``--dense_dir`` keeps the dense stage (weights and result) and reuses it on the next run.
@@ -160,30 +168,37 @@ def train(params: Params, cfg: ModelConfig, *, steps: int, batch: int, length: i
                     "seconds": round(time.time() - t0, 1), "loss_curve": losses}
 
 
-def last_layer_selection(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
-    """Blocks stage 1 selects for the last query in the last layer, ``[B, KV, topk]``.
+def layer_selections(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Blocks stage 1 selects for the row's question (``key QUERY*16``, its last 17 positions)
+    in every layer, ``[L, B, KV, 17, topk]``.
 
-    Runs the layers one by one to reach the last layer's rotated q and k (the forward pass does
-    not return them).
+    Runs the layers one by one to reach each layer's rotated q and k (the forward pass does not
+    return them). Every layer and question position is reported: the pair can reach the answer
+    through any of them (e.g. the queried key's position reads the pair in layer 0 and the last
+    QUERY reads that position, inside its local window, in layer 1).
     """
     sc = cfg.sparse_config
     B, T = tokens.shape
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     cos, sin = rope_cos_sin(cfg, pos)
     h = embed_tokens(params, cfg, tokens)
-    n_layers = cfg.num_hidden_layers
-    for i in range(n_layers):
+    picked = []
+    for i in range(cfg.num_hidden_layers):
         layer = jax.tree.map(lambda a: a[i], params["layers"])
         taps: dict[str, jax.Array] = {}
         h, _ = decoder_layer(h, layer, cfg, cos=cos, sin=sin, positions=pos, segment_ids=None,
                              cache_kv=None, taps=taps)
-    x = taps["attn_in"]
-    q = apply_rope(jnp.einsum("btd,dhk->bthk", x, layer["wq"]), cos, sin)
-    k = apply_rope(jnp.einsum("btd,dhk->bthk", x, layer["wk"]), cos, sin)
-    idx = infllmv2.select_blocks(q, k, kernel_size=sc.kernel_size, kernel_stride=sc.kernel_stride,
-                                 block_size=sc.block_size, topk=sc.total_topk,
-                                 init_blocks=sc.init_blocks, local_blocks=sc.local_blocks)
-    return idx[:, :, -1]
+        x = taps["attn_in"]
+        span = N_QUERY + 1
+        q = apply_rope(jnp.einsum("btd,dhk->bthk", x[:, -span:], layer["wq"]), cos[:, -span:],
+                       sin[:, -span:])
+        k = apply_rope(jnp.einsum("btd,dhk->bthk", x, layer["wk"]), cos, sin)
+        idx = infllmv2.select_blocks(q, k, kernel_size=sc.kernel_size,
+                                     kernel_stride=sc.kernel_stride, block_size=sc.block_size,
+                                     topk=sc.total_topk, init_blocks=sc.init_blocks,
+                                     local_blocks=sc.local_blocks, cache_len=T - span)
+        picked.append(idx)
+    return jnp.stack(picked)
 
 
 def evaluate(params: Params, cfg: ModelConfig, *, rows: int, batch: int, length: int,
@@ -193,20 +208,25 @@ def evaluate(params: Params, cfg: ModelConfig, *, rows: int, batch: int, length:
     if rows < batch:
         raise ValueError(f"eval_rows {rows} must be at least the eval batch {batch}")
     predict = jax.jit(lambda p, tok: answer_logits(p, cfg, tok)[:, -1].argmax(-1))
-    select = jax.jit(lambda p, tok: last_layer_selection(p, cfg, tok))
+    select = jax.jit(lambda p, tok: layer_selections(p, cfg, tok))
     rng = np.random.default_rng(10_000 + seed)
     t0, correct, hits, n = time.time(), 0, 0, 0
     for _ in range(rows // batch):
         tok, ans, where = make_batch(rng, batch, length, n_pairs)
         correct += int((np.asarray(predict(params, jnp.asarray(tok))) == ans).sum())
         if cfg.sparse_config is not None:
-            blocks = np.asarray(select(params, jnp.asarray(tok)))  # [B, KV, topk]
-            pair_block = (where // cfg.sparse_config.block_size)[:, None, None]
-            hits = hits + (blocks == pair_block).any(-1).sum(0)  # per KV head
+            blocks = np.asarray(select(params, jnp.asarray(tok)))  # [L, B, KV, 17, topk]
+            pair = (where // cfg.sparse_config.block_size)[None, :, None, None, None]
+            found = [(blocks == pair).any((-1, -2)),  # [L, B, KV]
+                     ((blocks == pair) | (blocks == pair + 1)).any((-1, -2))]
+            hits = hits + np.stack(found).sum(2)  # [2, L, KV]
         n += batch
     out = {"accuracy": correct / n, "rows": n, "seconds": round(time.time() - t0, 1)}
     if cfg.sparse_config is not None:
-        out["pair_block_selected"] = [round(float(h) / n, 4) for h in hits]  # per KV head
+        # [layer][KV head], for any position of the question: the pair's block; it or the next
+        # block, whose tokens have the pair in their local window (a 2-layer route)
+        out["question_selects"] = dict(zip(("pair_block", "pair_or_next_block"),
+                                           np.round(hits / n, 4).tolist()))
     print(f"eval {out}", flush=True)
     return out
 
@@ -233,6 +253,7 @@ def reads_the_key(params: Params, cfg: ModelConfig, *, rows: int, batch: int, le
 
 Phase = tuple[int, int, int, int]  # (length, steps, batch, kept tokens per row)
 DEFAULT_PHASES = "128:250:8,512:150:8,1024:60:4,4096:150:4:1280,4096:20:2"
+DEFAULT_SPARSE_PHASES = "1024:200:4,2048:300:4,4096:200:2"
 
 
 def parse_phases(text: str) -> list[Phase]:
@@ -251,62 +272,73 @@ def parse_phases(text: str) -> list[Phase]:
 DENSE_RESULT = "dense_result.json"
 
 
-def save_dense(path: str, phases: str, cfg: ModelConfig, params: Params,
+def save_dense(path: str, phases: str, n_pairs: int, cfg: ModelConfig, params: Params,
                result: dict[str, Any]) -> None:
-    """The dense stage's weights (`save_model`) and result, tagged with its phases."""
+    """The dense stage's weights (`save_model`) and result, tagged with its phases and rows."""
     save_model(cfg, params, os.path.join(path, "model"), overwrite=True)
-    _write_atomic(os.path.join(path, DENSE_RESULT), {"dense_phases": phases, **result})
+    _write_atomic(os.path.join(path, DENSE_RESULT),
+                  {"dense_phases": phases, "n_pairs": n_pairs, **result})
 
 
-def load_dense(path: str, phases: str, cfg: ModelConfig) -> tuple[Params, dict[str, Any]]:
-    """What `save_dense` wrote; refuses a dense stage trained with other phases or shapes."""
+def load_dense(path: str, phases: str, n_pairs: int, cfg: ModelConfig
+               ) -> tuple[Params, dict[str, Any]]:
+    """What `save_dense` wrote; refuses a dense stage trained with other phases, rows or shapes."""
     with open(os.path.join(path, DENSE_RESULT)) as f:
         result = json.load(f)
     saved_cfg, params = load_model(os.path.join(path, "model"))
-    if result.pop("dense_phases") != phases or saved_cfg.to_hf_config() != cfg.to_hf_config():
-        raise ValueError(f"{path} holds a dense stage of other phases or another model; "
-                         f"use another --dense_dir")
+    if (result.pop("dense_phases") != phases or result.pop("n_pairs", None) != n_pairs
+            or saved_cfg.to_hf_config() != cfg.to_hf_config()):
+        raise ValueError(f"{path} holds a dense stage of other phases, another task or another "
+                         "model; use another --dense_dir")
     print(f"dense stage loaded from {path}: accuracy {result['accuracy']}", flush=True)
     return params, {**result, "loaded_from": path}
 
 
-def run(length: int = 4096, dense_phases: str = DEFAULT_PHASES, sparse_steps: int = 60,
-        sparse_batch: int = 2, scratch_steps: int = 0, n_pairs: int = 1, lr: float = 5e-3,
-        finetune_lr: float = 2e-3, topk: int = 8, seed: int = 0, eval_rows: int = 128,
-        dense_dir: str | None = None,
+def train_phases(params: Params, cfg: ModelConfig, phases: list[Phase], n_pairs: int,
+                 lrs: list[float], rng: np.random.Generator, name: str
+                 ) -> tuple[Params, list[dict[str, Any]]]:
+    """`train` through a length curriculum, phase i at peak LR ``lrs[i]``."""
+    logs = []
+    for (plen, steps, batch, keep), lr in zip(phases, lrs):
+        params, log = train(params, cfg, steps=steps, batch=batch, length=plen, n_pairs=n_pairs,
+                            lr=lr, rng=rng, keep=keep,
+                            name=f"{name}@{plen}" + (f"/{keep}" if keep < plen else ""))
+        logs.append(log)
+    return params, logs
+
+
+def run(length: int = 4096, dense_phases: str = DEFAULT_PHASES,
+        sparse_phases: str = DEFAULT_SPARSE_PHASES, scratch_steps: int = 0,
+        n_pairs: int = 1, lr: float = 5e-3, finetune_lr: float = 2e-3, topk: int = 8,
+        seed: int = 0, eval_rows: int = 128, dense_dir: str | None = None,
         out: str | None = "bench/results/sparse_retrieval.json") -> dict[str, Any]:
     """Dense curriculum, sparse continuation (and optionally sparse from scratch); write and
     return the comparison. ``dense_dir``: keep the dense stage there (weights and its result)
     and reuse it when it is already there, so sparse settings can be compared on one dense
     model without retraining it."""
-    phases = parse_phases(dense_phases)
-    if max(p[0] for p in phases) > length:
-        raise ValueError(f"dense_phases {dense_phases!r} go past length {length}")
+    phases, sphases = parse_phases(dense_phases), parse_phases(sparse_phases)
+    if max(p[0] for p in phases + sphases) > length:
+        raise ValueError(f"phases {dense_phases!r} / {sparse_phases!r} go past length {length}")
     dense_cfg, sparse_cfg = model_config(length, None), model_config(length, topk)
     rng = np.random.default_rng(seed)
     ev: Callable[[Params, ModelConfig], dict[str, Any]] = lambda p, c: evaluate(
         p, c, rows=eval_rows, batch=4, length=length, n_pairs=n_pairs, seed=seed)
     t0 = time.time()
     if dense_dir and os.path.exists(os.path.join(dense_dir, DENSE_RESULT)):
-        params, dense = load_dense(dense_dir, dense_phases, dense_cfg)
+        params, dense = load_dense(dense_dir, dense_phases, n_pairs, dense_cfg)
     else:
-        params, logs = init_params(dense_cfg, jax.random.PRNGKey(seed)), []
-        for i, (plen, steps, batch, keep) in enumerate(phases):
-            params, log = train(params, dense_cfg, steps=steps, batch=batch, length=plen,
-                                n_pairs=n_pairs, lr=lr if i == 0 else finetune_lr, rng=rng,
-                                name=f"dense@{plen}" + (f"/{keep}" if keep < plen else ""),
-                                keep=keep)
-            logs.append(log)
+        params, logs = train_phases(init_params(dense_cfg, jax.random.PRNGKey(seed)), dense_cfg,
+                                    phases, n_pairs, [lr] + [finetune_lr] * (len(phases) - 1), rng,
+                                    "dense")
         dense = {"train": logs, **ev(params, dense_cfg)}
         if dense_dir:
-            save_dense(dense_dir, dense_phases, dense_cfg, params, dense)
+            save_dense(dense_dir, dense_phases, n_pairs, dense_cfg, params, dense)
     dense["reads_the_key"] = reads_the_key(params, dense_cfg, rows=min(eval_rows, 32), batch=4,
                                            length=length, n_pairs=n_pairs, seed=seed)
     before = ev(params, sparse_cfg)
-    params, sp = train(params, sparse_cfg, steps=sparse_steps, batch=sparse_batch, length=length,
-                       n_pairs=n_pairs, lr=finetune_lr, rng=np.random.default_rng(seed + 1),
-                       name=f"sparse@{length}")
-    warm = {"train": [sp], **ev(params, sparse_cfg)}
+    params, logs = train_phases(params, sparse_cfg, sphases, n_pairs, [finetune_lr] * len(sphases),
+                                np.random.default_rng(seed + 1), "sparse")
+    warm = {"train": logs, **ev(params, sparse_cfg)}
     result = {
         "task": "key-value retrieval: pairs in the first quarter after block 0, query at the end",
         "settings": {"length": length, "n_pairs": n_pairs, "seed": seed, "eval_rows": eval_rows,
@@ -315,16 +347,16 @@ def run(length: int = 4096, dense_phases: str = DEFAULT_PHASES, sparse_steps: in
                      "sparse_config": {**SPARSE, "topk": topk},
                      "visible_tokens_per_query": sparse_cfg.sparse_config.total_topk
                      * SPARSE["block_size"],
-                     "recipe": f"dense phases {dense_phases} (length:steps:batch[:kept]), then "
-                               f"sparse_config on (same weights), {sparse_steps} sparse steps "
-                               f"of {sparse_batch} rows at {length}"},
+                     "recipe": f"dense phases {dense_phases}, then sparse_config on (same "
+                               f"weights), sparse phases {sparse_phases} "
+                               "(length:steps:batch[:kept])"},
         "device": f"{jax.default_backend()} ({os.cpu_count()} cores, shared)",
         "dense": dense, "sparse_before_sparse_training": before, "sparse_warm_started": warm,
         "warm_over_dense": round(warm["accuracy"] / max(dense["accuracy"], 1e-9), 4),
     }
     if scratch_steps:
         p0 = init_params(sparse_cfg, jax.random.PRNGKey(seed))
-        p0, sc = train(p0, sparse_cfg, steps=scratch_steps, batch=sparse_batch, length=length,
+        p0, sc = train(p0, sparse_cfg, steps=scratch_steps, batch=sphases[-1][2], length=length,
                        n_pairs=n_pairs, lr=lr, rng=np.random.default_rng(seed), name="scratch")
         result["sparse_from_scratch"] = {"train": [sc], **ev(p0, sparse_cfg)}
     result["total_seconds"] = round(time.time() - t0, 1)
@@ -350,8 +382,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("length", 4096, "context length of the sparse phase and of every eval")
     flags.DEFINE_string("dense_phases", DEFAULT_PHASES, "dense curriculum, length:steps:batch[:keep],... (keep: first quarter + "
                         "last tokens of each row, original positions)")
-    flags.DEFINE_integer("sparse_steps", 60, "sparse steps at length, from the dense weights")
-    flags.DEFINE_integer("sparse_batch", 2, "rows per sparse step")
+    flags.DEFINE_string("sparse_phases", DEFAULT_SPARSE_PHASES, "sparse curriculum from the "
+                        "dense weights, length:steps:batch,...")
     flags.DEFINE_integer("scratch_steps", 0, "sparse-from-scratch steps at length (0: skip)")
     flags.DEFINE_integer("n_pairs", 1, "key-value pairs per row")
     flags.DEFINE_float("lr", 5e-3, "peak LR of the first dense phase (and of sparse from scratch)")
@@ -364,8 +396,8 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
     del argv
-    res = run(FLAGS.length, FLAGS.dense_phases, FLAGS.sparse_steps, FLAGS.sparse_batch,
-              FLAGS.scratch_steps, FLAGS.n_pairs, FLAGS.lr, FLAGS.finetune_lr, FLAGS.topk,
+    res = run(FLAGS.length, FLAGS.dense_phases, FLAGS.sparse_phases, FLAGS.scratch_steps,
+              FLAGS.n_pairs, FLAGS.lr, FLAGS.finetune_lr, FLAGS.topk,
               eval_rows=FLAGS.eval_rows, dense_dir=FLAGS.dense_dir, out=FLAGS.out)
     print(json.dumps({k: res[k]["accuracy"] for k in
                       ("dense", "sparse_before_sparse_training", "sparse_warm_started")}),

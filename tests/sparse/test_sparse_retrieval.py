@@ -52,9 +52,11 @@ def test_keep_ends_keeps_the_pair_and_query_at_their_positions():
 @pytest.mark.parametrize("topk,expected", [(16, 1.0), (2, 0.0)])
 def test_pair_block_selected(topk, expected):
     # 256 tokens = 16 blocks; the pair sits in blocks 1-3. topk=16 keeps every block; topk=2
-    # leaves stage 1 no free choice (init + window + current block), so the pair is never kept.
+    # leaves stage 1 no free choice (init + window + current block), so neither the pair's block
+    # nor the next one is ever kept.
     cfg = sr.model_config(256, topk)
     params = init_params(cfg, jax.random.PRNGKey(0))
     out = sr.evaluate(params, cfg, rows=8, batch=4, length=256, n_pairs=1, seed=0)
-    assert out["pair_block_selected"] == [expected] * cfg.num_key_value_heads
+    every = [[expected] * cfg.num_key_value_heads] * cfg.num_hidden_layers
+    assert out["question_selects"] == {"pair_block": every, "pair_or_next_block": every}
     assert out["rows"] == 8 and 0.0 <= out["accuracy"] <= 1.0
