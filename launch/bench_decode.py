@@ -189,8 +189,9 @@ def run(presets_: tuple[str, ...] = ("tiny", "small"), batches: tuple[int, ...] 
 
     ``tokens_per_s`` is end to end (prefills included); ``decode_tokens_per_s`` counts the decode
     part only (`Timing`), which is what speculative decoding changes. cpmjax rows carry the time
-    per engine decode step over all slots (a speculative step is one draft-and-verify round); speculative rows the mean
-    accept length and both speedups over the plain row measured just before in the same process.
+    per engine decode step over all slots (a speculative step is one draft-and-verify round);
+    speculative rows the mean accept length and both speedups over the plain row measured just
+    before in the same process.
 
     ``torch_threads=1`` is the baseline's best setting on the shared 2-core CPU machine: with 2
     threads HF generate of the tiny model ran 9x slower (8 vs 72 tok/s, measured 22 Nov 2026 under

@@ -40,7 +40,7 @@ can copy it there for layer 1 to find), per layer and KV head.
 Flags: ``--length`` the sparse and eval length; ``--dense_phases``; ``--sparse_phases``;
 ``--scratch_steps``; ``--lr`` the peak LR of the first dense phase and of
 sparse from scratch, ``--finetune_lr`` of every later phase; ``--topk`` stage-1 blocks
-(config.json's ``topk``, window excluded); ``--eval_rows`` held-out rows; ``--n_pairs``;
+(config.json's ``topk``, window excluded); ``--eval_rows`` held-out rows; ``--n_pairs``; ``--seed``;
 ``--dense_dir`` keeps the dense stage (weights and result) and reuses it on the next run.
 """
 from __future__ import annotations
@@ -390,6 +390,7 @@ def define_flags() -> None:
     flags.DEFINE_float("finetune_lr", 2e-3, "peak LR of the later dense phases and the sparse one")
     flags.DEFINE_integer("topk", 8, "stage-1 blocks per query (config.json topk, window excluded)")
     flags.DEFINE_integer("eval_rows", 128, "held-out rows")
+    flags.DEFINE_integer("seed", 0, "seed of the init, the training rows and the held-out rows")
     flags.DEFINE_string("dense_dir", None, "keep/reuse the dense stage here (weights + result)")
     flags.DEFINE_string("out", "bench/results/sparse_retrieval.json", "result JSON")
 
@@ -398,7 +399,8 @@ def main(argv: list[str]) -> None:
     del argv
     res = run(FLAGS.length, FLAGS.dense_phases, FLAGS.sparse_phases, FLAGS.scratch_steps,
               FLAGS.n_pairs, FLAGS.lr, FLAGS.finetune_lr, FLAGS.topk,
-              eval_rows=FLAGS.eval_rows, dense_dir=FLAGS.dense_dir, out=FLAGS.out)
+              seed=FLAGS.seed, eval_rows=FLAGS.eval_rows, dense_dir=FLAGS.dense_dir,
+              out=FLAGS.out)
     print(json.dumps({k: res[k]["accuracy"] for k in
                       ("dense", "sparse_before_sparse_training", "sparse_warm_started")}),
           "warm/dense", res["warm_over_dense"])
