@@ -63,6 +63,14 @@ class DecodeState(NamedTuple):
     draft: Any = None  # speculative engines: the draft's cache and features, one row per slot
 
 
+def pow2_bucket(n: int, lo: int) -> int:
+    """Smallest ``lo * 2**i`` that is >= n: few distinct shapes, so few compilations."""
+    b = lo
+    while b < n:
+        b *= 2
+    return b
+
+
 def _sampling_kwargs(state: DecodeState) -> dict[str, jax.Array]:
     return {"temperature": state.temperature, "top_k": state.top_k, "top_p": state.top_p,
             "repetition_penalty": state.repetition_penalty, "seed": state.seed}
@@ -232,10 +240,7 @@ class DecodeEngine:
         """The smallest span of the ``kv_bucket * 2**i`` series (capped at ``max_len``) >= need."""
         if self.kv_bucket is None:
             return self.max_len
-        span = self.kv_bucket
-        while span < need:
-            span *= 2
-        return min(span, self.max_len)
+        return min(pow2_bucket(need, self.kv_bucket), self.max_len)
 
     def _generate_impl(self, params: Params, draft_args: Any, state: DecodeState, kv_len: int
                        ) -> tuple[DecodeState, jax.Array, jax.Array]:

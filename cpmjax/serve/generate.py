@@ -12,18 +12,10 @@ import numpy as np
 from cpmjax.config import ModelConfig
 from cpmjax.model.params import Params
 from cpmjax.quant.qforward import check_spec_quant, is_quantized, is_quantized_draft
-from cpmjax.serve.engine import DecodeEngine
+from cpmjax.serve.engine import DecodeEngine, pow2_bucket
 from cpmjax.serve.sampling import SamplingParams
 from cpmjax.serve.scheduler import Request, Scheduler
 from cpmjax.serve.spec_engine import SpeculativeEngine
-
-
-def _bucket(n: int, lo: int) -> int:
-    """Smallest power of two times ``lo`` that is >= n: few distinct shapes, so few compilations."""
-    b = lo
-    while b < n:
-        b *= 2
-    return b
 
 
 @functools.lru_cache(maxsize=8)
@@ -74,8 +66,8 @@ def run_requests(cfg: ModelConfig, params: Params, prompts: list[list[int]],
     longest = _check_prompts(cfg, prompts, max_new_tokens)
     # a speculative step may write k positions past the last emitted token: room for them
     extra = 0 if speculative is None else speculative.k
-    max_len = min(_bucket(longest + extra, 128), cfg.max_position_embeddings)
-    slots = min(_bucket(len(prompts), 1), max_slots)
+    max_len = min(pow2_bucket(longest + extra, 128), cfg.max_position_embeddings)
+    slots = min(pow2_bucket(len(prompts), 1), max_slots)
     engine = engine_for(cfg, slots, max_len, chunk, jnp.dtype(dtype).name,
                         None if speculative is None else int(speculative.k))
     if speculative is not None:
