@@ -256,15 +256,16 @@ DEFAULT_PHASES = "128:250:8,512:150:8,1024:60:4,4096:150:4:1280,4096:20:2"
 DEFAULT_SPARSE_PHASES = "1024:200:4,2048:300:4,4096:200:2"
 
 
-def parse_phases(text: str) -> list[Phase]:
+def parse_phases(text: str, name: str = "dense_phases") -> list[Phase]:
     """``"128:250:8,4096:30:2:1280"`` -> ``[(128, 250, 8, 128), (4096, 30, 2, 1280)]``; the
-    optional 4th field keeps that many tokens of each row (`keep_ends`)."""
+    optional 4th field keeps that many tokens of each row (`keep_ends`). Errors name the flag
+    ``name``."""
     phases = []
     for item in text.split(","):
         parts = item.split(":")
         if len(parts) not in (3, 4) or not all(x.strip().isdigit() and int(x) > 0 for x in parts):
-            raise ValueError(f"dense phase {item!r} must be length:steps:batch[:keep], positive "
-                             "integers")
+            raise ValueError(f"--{name} item {item!r} must be length:steps:batch[:keep], "
+                             "positive integers")
         phases.append(tuple(int(x) for x in parts) + ((int(parts[0]),) if len(parts) == 3 else ()))
     return phases
 
@@ -316,7 +317,11 @@ def run(length: int = 4096, dense_phases: str = DEFAULT_PHASES,
     return the comparison. ``dense_dir``: keep the dense stage there (weights and its result)
     and reuse it when it is already there, so sparse settings can be compared on one dense
     model without retraining it."""
-    phases, sphases = parse_phases(dense_phases), parse_phases(sparse_phases)
+    phases = parse_phases(dense_phases)
+    sphases = parse_phases(sparse_phases, "sparse_phases")
+    if any(keep < plen for plen, _, _, keep in sphases):  # refused now, not after the dense stage
+        raise ValueError(f"--sparse_phases {sparse_phases!r}: keep < length (position skipping) "
+                         "is for dense phases only")
     if max(p[0] for p in phases + sphases) > length:
         raise ValueError(f"phases {dense_phases!r} / {sparse_phases!r} go past length {length}")
     dense_cfg, sparse_cfg = model_config(length, None), model_config(length, topk)

@@ -35,6 +35,11 @@ def test_parse_phases():
     for bad in ("128:250", "128:0:8", "a:1:1", "", "1:2:3:4:5"):
         with pytest.raises(ValueError, match="length:steps:batch"):
             sr.parse_phases(bad)
+    with pytest.raises(ValueError, match="--sparse_phases item"):
+        sr.parse_phases("1024:x:4", "sparse_phases")
+    # position skipping in a sparse phase is refused before any training runs
+    with pytest.raises(ValueError, match="dense phases only"):
+        sr.run(length=256, dense_phases="128:1:1", sparse_phases="256:1:1:128", out=None)
 
 
 def test_keep_ends_keeps_the_pair_and_query_at_their_positions():
