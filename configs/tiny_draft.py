@@ -1,4 +1,4 @@
-"""Train the speculative draft (the one-layer MTP/EAGLE head, spec §3.2) of the tiny model with
+"""Train the speculative draft (the one-layer MTP/EAGLE head; CPM.cu speculative/eagle.py) of the tiny model with
 the target frozen, after the main job (``configs/tiny.py``, which writes ``runs/tiny``)::
 
     python launch/self_distill_data.py --checkpoint=runs/tiny --out=runs/tiny/selfgen.jsonl

@@ -15,6 +15,7 @@ import numpy as np
 from cpmjax.config import ModelConfig
 from cpmjax.model import forward
 from cpmjax.model.params import Params
+from cpmjax.tokens import check_token_ids
 
 
 class Model:
@@ -34,19 +35,8 @@ class Model:
 
     def check_tokens(self, tokens: Any) -> np.ndarray:
         """Token ids as an int32 ``[B, T]`` array; a clear error for anything else."""
-        arr = np.asarray(tokens)
-        if arr.ndim == 1:
-            arr = arr[None]
-        if arr.ndim != 2 or arr.shape[1] == 0:
-            raise ValueError(f"token ids must be a non-empty [batch, length] array, got shape "
-                             f"{arr.shape}")
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
-        bad = (arr < 0) | (arr >= self.config.vocab_size)
-        if bad.any():
-            raise ValueError(f"token id {int(arr[bad][0])} is outside the vocabulary "
-                             f"[0, {self.config.vocab_size})")
-        return arr.astype(np.int32)
+        arr = check_token_ids(tokens, self.config.vocab_size)
+        return arr[None] if arr.ndim == 1 else arr
 
     def logits(self, tokens: Any) -> jax.Array:
         """float32 ``[B, T, vocab]`` logits for int ``[B, T]`` (or ``[T]``) token ids."""

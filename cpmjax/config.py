@@ -31,7 +31,7 @@ def _fail(field: str, rule: str, value: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class SparseConfig:
-    """InfLLM v2 settings (spec §2.1). ``topk`` excludes the local window, as in config.json."""
+    """InfLLM v2 settings (MiniCPM4 README / config.json ``sparse_config``). ``topk`` excludes the local window, as in config.json."""
 
     kernel_size: int = 32
     kernel_stride: int = 16
@@ -44,7 +44,7 @@ class SparseConfig:
 
     @property
     def local_blocks(self) -> int:
-        """Blocks of the local window; HF forces q_block-local_blocks..q_block (spec §2.1)."""
+        """Blocks of the local window; HF forces q_block-local_blocks..q_block (HF modeling_minicpm.py)."""
         return self.window_size // self.block_size
 
     @property
@@ -75,7 +75,7 @@ class SparseConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Every field of a MiniCPM4 HF config.json, under the same names (spec §1.1)."""
+    """Every field of a MiniCPM4 HF config.json, under the same names (openbmb/MiniCPM4-8B)."""
 
     vocab_size: int = 73448
     hidden_size: int = 4096
@@ -126,7 +126,7 @@ class ModelConfig:
 
     @property
     def residual_scale(self) -> float:
-        """muP depth scaling of every residual branch: scale_depth / sqrt(L) (spec §1.2)."""
+        """muP depth scaling of every residual branch: scale_depth / sqrt(L) (HF modeling_minicpm.py)."""
         return self.scale_depth / math.sqrt(self.num_hidden_layers)
 
     @property

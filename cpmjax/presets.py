@@ -1,5 +1,5 @@
-"""Model presets as HF config.json dicts (spec §1.1). Values marked [inferred] are not confirmed
-by a released config.json; see ``shared/spec/MINICPM4.md`` §6."""
+"""Model presets as HF config.json dicts (openbmb/MiniCPM4-8B config.json and the MiniCPM
+README). Values marked [inferred] are not confirmed by a released config.json."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ MINICPM4_32K_FACTORS = [
     30.962293553185553, 30.986754758742034, 31.007064503249293, 31.02392307921529,
 ]
 
-# MiniCPM4.1-8B factors for 131072 tokens (spec §1.3, from the MiniCPM README).
+# MiniCPM4.1-8B factors for 131072 tokens (the MiniCPM README, MiniCPM4.1 section).
 MINICPM41_FACTORS = [
     0.9982316082870437, 1.033048153422584, 1.0749920956484724, 1.1255096879436193,
     1.1863348602111476, 1.259543828902579, 1.3476188888731149, 1.4535223827776373,
@@ -56,7 +56,7 @@ _COMMON: dict[str, Any] = {
     "vocab_size": 73448,
     "hidden_act": "silu",
     "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0,  # [?] MiniCPM-family default (spec §1.1)
+    "rope_theta": 10000.0,  # [?] MiniCPM-family default
     "scale_emb": 12,
     "dim_model_base": 256,
     "scale_depth": 1.4,
@@ -84,7 +84,7 @@ def minicpm4_8b() -> dict[str, Any]:
 
 def minicpm4_0p5b() -> dict[str, Any]:
     """MiniCPM4-0.5B: d, L, heads, KV, intermediate and tying are [inferred] from the parameter
-    count (spec §1.1); head_dim 64 so 32 LongRoPE factors [inferred: first 32 of the 8B list]."""
+    count; head_dim 64 so 32 LongRoPE factors [inferred: first 32 of the 8B list]."""
     return {**_COMMON, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
             "num_attention_heads": 16, "num_key_value_heads": 2,
             "max_position_embeddings": 32768, "tie_word_embeddings": True,

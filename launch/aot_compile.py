@@ -2,8 +2,8 @@
 
 ``python launch/aot_compile.py --preset=minicpm4_0p5b --topology=v5e:2x2 --mesh=1,4,1
 --seq_len=4096 --batch=8`` needs ``libtpu`` installed (it provides the TPU compiler); nothing is
-allocated: state and batch are ShapeDtypeStructs (approach: MaxText's train_compile.py and
-shared/JAX_NOTES.md "TPU without a TPU").
+allocated: state and batch are ShapeDtypeStructs (approach: MaxText's train_compile.py with
+libtpu's topologies in ``jax.experimental.topologies``).
 """
 
 from __future__ import annotations

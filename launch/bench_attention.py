@@ -17,7 +17,7 @@ for time, not memory: compiled temporaries of fwd+bwd at 32K are 0.41 GiB sparse
 dense (peak RSS 4.3 GB), but 32K fwd+bwd alone takes ~11 min on the shared 2-core CPU (dense
 511 s), so the whole run takes ~30 min; `run_prefill(lengths=(32768,), backward_up_to=32768,
 forward=False)` adds one length's fwd+bwd rows alone. Block 64, kernels 32/16,
-topk 96, local 32 blocks, init 1 (MiniCPM4 sparse_config, spec MINICPM4.md §2.1).
+topk 96, local 32 blocks, init 1 (MiniCPM4 sparse_config).
 """
 from __future__ import annotations
 

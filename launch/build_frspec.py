@@ -1,4 +1,4 @@
-"""Build the FR-Spec draft vocabulary from corpus token frequencies (spec §3.2):
+"""Build the FR-Spec draft vocabulary from corpus token frequencies (FR-Spec, arXiv 2502.14856):
 ``python launch/build_frspec.py --out=freq.npy --size=N [--tokenizer=DIR] [--source=FILE]``.
 
 Without ``--source`` it counts the default corpus's train split; without ``--tokenizer`` it uses

@@ -23,6 +23,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cpmjax.atomic import write_text  # noqa: E402
 from cpmjax.serve import cli  # noqa: E402
 
 _URL = flags.DEFINE_string("url", None, "server to test (default: start one in-process)")
@@ -110,11 +111,7 @@ def main(argv: list[str]) -> None:
     text = json.dumps(report, indent=2)
     print(text)
     if _OUT.value:
-        out = Path(_OUT.value)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, out)
+        write_text(_OUT.value, text + "\n")
 
 
 if __name__ == "__main__":

@@ -17,10 +17,6 @@ parametrization).
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
-import tempfile
 from typing import Any
 
 import jax
@@ -28,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from cpmjax.atomic import atomic_file, write_json
 from cpmjax.config import ModelConfig
-from cpmjax.model import forward, init_params
+from cpmjax.model import forward
 from cpmjax.model.transformer import embed_tokens
 from cpmjax.presets import tiny
 from cpmjax.train.experiment import experiment_config
@@ -130,21 +127,9 @@ def plot(result: dict[str, Any], path: str) -> None:
     axes[0].set_ylabel("RMS")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    _atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-
-
-def _atomic(path: str, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename: no half-written result."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def main(argv: list[str]) -> None:
@@ -154,7 +139,7 @@ def main(argv: list[str]) -> None:
     if len(widths) < 2 or any(w % HEAD_DIM or w < HEAD_DIM for w in widths):
         raise app.UsageError(f"--widths needs >= 2 multiples of {HEAD_DIM}, got {widths}")
     result = coord_check(widths, _STEPS.value, _LR.value)
-    _atomic(_OUT.value + ".json", lambda f: f.write(json.dumps(result, indent=1).encode()))
+    write_json(_OUT.value + ".json", result, indent=1)
     plot(result, _OUT.value + ".png")
     for p in ("mup", "standard"):
         slopes = ", ".join(f"{k} {v:+.2f}" for k, v in result[p]["slope_last"].items())

@@ -1,4 +1,4 @@
-"""Held-out perplexity of a model in full precision vs int4 g128 RTN, GPTQ and P-GPTQ (spec §3.3):
+"""Held-out perplexity of a model in full precision vs int4 g128 RTN, GPTQ and P-GPTQ (MiniCPM4 report §4.1.2):
 ``python launch/quant_eval.py [--checkpoint=runs/tiny] [--out=bench/results/quant_cpu.json]``.
 
 Calibration rows come from the default corpus's train split through the data pipeline
@@ -8,19 +8,17 @@ main job, ``python launch/train.py --config=configs/tiny.py``, writes ``runs/tin
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from cpmjax.atomic import write_json
 from cpmjax.data.corpus import build_default_corpus
 from cpmjax.data.pipeline import Source, eval_batches
 from cpmjax.data.tokenizer import get_or_build_default_tokenizer
@@ -79,11 +77,7 @@ def main(argv: list[str]) -> int:
               "eval_tokens": int(sum(np.sum(b["loss_mask"]) for b in held)),
               "device": f"{jax.default_backend()} ({platform.processor() or platform.machine()})",
               "results": results}
-    out = Path(f.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out)
+    out = write_json(f.out, report, indent=1)
     print(f"fp32 ppl {results['fp32']['ppl']:.4f}; wrote {out}")
     return 0
 

@@ -13,15 +13,14 @@ serving engine. Each line is ``{"text": prompt + continuation}``; the file is wr
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cpmjax.atomic import atomic_file  # noqa: E402
 from cpmjax.data.corpus import build_default_corpus  # noqa: E402
 from cpmjax.data.pipeline import tokenize_documents  # noqa: E402
 from cpmjax.data.sources import read_documents  # noqa: E402
@@ -56,12 +55,9 @@ def main(argv: list[str]) -> int:
     reqs = run_requests(cfg, params, prompts, _NEW.value, sampling)
     tok = load_tokenizer(tok_path)
     out = Path(_OUT.value)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with atomic_file(out) as f:
         for p, r in zip(prompts, reqs):
             f.write(json.dumps({"text": tok.decode(p + r.output, skip_special_tokens=True)}) + "\n")
-    os.replace(tmp, out)
     n_tok = sum(len(r.output) for r in reqs)
     print(f"wrote {out}: {len(reqs)} continuations, {n_tok} generated tokens")
     return 0

@@ -7,7 +7,7 @@ the end; the model must output that key's value. The answer lies thousands of to
 window cannot reach it).
 
 Recipe (default, as MiniCPM4 trains InfLLM v2: sparse attention is switched on in the
-long-context stage, on top of dense pre-training; spec MINICPM4.md §2, tech report §5):
+long-context stage, on top of dense pre-training; MiniCPM4 report, arXiv 2506.07900 §5):
 
 1. dense, a length curriculum ``--dense_phases`` (``length:steps:batch[:keep]`` each; short
    lengths are cheap, attention costs T^2). From scratch at 512 tokens the dense model stayed
@@ -48,7 +48,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -58,6 +57,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
+from cpmjax.atomic import write_json
 from cpmjax.config import ModelConfig
 from cpmjax.model import forward, init_params, lm_head
 from cpmjax.model.params import Params
@@ -71,7 +71,7 @@ N_QUERY = 16  # the row ends with `key QUERY*16`; the answer is the target at ev
 N_KEYS = 32  # key ids 3..34, value ids 35..66, filler 67..vocab-1, QUERY = 0
 QUERY, KEY0, VAL0, FILL0 = 0, 3, 3 + N_KEYS, 3 + 2 * N_KEYS
 VOCAB = 128
-# MiniCPM4's layout (spec §2.1) at a small scale: block 16, kernels 8/4, one init block, a
+# MiniCPM4's layout (the MiniCPM4 README's sparse_config) at a small scale: block 16, kernels 8/4, one init block, a
 # one-block window; HF forces init + window + current block, stage 1 picks topk - 2 freely.
 SPARSE = dict(kernel_size=8, kernel_stride=4, init_blocks=1, block_size=16, window_size=16,
               use_nope=False, dense_len=-1)
@@ -371,11 +371,7 @@ def run(length: int = 4096, dense_phases: str = DEFAULT_PHASES,
 
 
 def _write_atomic(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, obj, indent=1)
 
 
 FLAGS = flags.FLAGS

@@ -13,7 +13,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
+from cpmjax.atomic import atomic_dir
 from cpmjax.config import ModelConfig
 from cpmjax.convert import layout
 from cpmjax.convert.hf_import import INDEX_NAME, SINGLE_NAME
@@ -184,9 +184,7 @@ def save_hf(cfg: ModelConfig, params: Params, out_dir: str | os.PathLike,
     check_params(cfg, params)
     np_dtype = jnp.dtype(dtype_name)
     max_bytes = parse_size(max_shard_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         shards = _plan_shards(cfg, params, format, np_dtype.itemsize, max_bytes)
         names = ([SINGLE_NAME] if len(shards) == 1 else
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
@@ -214,30 +212,5 @@ def save_hf(cfg: ModelConfig, params: Params, out_dir: str | os.PathLike,
         if format == "minicpm":
             for src in ("configuration_minicpm.py", "modeling_minicpm.py"):
                 shutil.copyfile(HF_FILES / src, tmp / src)
-        _usual_permissions(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
-
-def _usual_permissions(folder: Path) -> None:
-    """mkdtemp makes a 0700 folder and safetensors writes 0600 files; give the finished export the
-    permissions any new folder would get (umask applied), so it can be shared like a download."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for f in folder.iterdir():
-        f.chmod(0o666 & ~umask)
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move ``new`` to ``out``; an old ``out`` is removed only after the new one is in place."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(new, out)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        os.replace(new, out)

@@ -1,4 +1,4 @@
-"""The mapping between HF MiniCPM tensor names and cpmjax parameters (spec §1.4).
+"""The mapping between HF MiniCPM tensor names and cpmjax parameters (HF modeling_minicpm.py module names).
 
 One table; import and export both read it. HF stores Linear weights ``[out, in]``; cpmjax stores
 them ``[in..., out...]`` for ``x @ W``, so a linear entry is transposed and reshaped both ways.

@@ -12,9 +12,10 @@ import ast
 import json
 import os
 import sysconfig
-import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from cpmjax.atomic import atomic_file
 
 HELD_OUT_EVERY = 20
 _SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo",
@@ -55,11 +56,9 @@ def iter_documents() -> Iterator[str]:
 
 
 def _write_jsonl_atomic(path: Path, docs: list[str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_file(path) as f:
         for doc in docs:
             f.write(json.dumps({"text": doc}) + "\n")
-    os.replace(tmp, path)
 
 
 def build_default_corpus(cache_dir: str | os.PathLike) -> Path:

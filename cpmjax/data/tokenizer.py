@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from cpmjax.atomic import atomic_dir
 from cpmjax.data.corpus import build_default_corpus
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
@@ -36,8 +35,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 def save_tokenizer(tok: Tokenizer, folder: str | os.PathLike) -> Path:
     """Write tokenizer.json + HF config files atomically into ``folder``."""
     out = Path(folder)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    with atomic_dir(out) as tmp:
+        _write_tokenizer_files(tok, tmp)
+    return out
+
+
+def _write_tokenizer_files(tok: Tokenizer, tmp: Path) -> None:
     tok.save(str(tmp / "tokenizer.json"))
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 20,
@@ -45,10 +48,6 @@ def save_tokenizer(tok: Tokenizer, folder: str | os.PathLike) -> Path:
               "additional_special_tokens": SPECIAL_TOKENS[3:]}
     (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -23,7 +23,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.floa
     """Zeros of shape ``[L, batch, max_len, KV, head_dim]`` for keys and values.
 
     With ``cfg.sparse_config`` also ``"kc1"``/``"kc2"`` ``[L, batch, n_kernels, KV, head_dim]``
-    float32: the compressed keys InfLLM v2 decode selects blocks from (spec §2.3).
+    float32: the compressed keys InfLLM v2 decode selects blocks from (HF modeling_minicpm.py InfLLMv2Cache).
     """
     shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
     cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

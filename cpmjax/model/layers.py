@@ -9,7 +9,7 @@ import jax.numpy as jnp
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """HF ``rms_layernorm``: variance in float32, normalise, cast back, then times the gain.
 
-    The gain has no (1 + w) offset (spec §1.2 step 6).
+    The gain has no (1 + w) offset (HF modeling_minicpm.py rms_layernorm).
     """
     var = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
     normed = (x.astype(jnp.float32) * jax.lax.rsqrt(var + eps)).astype(x.dtype)

@@ -1,4 +1,4 @@
-"""The multi-token-prediction head (spec §4.3), which is also the EAGLE speculative draft (§3.2).
+"""The multi-token-prediction head (MiniCPM4 report, arXiv 2506.07900 §2.3.2), which is also the EAGLE speculative draft (CPM.cu).
 
 One module, one parameter layout, used by the MTP training loss and by speculative decoding:
 
@@ -8,8 +8,8 @@ One module, one parameter layout, used by the MTP training loss and by speculati
 
 Input order: the FIRST half of fc's input is the normed embedding, the SECOND half the normed
 hidden state. That is CPM.cu's order (``minicpm4_eagle.cuh`` splits the HF ``fc.weight [d, 2d]``
-so that its first d input columns act on the embedding; spec §3.2). The TR's formula writes
-``Concat(Norm(h), Norm(Emb(x)))``; the spec marks the order as "verify against the checkpoint",
+so that its first d input columns act on the embedding). The TR's formula writes
+``Concat(Norm(h), Norm(Emb(x)))``; the order can only be settled against a released checkpoint,
 and no checkpoint can be read offline here, so this follows the engine that runs the released
 drafts. The embedding is the target's (times scale_emb; the RMSNorm after it makes that factor
 irrelevant except for eps). The draft layer sits at the positions of h_t (EAGLE convention).
@@ -17,7 +17,7 @@ irrelevant except for eps). The draft layer sits at the positions of h_t (EAGLE 
 HF safetensors layout of the EAGLE draft (CPM.cu ``speculative/eagle.py`` loader names):
 ``fc.weight [d, 2d]``, ``fc.bias [d]``, ``input_norm1.weight [d]`` (embedding norm),
 ``input_norm2.weight [d]`` (hidden norm), and ``layers.0.<name>`` for every per-layer tensor of
-the base model (``self_attn.q_proj.weight``, ..., ``mlp.down_proj.weight``; spec §1.4).
+the base model (``self_attn.q_proj.weight``, ..., ``mlp.down_proj.weight``; HF modeling_minicpm.py module names).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cpmjax.atomic import atomic_file
 from cpmjax.config import ModelConfig
 from cpmjax.convert import layout
 from cpmjax.model.params import Params, Parametrization, ParamSpec, init_std, param_specs
@@ -232,13 +233,10 @@ def mtp_from_hf(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> Params:
 
 def save_mtp(cfg: ModelConfig, mtp_params: Params, path: str | os.PathLike) -> None:
     """Write the draft as one safetensors file atomically (temp file + rename)."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(mtp_to_hf(cfg, mtp_params), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as f:
+        f.write(save(mtp_to_hf(cfg, mtp_params), metadata={"format": "pt"}))
 
 
 def load_mtp(cfg: ModelConfig, path: str | os.PathLike) -> Params:

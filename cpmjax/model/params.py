@@ -68,7 +68,7 @@ def init_std(kind: InitKind, cfg: ModelConfig, parametrization: Parametrization)
     """Initialisation std of a weight kind.
 
     Standard: every matrix ~ N(0, initializer_range), as HF ``MiniCPMPreTrainedModel._init_weights``.
-    muP (MiniCPM-1 practice, spec §1.5, marked [?] there): matrices whose fan-in grows with width
+    muP (MiniCPM-1 practice, arXiv 2404.06395; the MiniCPM4 report gives no per-parameter rules): matrices whose fan-in grows with width
     (hidden and output) use ``initializer_range / sqrt(m)`` with m = hidden_size / dim_model_base;
     the embedding keeps ``initializer_range``. At m = 1 both agree.
     """

@@ -1,4 +1,4 @@
-"""Rotary embeddings with MiniCPM's LongRoPE (spec §1.2 step 8 and §1.3).
+"""Rotary embeddings with MiniCPM's LongRoPE (HF modeling_minicpm.py: rotate_half, MiniCPMLongRoPE).
 
 NeoX-style half split (``rotate_half``), computed in float32. LongRoPE divides frequency i by a
 per-frequency factor and multiplies cos/sin by ``scaling_factor = sqrt(1 + ln(s)/ln(orig))`` with

@@ -1,4 +1,4 @@
-"""The MiniCPM4 forward pass (spec §1.2), a pure function of (params, tokens, positions, ...).
+"""The MiniCPM4 forward pass (HF modeling_minicpm.py), a pure function of (params, tokens, positions, ...).
 
     h = embed(tokens) * scale_emb
     for each layer:  h += attn(norm(h)) * scale_depth/sqrt(L);  h += mlp(norm(h)) * scale_depth/sqrt(L)
@@ -46,8 +46,8 @@ def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array,
             vocab_ids: jax.Array | None = None) -> jax.Array:
     """Final norm, division by the muP width multiplier, projection; float32 logits.
 
-    The division applies with tied heads too (the MLX port skips it there; HF does not, spec §1.2).
-    ``vocab_ids`` restricts the projection to those rows (FR-Spec draft head, spec §3.2); logits
+    The division applies with tied heads too (the MLX port skips it there; HF modeling_minicpm.py does not).
+    ``vocab_ids`` restricts the projection to those rows (FR-Spec draft head; CPM.cu speculative/eagle.py); logits
     then index the subset, ``[..., len(vocab_ids)]``.
     """
     h = rms_norm(hidden, params["final_norm"], cfg.rms_norm_eps)
@@ -68,10 +68,10 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
     """One pre-norm block; returns the new hidden state and the updated (k, v) cache of the layer.
 
     A sparse model's cache tuple is (k, v, kc1, kc2): the compressed keys are updated after the
-    new keys are written and passed to attention (InfLLM v2 decode, spec §2.3).
+    new keys are written and passed to attention (InfLLM v2 decode, HF InfLLMv2Cache).
 
     ``residual_scale`` defaults to ``cfg.residual_scale``; the MTP/EAGLE draft layer passes
-    scale_depth/sqrt(L+1) because it counts as layer L+1 (spec §1.5, CPM.cu ``speculative/eagle.py``).
+    scale_depth/sqrt(L+1) because it counts as layer L+1 (CPM.cu ``speculative/eagle.py``).
     ``taps``, when given, receives the input of every linear (``attn_in``, ``wo_in``, ``mlp_in``,
     ``down_in``) so GPTQ calibration (``cpmjax.quant``) reads the exact activations of this code.
     ``kv_len`` (static; dense models with a cache): attention reads only cache positions below it,

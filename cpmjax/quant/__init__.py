@@ -1,4 +1,4 @@
-"""Weight-only quantization (spec §3.3): int8/int4 symmetric group-wise RTN, GPTQ and P-GPTQ, and
+"""Weight-only quantization (MiniCPM4 report §4.1.2): int8/int4 symmetric group-wise RTN, GPTQ and P-GPTQ, and
 a forward pass that dequantizes one layer at a time inside the scan."""
 
 from cpmjax.quant.gptq import gptq_quantize, layer_hessians

@@ -1,4 +1,4 @@
-"""GPTQ (Frantar et al. 2022, arXiv:2210.17323, Alg. 1) and P-GPTQ (MiniCPM4 TR §4.1.2, spec §3.3).
+"""GPTQ (Frantar et al. 2022, arXiv:2210.17323, Alg. 1) and P-GPTQ (MiniCPM4 report, arXiv 2506.07900 §4.1.2).
 
 GPTQ quantizes one input row of ``w [in, out]`` at a time and spreads its rounding error over the
 rows not yet quantized, weighted by the inverse Hessian ``H = XᵀX / N`` of the layer's inputs X

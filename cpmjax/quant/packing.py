@@ -1,7 +1,7 @@
 """Symmetric group-wise integer weights and their packing.
 
 Convention (GPTQ ``sym=True``, the checkpoint layout CPM.cu's ``gptq2marlin.py`` converts to
-Marlin: bits=4, sym, group_size=128, desc_act=False, static groups; spec §3.3): for a weight
+Marlin: bits=4, sym, group_size=128, desc_act=False, static groups; CPM.cu gptq2marlin.py): for a weight
 ``w [in, out]`` and each group of ``group_size`` consecutive input rows and each output column,
 ``scale = 2 * absmax / (2**bits - 1)``, ``q = clip(round(w / scale), -2**(bits-1), 2**(bits-1)-1)``,
 ``w ≈ q * scale``. Hence ``|w - q*scale| <= scale / 2`` everywhere.

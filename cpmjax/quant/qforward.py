@@ -26,7 +26,7 @@ from cpmjax.quant.gptq import LINEAR_INPUTS, gptq_quantize, layer_hessians
 from cpmjax.quant.packing import dequantize, quantize_rtn
 
 Method = Literal["rtn", "gptq", "pgptq"]
-PGPTQ_SKIP = 4  # positions dropped from the Hessian by P-GPTQ (spec §3.3)
+PGPTQ_SKIP = 4  # positions dropped from the Hessian by P-GPTQ (MiniCPM4 report §4.1.2)
 
 
 def _as_2d(w: np.ndarray, n_in: int) -> np.ndarray:
@@ -140,7 +140,7 @@ def quantize_params(cfg: ModelConfig, params: Params, method: Method = "rtn", *,
 def check_spec_quant(target_quantized: bool, draft_quantized: bool) -> None:
     """Warn on a quantized draft with an unquantized target: the draft's proposals then drift from
     a full-precision target and acceptance drops for no speed gain on the (large) target; CPM.cu
-    quantizes the draft only together with its W4A16 target (CPM.cu issue 4, spec §3.2)."""
+    quantizes the draft only together with its W4A16 target (CPM.cu issue 4)."""
     if draft_quantized and not target_quantized:
         warnings.warn("quantized draft with a full-precision target: acceptance length drops and "
                       "the target's cost (the one that matters) is unchanged; quantize the target "

@@ -1,7 +1,6 @@
 """Decode engine with the JetStream contract: ``prefill`` / ``insert`` / ``generate``.
 
-The contract follows JetStream's ``engine_api.Engine`` (archived Feb 2026; ideas only, see
-/work/shared/spec/JAX_ANCHORS.md §1 "Serving API shape"): a prompt is prefilled into its own
+The contract follows JetStream's ``engine_api.Engine`` (archived Feb 2026; ideas only): a prompt is prefilled into its own
 prefix cache, ``insert`` copies that prefix into one slot of a preallocated decode cache, and one
 jitted ``generate`` step advances every slot at once. Shapes never depend on a request:
 

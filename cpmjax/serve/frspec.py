@@ -1,4 +1,4 @@
-"""FR-Spec vocabulary (Zhao et al. 2025, arXiv:2502.14856; spec §3.2): the draft's output head keeps
+"""FR-Spec vocabulary (Zhao et al. 2025, arXiv:2502.14856): the draft's output head keeps
 only the N most frequent tokens of a corpus, cutting its LM-head cost; verification still uses the
 full vocabulary, so outputs are unchanged (``cpmjax.serve.speculative`` handles q = 0 off the set).
 
@@ -8,12 +8,13 @@ CPM.cu ships N = 32768 of 73448, counted on wikitext-103 with EOS force-included
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from cpmjax.atomic import atomic_file, write_json
 
 
 def token_counts(token_docs: Iterable[Sequence[int]], vocab_size: int) -> np.ndarray:
@@ -52,13 +53,9 @@ def save_frspec(ids: np.ndarray, path: str | os.PathLike, meta: dict | None = No
     path = Path(path)
     if path.suffix != ".npy":
         raise ValueError(f"FR-Spec file must end in .npy, got {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npy")
-    np.save(tmp, np.asarray(ids, np.int32))
-    os.replace(tmp, path)
-    side, tmpj = path.with_suffix(".json"), path.with_suffix(".json.tmp")
-    tmpj.write_text(json.dumps({"size": int(len(ids)), **(meta or {})}, indent=1))
-    os.replace(tmpj, side)
+    with atomic_file(path, "wb") as f:
+        np.save(f, np.asarray(ids, np.int32))
+    write_json(path.with_suffix(".json"), {"size": int(len(ids)), **(meta or {})}, indent=1)
 
 
 def check_frspec_ids(ids: Sequence[int] | np.ndarray, vocab_size: int,

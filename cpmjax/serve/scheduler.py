@@ -21,6 +21,7 @@ import numpy as np
 from cpmjax.model.params import Params
 from cpmjax.serve.engine import DecodeEngine, DecodeState
 from cpmjax.serve.sampling import SamplingParams
+from cpmjax.tokens import check_token_ids
 
 
 class QueueFull(RuntimeError):
@@ -112,13 +113,7 @@ class Scheduler:
 
         Generation stops at the config's eos ids (unless ``ignore_eos``, as vLLM's flag, for
         benchmarks), at ``stop_token_ids``, at ``stop`` strings and after ``max_new_tokens``."""
-        prompt = [int(t) for t in prompt]
-        V = self.engine.cfg.vocab_size
-        if not prompt:
-            raise ValueError("prompt must contain at least one token")
-        bad = [t for t in prompt if not 0 <= t < V]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {V})")
+        prompt = check_token_ids(prompt, self.engine.cfg.vocab_size, "prompt", ndim=1).tolist()
         if len(prompt) >= self.engine.max_len:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of "
                              f"{self.engine.max_len} tokens")

@@ -1,4 +1,4 @@
-"""Speculative decoding with the MTP/EAGLE draft head (spec §3.2): chain drafting, one-shot
+"""Speculative decoding with the MTP/EAGLE draft head (EAGLE, arXiv 2401.15077; CPM.cu): chain drafting, one-shot
 verification by the target, lossless acceptance. Pure functions over decode-slot rows; the serving
 engine (``cpmjax.serve.engine.SpeculativeEngine``) runs them as its decode step.
 

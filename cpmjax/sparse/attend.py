@@ -1,6 +1,6 @@
 """InfLLM v2 for one layer: the dense/sparse switch and the choice of sparse path.
 
-Paths (spec MINICPM4.md §2.2-2.3):
+Paths (InfLLM-V2, arXiv 2509.24663 §3; HF modeling_minicpm.py):
 - *fast*: one sequence per row at positions 0..T-1, no cache (training, plain prefill) ->
   ``kernels.infllmv2.select_blocks`` + ``sparse_attention`` (gather-based: FLOPs scale with the
   selected blocks).

@@ -1,4 +1,4 @@
-"""Compressed-key caches for sparse decode (HF ``InfLLMv2Cache``, spec MINICPM4.md §2.3).
+"""Compressed-key caches for sparse decode (HF modeling_minicpm.py ``InfLLMv2Cache``).
 
 HF keeps the fine (kernel_size/stride) and coarse (4x) mean-pooled keys plus a buffer of the
 keys not yet compressed. Our KV cache is preallocated and holds every key at its absolute
@@ -19,12 +19,12 @@ Compressed = tuple[jax.Array, jax.Array]  # fine, coarse: [B, N, KV, D] float32
 
 
 def kernel_shapes(sc: SparseConfig) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(size, stride) of the fine and coarse kernels; coarse = 4x as HF's ``k2`` (spec §2.1)."""
+    """(size, stride) of the fine and coarse kernels; coarse = 4x as HF's ``k2`` (HF modeling_minicpm.py)."""
     return ((sc.kernel_size, sc.kernel_stride), (4 * sc.kernel_size, 4 * sc.kernel_stride))
 
 
 def n_kernels(length: int, size: int, stride: int) -> int:
-    """Full kernels in ``length`` keys (spec §2.2 step A: trailing partial kernels are dropped)."""
+    """Full kernels in ``length`` keys (step A: trailing partial kernels are dropped)."""
     return (length - size) // stride + 1 if length >= size else 0
 
 

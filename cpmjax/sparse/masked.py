@@ -4,7 +4,7 @@
 ``cache_len``, or per-row positions in a position-addressed cache). Packed rows (several
 documents, positions restarting at 0) are not of that form. Here every kernel and block is
 indexed by its position *inside its document*, so a packed row selects, per document, exactly
-what the document alone would select (spec MINICPM4.md §2.2 steps A-G, the op's own
+what the document alone would select (InfLLM-V2 steps A-G, the op's own
 `select_from_pooled`), and stage 2 becomes a token mask for dense attention: exact, but with
 dense cost (it saves no FLOPs).
 """
@@ -25,7 +25,7 @@ def window_kernels(k: jax.Array, kv_pos: jax.Array, kv_seg: jax.Array | None, si
 
     Returns kernels ``[B, KV, Tk, D]`` f32 and ends ``[B, Tk]``: the document-relative position
     of the kernel's last key, or ``_FAR`` where no kernel of the document ends there (kernel j
-    of a document spans positions ``stride*j .. stride*j+size-1``, spec §2.2 step A).
+    of a document spans positions ``stride*j .. stride*j+size-1``, step A of kernels/infllmv2/README.md).
     """
     b, tk = kv_pos.shape
     sums = jax.lax.reduce_window(k.astype(jnp.float32), 0.0, jax.lax.add, (1, size, 1, 1),

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from cpmjax.atomic import atomic_dir, write_text
 from cpmjax.config import ModelConfig
 from cpmjax.model.params import Params, abstract_params
 from cpmjax.model.mtp import init_mtp_params
@@ -40,9 +39,7 @@ def _file_digests(step_dir: Path) -> dict[str, list[Any]]:
 
 def seal(step_dir: Path) -> None:
     """Record size and sha256 of every file of a finished save (written atomically, last)."""
-    tmp = step_dir / f".{INTEGRITY_FILE}.tmp"
-    tmp.write_text(json.dumps(_file_digests(step_dir)))
-    os.replace(tmp, step_dir / INTEGRITY_FILE)
+    write_text(step_dir / INTEGRITY_FILE, json.dumps(_file_digests(step_dir)))
 
 
 def check_sealed(step_dir: Path) -> str | None:
@@ -121,18 +118,10 @@ def save_model(cfg: ModelConfig, params: Params, path: str | os.PathLike,
     out = Path(path).absolute()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2) + "\n")
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "params", params)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

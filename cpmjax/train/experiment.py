@@ -34,9 +34,9 @@ def experiment_config(model: Mapping[str, Any], name: str) -> ml_collections.Con
     t.compute_dtype = "float32"  # bfloat16 on accelerators; master weights stay float32
     t.remat = "none"  # none | full | dots | dots_no_batch
     t.on_nonfinite = "skip"  # skip | stop
-    t.mtp_weight = 0.0  # lambda of the multi-token-prediction loss (spec §4.3); 0 = no MTP head
+    t.mtp_weight = 0.0  # lambda of the multi-token-prediction loss (MiniCPM4 report §2.3.2); 0 = no MTP head
     # a trained target (run dir or HF folder): train only the MTP/EAGLE draft head on top of it,
-    # frozen (spec §3.2); needs mtp_weight > 0 and the target's model config
+    # frozen (CPM.cu EAGLE draft); needs mtp_weight > 0 and the target's model config
     t.freeze_target = ""
     t.mtp_distill = False  # MTP labels = the model's own next-next-token distribution (drafts)
     t.log_every = 20

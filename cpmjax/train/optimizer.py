@@ -1,6 +1,6 @@
 """muP parameter groups and the AdamW optimizer.
 
-The MiniCPM4 report gives no per-parameter muP rules (spec §1.5 marks them [?], §6 item 6); these
+The MiniCPM4 report gives no per-parameter muP rules (it says only that muP is used); these
 follow MiniCPM-1 (Hu et al. 2024, arXiv:2404.06395, "Model Wind Tunnel" / muP appendix) and the
 Adam table of Tensor Programs V (Yang et al. 2022, arXiv:2203.03466, Table 3). With width
 multiplier m = hidden_size / dim_model_base:

@@ -2,7 +2,7 @@
 
 WSD (warmup-stable-decay, MiniCPM; Hu et al. 2024): linear warmup to the peak, constant, then a
 decay over the last ``decay_fraction`` of training to ``final_ratio`` x peak. The decay shape is not
-given for MiniCPM4 (spec §4.2 / §6), so it is a choice: exponential (MiniCPM-1), linear, cosine,
+given for MiniCPM4 (MiniCPM, arXiv 2404.06395, uses exponential), so it is a choice: exponential (MiniCPM-1), linear, cosine,
 or 1-sqrt.
 """
 

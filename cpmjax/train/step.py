@@ -8,7 +8,7 @@ batch's loss mask up front, so gradient accumulation (a scan over microbatches) 
 already-normalised losses and equals one big batch. A step whose loss or gradients are not finite
 is not applied (the state is kept and the count grows).
 
-Objective (spec §4.3, MiniCPM4 TR §2.3.2): mean CE of x_{i+1} + mtp_weight x mean CE of x_{i+2},
+Objective (MiniCPM4 report, arXiv 2506.07900 §2.3.2): mean CE of x_{i+1} + mtp_weight x mean CE of x_{i+2},
 the latter from the MTP head on (h_i, x_{i+1}) through the shared output head.
 """
 

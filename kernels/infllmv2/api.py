@@ -1,8 +1,8 @@
 """Public InfLLM v2 API: block selection (stage 1) and block-sparse attention (stage 2).
 
-Standalone: depends only on jax. Spec: /work/shared/spec/MINICPM4.md §2.2 (steps A-H).
+Standalone: depends only on jax. Algorithm: InfLLM-V2, arXiv 2509.24663 §3 (steps A-H as named in README.md).
 MiniCPM4 callers pass `topk = sparse_config.topk + window_size // block_size` (64 + 32 = 96)
-and `local_blocks = window_size // block_size` (32), as HF does (spec §2.1).
+and `local_blocks = window_size // block_size` (32), as HF modeling_minicpm.py does.
 """
 from __future__ import annotations
 

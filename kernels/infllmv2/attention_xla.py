@@ -1,4 +1,4 @@
-"""Stage 2 of InfLLM v2 (spec MINICPM4.md §2.2 step H) in plain XLA, gather formulation.
+"""Stage 2 of InfLLM v2 (InfLLM-V2, arXiv 2509.24663 §3, step H of README.md) in plain XLA, gather formulation.
 
 Each query token gathers only its KV group's selected blocks ([topk*block_size] keys), over
 query chunks with `lax.map` and per-chunk rematerialisation, so memory is

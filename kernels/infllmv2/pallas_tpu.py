@@ -2,7 +2,7 @@
 
 Layout: one grid step = (batch, KV head, query token, selected-block slot). The query tile is
 the G query heads of one token and one KV group, [G, D], so every KV block read from HBM serves
-all G heads (the same grouping the CUDA kernel uses for its MMA, spec §2.2 step H). Per-token
+all G heads (the same grouping the CUDA kernel uses for its MMA, infllmv2_cuda_impl). Per-token
 block lists arrive through `PrefetchScalarGridSpec` (scalar memory), and the K/V index maps
 read them, so only selected blocks are DMA'd. Online softmax across the `topk` axis; unused
 (-1) slots are skipped with `pl.when` and map to block 0 (no extra DMA after the first).

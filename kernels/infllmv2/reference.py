@@ -1,4 +1,4 @@
-"""Pure-jnp oracle for InfLLM v2 (spec MINICPM4.md §2.2, steps A-H).
+"""Pure-jnp oracle for InfLLM v2 (InfLLM-V2, arXiv 2509.24663 §3 and HF modeling_minicpm.py; steps A-H as named in README.md).
 
 Written for clarity, not speed: explicit per-kernel and per-block loops and token-level
 [Tq, Tk] masks. Use only at small T (tests); production paths are `selection.py` (stage 1)

@@ -1,4 +1,4 @@
-"""Production stage 1 of InfLLM v2 (spec MINICPM4.md §2.2 steps A-G) in plain XLA.
+"""Production stage 1 of InfLLM v2 (InfLLM-V2, arXiv 2509.24663 §3, steps A-G of README.md) in plain XLA.
 
 One core, `select_from_pooled`, does steps C-G (scores against pooled keys, LSE approximation,
 group sum, block max-pool, forced init/local blocks, top-k) for any kernel layout; callers

@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.infllmv2 import (select_blocks, select_blocks_at, sparse_attention,
-                              sparse_attention_at)
+from kernels.infllmv2 import (select_blocks, select_blocks_at, sparse_attention_at)
 from kernels.infllmv2.reference import sparse_attention_reference
 from kernels.infllmv2.selection import pooled_kernels
 

@@ -1,6 +1,6 @@
 """MiniCPM4 configuration for transformers (trust_remote_code), written by the cpmjax project.
 
-Field names follow the MiniCPM config.json (spec §1.1 of the cpmjax docs).
+Field names follow the MiniCPM config.json (openbmb/MiniCPM4-8B).
 """
 
 from transformers import PretrainedConfig

@@ -1,6 +1,6 @@
 """MiniCPM4 in PyTorch for transformers (trust_remote_code), written by the cpmjax project.
 
-Implements the dense forward pass of the cpmjax spec §1.2-1.3: embedding x scale_emb; pre-norm
+Implements the dense forward pass of HF modeling_minicpm.py: embedding x scale_emb; pre-norm
 blocks whose outputs are scaled by scale_depth/sqrt(L) before the residual add; RMSNorm and RoPE in
 float32; LongRoPE with the factor list fixed by max_position_embeddings vs
 original_max_position_embeddings; final norm; hidden / (hidden_size/dim_model_base) before the head;
