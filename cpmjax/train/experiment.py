@@ -38,6 +38,9 @@ def experiment_config(model: Mapping[str, Any], name: str) -> ml_collections.Con
     # a trained target (run dir or HF folder): train only the MTP/EAGLE draft head on top of it,
     # frozen (CPM.cu EAGLE draft); needs mtp_weight > 0 and the target's model config
     t.freeze_target = ""
+    # a trained model (run dir, cpmjax checkpoint or HF folder) whose weights start a fresh run
+    # (SFT, QAT); optimizer and LR schedule start afresh (warmup again); ignored on resume
+    t.init_from = ""
     t.mtp_distill = False  # MTP labels = the model's own next-next-token distribution (drafts)
     t.log_every = 20
     t.eval_every = 200
@@ -51,6 +54,17 @@ def experiment_config(model: Mapping[str, Any], name: str) -> ml_collections.Con
     d.source_type = "jsonl"
     d.weights = ""  # comma-separated mixture weights, one per train file
     d.tokenizer = ""  # folder with tokenizer.json; empty = the project's default tokenizer
+    # text: documents, every token a target; chat: OpenAI/ShareGPT conversations (SFT), only the
+    # assistant's tokens are targets, and empty train_files = the project's instruction set
+    d.format = "text"
+    d.long_conversations = "truncate"  # chat rows: a conversation over seq_len+1 tokens: or drop
+
+    # BitCPM ternary quantization-aware training (cpmjax.quant.ternary; MiniCPM4 report §3.3)
+    cfg.qat = q = ml_collections.ConfigDict()
+    q.enabled = False
+    q.group_size = 128  # input rows per absmean scale; -1 per output channel; 0 per tensor
+    q.targets = "wq,wk,wv,wo,w_gate,w_up,w_down"  # may add embed, lm_head
+    q.act_bits = 0  # 8: int8 per-token activations (BitNet b1.58); 0: compute dtype
 
     cfg.mesh = m = ml_collections.ConfigDict()
     m.data, m.fsdp, m.tensor = 1, -1, 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -14,12 +13,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from cpmjax.config import ConfigError, ModelConfig
-from cpmjax.data import (Source, eval_batches, get_or_build_default_tokenizer, load_tokenizer,
-                         make_batch_iterator, read_documents, tokenize_documents, unigram_loss)
-from cpmjax.data.corpus import build_default_corpus
 from cpmjax.model.mtp import save_mtp
 from cpmjax.parallel import make_mesh
+from cpmjax.quant.ternary import transforms_for_run
 from cpmjax.train import checkpoint as ckpt
+from cpmjax.train.init_from import load_matching_params
+from cpmjax.train.inputs import make_inputs
 from cpmjax.train.metrics import MetricsWriter, device_peak_flops, flops_per_token
 from cpmjax.train.optimizer import make_optimizer, make_schedule
 from cpmjax.train.step import (batch_sharding, init_state, jit_train_step, make_eval_step,
@@ -30,42 +29,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteError(RuntimeError):
     """Raised with ``train.on_nonfinite=stop`` when a step has a non-finite loss or gradient."""
-
-
-@dataclasses.dataclass
-class DataSetup:
-    train_sources: list[Source]
-    valid: Source
-    tokenizer: str
-
-
-def resolve_data(cfg: ml_collections.ConfigDict, vocab_size: int) -> DataSetup:
-    d = cfg.data
-    if d.train_files:
-        files = [f.strip() for f in d.train_files.split(",") if f.strip()]
-        weights = ([float(w) for w in d.weights.split(",")] if d.weights else [1.0] * len(files))
-        if len(weights) != len(files):
-            raise ConfigError(f"config field 'data.weights': {len(weights)} weights for "
-                              f"{len(files)} train files")
-        sources = [Source(f, d.source_type, w) for f, w in zip(files, weights)]
-        valid = Source(d.valid_file or files[0], d.source_type)
-    else:
-        corpus = build_default_corpus(d.cache_dir)
-        sources = [Source(str(corpus / "train.jsonl"))]
-        valid = Source(str(corpus / "valid.jsonl"))
-    tokenizer = d.tokenizer or str(get_or_build_default_tokenizer(d.cache_dir, vocab_size))
-    tok_vocab = load_tokenizer(tokenizer).get_vocab_size()
-    if tok_vocab > vocab_size:
-        raise ConfigError(f"config field 'model.vocab_size': {vocab_size} is smaller than the "
-                          f"tokenizer's vocabulary ({tok_vocab}) at {tokenizer}")
-    return DataSetup(sources, valid, tokenizer)
-
-
-def _unigram_baseline(data: DataSetup, vocab_size: int) -> float:
-    train = tokenize_documents(read_documents(data.train_sources[0].path,
-                                              data.train_sources[0].type), data.tokenizer)
-    valid = tokenize_documents(read_documents(data.valid.path, data.valid.type), data.tokenizer)
-    return unigram_loss(train, valid, vocab_size)
 
 
 def check_train_config(t: ml_collections.ConfigDict) -> None:
@@ -81,6 +44,9 @@ def check_train_config(t: ml_collections.ConfigDict) -> None:
     if t.get("freeze_target") and t.mtp_weight <= 0:
         raise ConfigError("config field 'train.freeze_target' trains only the MTP draft head: "
                           f"set train.mtp_weight > 0 (got {t.mtp_weight})")
+    if t.get("freeze_target") and t.get("init_from"):
+        raise ConfigError("config fields 'train.init_from' and 'train.freeze_target' both name "
+                          "starting weights; set one")
     for field in ("steps", "seq_len", "global_batch_size", "log_every", "eval_every"):
         if t[field] < 1:
             raise ConfigError(f"config field 'train.{field}': {t[field]} must be >= 1")
@@ -95,7 +61,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     model_cfg = ModelConfig.from_hf_config(cfg.model.to_dict())
     (work / "config.json").write_text(json.dumps(model_cfg.to_hf_config(), indent=2) + "\n")
     (work / "experiment.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
-    data = resolve_data(cfg, model_cfg.vocab_size)
+    inputs = make_inputs(cfg, model_cfg.vocab_size, jax.process_index(), jax.process_count())
 
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     dtype = jnp.dtype(t.compute_dtype)
@@ -106,33 +72,34 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     abstract = jax.eval_shape(init, jax.random.key(t.seed))
     state_sh = state_shardings(model_cfg, abstract, mesh)
     batch_shape = (t.global_batch_size, t.seq_len)
+    transforms = transforms_for_run(cfg.get("qat"), model_cfg)  # None unless ternary QAT
     step_fn = jit_train_step(make_train_step(model_cfg, tx, grad_accum=t.grad_accum, dtype=dtype,
                                              remat=t.remat, mtp_weight=t.mtp_weight,
                                              freeze_model=bool(t.get("freeze_target")),
-                                             mtp_distill=bool(t.get("mtp_distill"))),
+                                             mtp_distill=bool(t.get("mtp_distill")),
+                                             transforms=transforms),
                              state_sh, mesh, batch_shape)
-    eval_fn = jax.jit(make_eval_step(model_cfg, dtype))
+    eval_fn = jax.jit(make_eval_step(model_cfg, dtype, transforms))
 
     checkpointer = ckpt.TrainCheckpointer(work, cfg.checkpoint.keep, cfg.checkpoint.async_save)
     restored = checkpointer.restore(jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh))
-    iterator = make_batch_iterator(data.train_sources, data.tokenizer, t.seq_len,
-                                   t.global_batch_size, t.seed, jax.process_index(),
-                                   jax.process_count())
+    iterator = inputs.iterator
     if restored is None:
         state = jax.jit(init, out_shardings=state_sh)(jax.random.key(t.seed))
-        if t.get("freeze_target"):
-            state["params"] = jax.device_put(_frozen_target(t.freeze_target, model_cfg),
+        start_from = t.get("freeze_target") or t.get("init_from")
+        if start_from:
+            field = "train.freeze_target" if t.get("freeze_target") else "train.init_from"
+            state["params"] = jax.device_put(load_matching_params(start_from, model_cfg, field),
                                              state_sh["params"])
+            print(f"weights from {start_from}", flush=True)
         start = 0
     else:
         start, state, data_state = restored
         iterator.set_state(data_state)
         print(f"resumed from step {start}", flush=True)
 
-    evals = eval_batches(data.valid, data.tokenizer, t.seq_len, t.global_batch_size,
-                         t.eval_batches)
-    baseline = _unigram_baseline(data, model_cfg.vocab_size)
+    evals, baseline = inputs.evals, inputs.baseline
     writer = MetricsWriter(work, enabled=jax.process_index() == 0)
     peak = device_peak_flops(t.peak_flops or None)
     flops_tok = flops_per_token(model_cfg, t.seq_len)
@@ -195,13 +162,3 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         print(f"draft head written to {work / 'draft.safetensors'} (EAGLE layout)", flush=True)
     return last
 
-
-def _frozen_target(path: str, model_cfg: ModelConfig) -> Any:
-    """The trained target's params; its config must be the run's model config."""
-    target_cfg, params = ckpt.load_model(path)
-    ours, theirs = model_cfg.to_hf_config(), target_cfg.to_hf_config()
-    diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-    if diff:
-        raise ConfigError(f"config field 'train.freeze_target': the model at {path} differs from "
-                          f"this config's model in {', '.join(diff)}")
-    return params
