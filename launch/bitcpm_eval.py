@@ -2,7 +2,8 @@
 [--qat=runs/bitcpm_tiny] [--out=bench/results/bitcpm_tiny.json]``.
 
 Rows: the full-precision model, its ternary rounding without QAT (plain absmean rounding with the
-QAT run's settings) and the ternary model after QAT (both served packed, 2 bits per weight):
+QAT run's settings), the ternary model after QAT (both served packed, 2 bits per weight) and,
+with ``--fp_continued``, the control that trains the fp model as many more steps without QAT:
 held-out assistant-token loss and perplexity and instruction-set accuracy (greedy, through the
 serving engine; ``cpmjax.posttrain.evaluate``). Also the QAT train-step time overhead next to the
 fp step (side by side in this process) and model bytes fp vs packed. Needs the SFT run
@@ -28,6 +29,8 @@ from cpmjax.train.checkpoint import load_trained_model
 
 flags.DEFINE_string("fp", "runs/sft_tiny", "the full-precision model QAT started from")
 flags.DEFINE_string("qat", "runs/bitcpm_tiny", "the ternary QAT run")
+flags.DEFINE_string("fp_continued", "", "control: the same run as --qat with qat.enabled=False "
+                    "(as many more full-precision steps on the same data)")
 flags.DEFINE_integer("n", 0, "evaluate the first n held-out examples (0 = all)")
 flags.DEFINE_integer("rounds", 7, "timing rounds (fp and QAT steps alternate)")
 flags.DEFINE_string("cache_dir", ".cache/cpmjax", "corpus, tokenizer and instruction-set cache")
@@ -54,6 +57,11 @@ def main(argv: list[str]) -> int:
     packed_qat = ternary.pack_params(qat_params, tc)
     models = {"fp": fp_params, "ternary_plain_rounding": ternary.pack_params(fp_params, tc),
               "ternary_qat": packed_qat}
+    if f.fp_continued:
+        cont_cfg, models["fp_continued"] = load_trained_model(f.fp_continued)
+        if cont_cfg != cfg:
+            print(f"error: {f.fp_continued} is not a run of the model at {f.fp}", file=sys.stderr)
+            return 1
     results = {}
     for name, params in models.items():
         r = results[name] = evaluate_chat_model(cfg, params, held.tokenizer, held.examples,
@@ -69,9 +77,12 @@ def main(argv: list[str]) -> int:
     print(f"bytes: fp32 {sizes['fp32']}, bf16 {sizes['bf16']}, packed {sizes['packed']} "
           f"(decoder linears {sizes['linears_fp32']} -> {sizes['linears_packed']})")
     fp_acc = results["fp"]["accuracy"]
+    cont_acc = results.get("fp_continued", {}).get("accuracy")
     report = {"fp": f.fp, "qat": f.qat, "ternary": tc.to_dict(), "heldout": held.path,
               "n": len(held.examples), "results": results, "step_time": timing, "bytes": sizes,
               "accuracy_retained": results["ternary_qat"]["accuracy"] / fp_acc if fp_acc else None,
+              "accuracy_retained_vs_continued": (results["ternary_qat"]["accuracy"] / cont_acc
+                                                 if cont_acc else None),
               "device": f"{jax.default_backend()} "
                         f"({platform.processor() or platform.machine()}), shared machine"}
     print(f"wrote {write_json(f.out, report, indent=1)}")

@@ -65,23 +65,33 @@ class Conversation:
     tools: list[Any] | None = None
 
 
+def _turn(where: str, kind: str, i: int, turn: Any, role_key: str, value_key: str,
+          roles: Sequence[str]) -> tuple[str, Any]:
+    """(role, value) of one turn, refusing a non-object turn or an unknown role."""
+    if not isinstance(turn, dict):
+        raise DataError(f"{where}: {kind}[{i}] is not an object")
+    role = turn.get(role_key)
+    if role not in roles:
+        raise DataError(f"{where}: {kind}[{i}] has unknown role {role!r} in {role_key!r} "
+                        f"(expected one of {', '.join(roles)})")
+    return role, turn.get(value_key)
+
+
+def _string(where: str, field: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {field} must be a string, got {type(value).__name__}")
+    return value
+
+
 def _openai_messages(raw: Any, where: str) -> list[Message]:
     if not isinstance(raw, list) or not raw:
         raise DataError(f"{where}: 'messages' must be a non-empty list")
     out = []
     for i, m in enumerate(raw):
-        if not isinstance(m, dict):
-            raise DataError(f"{where}: messages[{i}] is not an object")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise DataError(f"{where}: messages[{i}] has unknown role {role!r} "
-                            f"(expected one of {', '.join(ROLES)})")
-        calls = m.get("tool_calls")
-        if content is None and role == "assistant" and calls:
+        role, content = _turn(where, "messages", i, m, "role", "content", ROLES)
+        if content is None and role == "assistant" and m.get("tool_calls"):
             content = ""
-        if not isinstance(content, str):
-            raise DataError(f"{where}: messages[{i}].content must be a string, got "
-                            f"{type(content).__name__}")
+        content = _string(where, f"messages[{i}].content", content)
         thinking = m.get("reasoning_content")
         if thinking is not None:
             if role != "assistant" or not isinstance(thinking, str):
@@ -99,22 +109,12 @@ def _sharegpt_messages(record: Mapping[str, Any], where: str) -> list[Message]:
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: 'conversations' must be a non-empty list")
     out = []
-    system = record.get("system")
-    if system is not None:
-        if not isinstance(system, str):
-            raise DataError(f"{where}: 'system' must be a string")
-        out.append({"role": "system", "content": system})
+    if record.get("system") is not None:
+        out.append({"role": "system", "content": _string(where, "'system'", record["system"])})
     for i, t in enumerate(turns):
-        if not isinstance(t, dict):
-            raise DataError(f"{where}: conversations[{i}] is not an object")
-        who, value = t.get("from"), t.get("value")
-        if who not in SHAREGPT_ROLES:
-            raise DataError(f"{where}: conversations[{i}] has unknown role 'from': {who!r} "
-                            f"(expected one of {', '.join(SHAREGPT_ROLES)})")
-        if not isinstance(value, str):
-            raise DataError(f"{where}: conversations[{i}].value must be a string, got "
-                            f"{type(value).__name__}")
-        out.append({"role": SHAREGPT_ROLES[who], "content": value})
+        who, value = _turn(where, "conversations", i, t, "from", "value", list(SHAREGPT_ROLES))
+        out.append({"role": SHAREGPT_ROLES[who],
+                    "content": _string(where, f"conversations[{i}].value", value)})
     return out
 
 

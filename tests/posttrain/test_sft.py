@@ -107,13 +107,13 @@ def test_tool_calls_the_template_drops_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("record, message", [
-    ({"messages": [{"role": "robot", "content": "x"}]}, "unknown role 'robot'"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "unknown role 'robot' in 'role'"),
     ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]},
      r"messages\[0\].content must be a string, got int"),
     ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, "starts with an assistant turn"),
     ({"messages": []}, "'messages' must be a non-empty list"),
-    ({"conversations": [{"from": "alien", "value": "x"}]}, "unknown role 'from': 'alien'"),
+    ({"conversations": [{"from": "alien", "value": "x"}]}, "unknown role 'alien' in 'from'"),
     ({"conversations": [{"from": "human", "value": ["x"]}, {"from": "gpt", "value": "y"}]},
      r"conversations\[0\].value must be a string, got list"),
     ({"text": "plain"}, "needs 'messages' .* or 'conversations'"),

@@ -21,6 +21,7 @@ from cpmjax.model import forward, init_params
 from cpmjax.quant import ternary
 from cpmjax.quant.qforward import layer_transform_for
 from cpmjax.serve.generate import generate
+from cpmjax.train.step import transformed_forward
 from tests.conftest import tiny_hf_config
 
 TC = ternary.TernaryConfig(group_size=16)
@@ -97,10 +98,9 @@ def test_packed_params_serve_like_the_fake_quantized_model(model):
     assert packed["layers"]["wq"]["qweight"].dtype == jnp.uint8
     assert packed["layers"]["wq"]["qweight"].shape == (3, 16, 64)  # [L, d/4, H*hd]
     toks = jnp.asarray(np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 24)))
-    ours = forward(packed, cfg, toks, layer_transform=layer_transform_for(packed, cfg)).logits
-    want = forward(fake, cfg, toks).logits
+    run = jax.jit(lambda p: forward(p, cfg, toks, layer_transform=layer_transform_for(p, cfg)))
+    ours, want, full = (run(p).logits for p in (packed, fake, params))
     assert np.abs(np.asarray(ours - want)).max() <= 1e-5
-    full = forward(params, cfg, toks).logits
     assert np.abs(np.asarray(full - want)).max() > 1e-2  # the ternary model is a different one
     prompts = [[1, 5, 9, 3], [1, 7]]
     assert (generate(cfg, packed, prompts, max_new_tokens=6)
@@ -112,12 +112,10 @@ def test_qat_transforms_match_fake_quant_forward_and_keep_gradients(model):
     tc = ternary.TernaryConfig(group_size=-1, targets=ternary.LINEARS + ("embed", "lm_head"))
     t = ternary.qat_transforms(tc)
     toks = jnp.asarray(np.random.default_rng(6).integers(0, cfg.vocab_size, (1, 16)))
-    fake = forward(ternary.fake_quant_params(params, tc), cfg, toks).logits
-    from cpmjax.train.step import transformed_forward
-
-    qat = transformed_forward(params, cfg, toks, t).logits
-    assert np.abs(np.asarray(qat - fake)).max() <= 1e-4
-    grads = jax.grad(lambda p: jnp.mean(transformed_forward(p, cfg, toks, t).logits ** 2))(params)
+    fake = jax.jit(lambda p: forward(p, cfg, toks).logits)(ternary.fake_quant_params(params, tc))
+    qat_logits = jax.jit(lambda p: transformed_forward(p, cfg, toks, t).logits)
+    assert np.abs(np.asarray(qat_logits(params) - fake)).max() <= 1e-4
+    grads = jax.jit(jax.grad(lambda p: jnp.mean(qat_logits(p) ** 2)))(params)
     assert all(float(jnp.abs(grads["layers"][k]).sum()) > 0 for k in ternary.LINEARS)
     assert float(jnp.abs(grads["embed"]).sum()) > 0
 
@@ -189,8 +187,8 @@ def test_fake_quantized_hf_export_matches_transformers(model, tmp_path):
     toks = np.random.default_rng(7).integers(0, cfg.vocab_size, (2, 30))
     with torch.no_grad():
         theirs = hf(torch.tensor(toks)).logits.numpy()
-    ours = forward(packed, cfg, jnp.asarray(toks),
-                   layer_transform=layer_transform_for(packed, cfg)).logits
+    ours = jax.jit(lambda p: forward(p, cfg, jnp.asarray(toks),
+                                     layer_transform=layer_transform_for(p, cfg)).logits)(packed)
     assert np.abs(theirs - np.asarray(ours)).max() <= 1e-4
     q = hf.model.layers[0].self_attn.q_proj.weight.detach().numpy()  # [out, in]
     per_group = q.T.reshape(4, 16, -1)  # every group of 16 input rows: {-s, 0, s}
