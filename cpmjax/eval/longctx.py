@@ -113,8 +113,8 @@ def evaluate(model: Any, *, tasks: Sequence[str] = TASKS,
         cells += [{"mode": mode, "task": t, "length": n, "depth": d,
                    "score": float(np.mean(v)), "samples": len(v)}
                   for (t, n, d), v in keyed.items()]
-    return {"tasks": list(tasks), "lengths": fit, "dropped_lengths": sorted(set(lengths) - set(fit)),
-            "depths": list(depths), "samples_per_cell": samples, "modes": list(modes),
+    return {"tasks": list(tasks), "lengths": fit,
+            "dropped_lengths": sorted(set(lengths) - set(fit)), "depths": list(depths), "samples_per_cell": samples, "modes": list(modes),
             "seed": seed, "sparse_config": dataclasses.asdict(
                 sparse_variant(model.config, sparse).sparse_config) if "sparse" in modes else None,
             "seconds": timing, "cells": cells}

@@ -87,17 +87,22 @@ class _Process:
 
 class LocalBackend:
     """``slots`` worker processes at once on this machine; with more slots than cores each
-    process gets one XLA thread."""
+    process gets one XLA thread. ``lock_file``: each run holds that ``flock`` while it trains
+    (on a shared machine, heavy jobs of any origin then run one at a time, and the lock is free
+    between runs); ``nice``: the workers' niceness."""
 
     evaluates = True
 
-    def __init__(self, slots: int = 1) -> None:
-        self.slots = slots
+    def __init__(self, slots: int = 1, lock_file: str = "", nice: int = 0) -> None:
+        self.slots, self.lock_file, self.nice = slots, lock_file, nice
         cores = os.cpu_count() or 1
         self.threads = max(1, cores // slots) if slots > 1 else None
 
     def start(self, run_dir: Path) -> Job:
-        return _Process(worker_command(run_dir), worker_env(self.threads), run_dir / rundir.LOG)
+        prefix = (["flock", self.lock_file] if self.lock_file else []) + (
+            ["nice", "-n", str(self.nice)] if self.nice else [])
+        return _Process(prefix + worker_command(run_dir), worker_env(self.threads),
+                        run_dir / rundir.LOG)
 
     def close(self) -> None:
         pass
@@ -187,7 +192,7 @@ class TpuPodBackend:
 
 def make_backend(study: ml_collections.ConfigDict) -> Backend:
     if study.backend == "local":
-        return LocalBackend(study.parallel)
+        return LocalBackend(study.parallel, study.lock_file, study.nice)
     if study.backend == "ray":
         return RayBackend(study.parallel, study.resources.to_dict(), study.ray_address)
     return TpuPodBackend(study.tpu.name, study.tpu.zone)

@@ -25,7 +25,7 @@ from cpmjax.experiments.study import Run
 RUN_SPEC, RESULT, LOG, CONFIG_PY = "run.json", "result.json", "log.txt", "config.py"
 CKPT_DIR = "checkpoints"
 
-_CONFIG_PY = '''"""Run {name!s} of study {study!s}, written by cpmjax.experiments: its resolved config.
+_CONFIG_PY = '''"""Run {name!s} of study {study!s} (written by cpmjax.experiments): its config.
 
     python launch/train.py --config={path!s} --workdir={workdir!s}
 """

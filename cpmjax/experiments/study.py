@@ -62,6 +62,8 @@ def study_config(base: ml_collections.ConfigDict, name: str,
     s.seeds = list(seeds)
     s.parallel = 1  # runs at once (local backend: processes; ray: in flight)
     s.backend = "local"  # local | ray | tpu_pod
+    s.lock_file = ""  # local backend: a flock each run holds while it trains
+    s.nice = 0  # local backend: niceness of the worker processes
     s.max_attempts = 2  # a crashed run is started again once (it resumes from its checkpoint)
     s.resources = ml_collections.ConfigDict({"num_cpus": 1.0, "num_gpus": 0.0})  # per Ray task
     s.ray_address = ""  # empty: start a local Ray cluster; "auto" or host:port: join one
