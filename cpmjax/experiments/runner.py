@@ -10,6 +10,8 @@ run does not stop the others; it is marked failed in the table, and the next cal
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -80,6 +82,7 @@ def run_study(study: ml_collections.ConfigDict, out_dir: str | Path, *,
     attempts: dict[str, int] = {}
     running: dict[str, Job] = {}
     t0, last_states, last_shown = time.time(), [], 0.0
+    restore = _sigterm_raises()
     try:
         while queue or running:
             while queue and len(running) < backend.slots:
@@ -113,6 +116,7 @@ def run_study(study: ml_collections.ConfigDict, out_dir: str | Path, *,
             job.cancel()
         raise
     finally:
+        restore()
         if backend is not None:
             backend.close()
     rows = [report.run_row(r.name, r.variant, r.seed, states[r.name], run_dirs[r.name])
@@ -121,6 +125,19 @@ def run_study(study: ml_collections.ConfigDict, out_dir: str | Path, *,
     echo(progress_view(study.name, runs, states, run_dirs, time.time() - t0))
     echo(f"table: {paths['markdown']}  {paths['csv']}; curves under {out / 'curves'}")
     return rows
+
+
+def _sigterm_raises() -> Callable[[], None]:
+    """While the runner waits, SIGTERM raises (so running jobs are cancelled as on Ctrl-C,
+    instead of left behind); returns what restores the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _finished(run: Run, run_dir: Path, rc: int, backend: Backend,

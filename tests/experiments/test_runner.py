@@ -175,3 +175,19 @@ def test_shipped_studies_expand_to_valid_model_configs(path):
     assert len(runs) >= 2
     for r in runs:
         ModelConfig.from_hf_config(r.config.model.to_dict())
+
+
+def test_sigterm_cancels_the_running_jobs_too(tmp_path):
+    import os
+    import signal
+
+    backend = FakeBackend(slots=1)
+
+    def echo(line: str) -> None:
+        if line.startswith("study micro"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="signal"):
+        run_study(_study(), tmp_path / "s", backend=backend, poll_s=0.0, echo=echo)
+    assert backend.jobs[0].cancelled and signal.getsignal(signal.SIGTERM) is previous
