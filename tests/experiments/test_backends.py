@@ -1,5 +1,5 @@
 """Backends of the ablation runner: a real run as a Ray task on a local Ray cluster (1 CPU) that
-the test starts, through the real worker and training loop; and the TPU-pod backend's call of
+the test starts, through the real worker, training loop and indicator evaluation; and the TPU-pod backend's call of
 launch/tpu_pod.sh (gcloud replaced by a script on PATH that records its arguments and plays the
 pod's part by writing the run's metrics)."""
 
@@ -23,6 +23,7 @@ def test_ray_backend_runs_the_worker_as_a_ray_task(tmp_path):
     ray = pytest.importorskip("ray")
     study = micro_study(name="rayed")
     study.backend = "ray"
+    study.indicator.update(enabled=True, rows=8, accuracy=True)
     out = tmp_path / "study"
     backend = RayBackend(1, {"num_cpus": 1.0}, num_cpus=1)
     try:
@@ -36,6 +37,8 @@ def test_ray_backend_runs_the_worker_as_a_ray_task(tmp_path):
     assert row["status"] == "done", log[-2000:]
     assert "(ray task)" in log and "training rayed/wsd-s0: 4 steps" in log
     assert row["steps"] == 4 and math.isfinite(row["final_eval_loss"])
+    # the worker evaluated the trained run: indicator and greedy accuracy in the table
+    assert math.isfinite(row["indicator"]) and 0.0 <= row["accuracy"] <= 1.0
     assert rundir.checkpoint_steps(out / "runs" / "wsd-s0") == [2, 4]
     # a rerun finds the run finished and starts nothing (no backend is even created)
     assert run_study(study, out, echo=lambda s: None) == rows
