@@ -279,3 +279,35 @@ def write_predictor_report(points: Sequence[dict[str, Any]], out: str | os.PathL
         "|---|---|---|---|---|---|", *rows, ""]))
     plot_predictors(result, base.with_suffix(".png"))
     return result
+
+
+def study_points(study_dirs: Sequence[str | os.PathLike], rows: int = 64,
+                 evaluate_missing: bool = False, seed: int = 0) -> list[dict[str, Any]]:
+    """(run, indicator, final_eval_loss, accuracy) of every finished run of the given study
+    folders; runs evaluated without indicator or accuracy are evaluated here when
+    ``evaluate_missing`` (cached in the run folder as ``indicator_eval.json``)."""
+    import json
+
+    from cpmjax.experiments import rundir
+
+    points = []
+    for study in study_dirs:
+        for run in sorted((Path(study) / "runs").iterdir()):
+            result = rundir.read_result(run)
+            if result is None:
+                continue
+            point = {"study": Path(study).name, "run": result["name"],
+                     "final_eval_loss": result.get("final_eval_loss"),
+                     "indicator": result.get("indicator"), "accuracy": result.get("accuracy")}
+            if (point["indicator"] is None or point["accuracy"] is None) and evaluate_missing:
+                cache = run / "indicator_eval.json"
+                key = {"rows": rows, "seed": seed}
+                cached = json.loads(cache.read_text()) if cache.is_file() else {}
+                if cached.get("key") != key:
+                    cfg = rundir.read_spec(run)["config"]
+                    cached = {"key": key, **evaluate_checkpoint(
+                        str(run), rows, True, cfg["data"]["cache_dir"], seed)}
+                    write_json(cache, cached)
+                point.update(indicator=cached["indicator"], accuracy=cached["accuracy"])
+            points.append(point)
+    return points

@@ -1,7 +1,7 @@
 """Backends of the ablation runner: a real run as a Ray task on a local Ray cluster (1 CPU) that
-the test starts, through the real worker, training loop and indicator evaluation; and the TPU-pod backend's call of
-launch/tpu_pod.sh (gcloud replaced by a script on PATH that records its arguments and plays the
-pod's part by writing the run's metrics)."""
+the test starts, through the real worker, training loop and indicator evaluation; and the
+TPU-pod backend's call of launch/tpu_pod.sh (gcloud replaced by a script on PATH that records
+its arguments and plays the pod's part by writing the run's metrics)."""
 
 from __future__ import annotations
 

@@ -69,3 +69,19 @@ def test_sigmoid_fit_and_predictor_comparison(tmp_path):
     assert "| indicator | -1.000 |" in (tmp_path / "fit.md").read_text()
     with pytest.raises(ValueError, match="at least 4"):
         indicator.compare_predictors(points[:3])
+
+
+def test_study_points_reads_finished_runs(tmp_path):
+    import json
+
+    for i, (ind, acc) in enumerate(((1.5, 0.4), (2.5, None), (None, None))):
+        run = tmp_path / "s" / "runs" / f"r{i}"
+        run.mkdir(parents=True)
+        (run / "run.json").write_text(json.dumps({"config_hash": "h", "config": {}}))
+        result = {"name": f"r{i}", "config_hash": "h", "final_eval_loss": 5.0 + i}
+        result.update({k: v for k, v in (("indicator", ind), ("accuracy", acc)) if v})
+        if i < 2:  # r2 is unfinished (no result.json)
+            (run / "result.json").write_text(json.dumps(result))
+    pts = indicator.study_points([tmp_path / "s"])
+    assert [(p["run"], p["indicator"], p["accuracy"]) for p in pts] == [
+        ("r0", 1.5, 0.4), ("r1", 2.5, None)]
