@@ -9,24 +9,15 @@ first use) for 100 or 250 steps. Held-out LM loss is the corpus's held-out split
 after each run the indicator and greedy exact-match accuracy are computed on 64 held-out problems.
 """
 
-import importlib.util
 from pathlib import Path
 
 from cpmjax.data.corpus import build_default_corpus
 from cpmjax.experiments.indicator import task_corpus
-from cpmjax.experiments.study import study_config
-
-
-def _base():
-    path = Path(__file__).resolve().parents[1] / "mup_transfer.py"
-    spec = importlib.util.spec_from_file_location("mup_transfer_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from cpmjax.experiments.study import config_from_file, study_config
 
 
 def get_config():
-    base = _base()
+    base = config_from_file(Path(__file__).resolve().parents[1] / "mup_transfer.py")
     base.name = "task_mix"
     base.model.update(hidden_size=128, intermediate_size=384, num_attention_heads=8,
                       num_key_value_heads=8, dim_model_base=32)

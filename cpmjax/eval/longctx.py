@@ -18,10 +18,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cpmjax.atomic import atomic_file, write_json, write_text
+from cpmjax.atomic import write_json, write_text
 from cpmjax.config import ModelConfig, SparseConfig
 from cpmjax.eval.longctx_tasks import (ANSWER_BUDGET, BIAS_DEPTHS, TASKS, Sample,
                                        corpus_haystack, make_sample, score)
+from cpmjax.plotting import pyplot, save_png
 from cpmjax.presets import MINICPM4_SPARSE
 
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -149,10 +150,7 @@ def table(result: dict[str, Any]) -> str:
 def heatmaps(result: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
     """Per task: a depth x length heatmap per mode, side by side; positional_bias also gets
     score vs answer position."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     paths = []
     for task in result["tasks"]:
@@ -178,9 +176,7 @@ def heatmaps(result: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
         fig.suptitle(task)
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="score")
         path = out_dir / f"{name}_{task}.png"
-        with atomic_file(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=110)
-        plt.close(fig)
+        save_png(fig, path)
         paths.append(path)
     if "positional_bias" in result["tasks"]:
         paths.append(_bias_plot(result, out_dir / f"{name}_positional_bias_curve.png"))
@@ -188,7 +184,7 @@ def heatmaps(result: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
 
 
 def _bias_plot(result: dict[str, Any], path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, n in enumerate(result["lengths"]):
@@ -201,9 +197,7 @@ def _bias_plot(result: dict[str, Any], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
     return path
 
 

@@ -17,7 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from cpmjax.atomic import atomic_dir, atomic_file, write_json
-from cpmjax.data.sources import DataError
+from cpmjax.data.sources import DataError, read_documents, read_jsonl_records
+from cpmjax.plotting import pyplot, save_png
 
 _CLASSIFIERS: dict[tuple[str, str], Any] = {}  # per worker process: (model, tokenizer) -> loaded
 
@@ -33,24 +34,10 @@ def shard_type(path: Path) -> str:
 def _read_records(path: Path, text_field: str) -> tuple[list[Any], list[str]]:
     """(records as they are stored, their texts); errors name the file and line."""
     if shard_type(path) == "arrayrecord":
-        from cpmjax.data.sources import read_documents
-
         texts = read_documents(path, "arrayrecord")
         return texts, texts
-    records, texts = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
-                raise DataError(f"{path}:{lineno}: record has no string field {text_field!r}")
-            records.append(rec)
-            texts.append(rec[text_field])
-    return records, texts
+    records = read_jsonl_records(path, text_field)
+    return records, [r[text_field] for r in records]
 
 
 def _classifier(model_path: str, tokenizer_path: str) -> Any:
@@ -141,10 +128,7 @@ def filter_shards(shards: Sequence[str | os.PathLike], model_path: str | os.Path
 
 
 def plot_histogram(scores: np.ndarray, threshold: float, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     ax.hist(scores, bins=np.linspace(0, 1, 41), color="C0")
@@ -154,7 +138,5 @@ def plot_histogram(scores: np.ndarray, threshold: float, path: Path) -> Path:
            title=f"quality scores: {kept} of {scores.size} documents kept")
     ax.legend()
     fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
     return path

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cpmjax.atomic import atomic_file, write_json, write_text
+from cpmjax.plotting import pyplot, save_png
 from cpmjax.posttrain import tasks
 
 TASK_CORPUS_VERSION = 1
@@ -233,10 +234,7 @@ def compare_predictors(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot_predictors(result: dict[str, Any], path: Path, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.2), sharey=True)
     acc = np.asarray([p["accuracy"] for p in result["points"]])
@@ -257,9 +255,7 @@ def plot_predictors(result: dict[str, Any], path: Path, title: str = "") -> Path
     fig.suptitle(title or f"accuracy = sigmoid(a x + b) over {result['models']} models",
                  fontsize=10)
     fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
     return path
 
 

@@ -10,8 +10,9 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-from cpmjax.atomic import atomic_file, write_json, write_text
+from cpmjax.atomic import write_json, write_text
 from cpmjax.experiments import rundir
+from cpmjax.plotting import pyplot, save_png
 
 COLUMNS = ("run", "variant", "seed", "status", "steps", "final_eval_loss", "best_eval_loss",
            "final_loss", "indicator", "accuracy", "tokens_per_sec", "wall_s")
@@ -96,10 +97,7 @@ def plot_curves(path: Path, metric: str, rows: Sequence[dict[str, Any]],
                 run_dirs: dict[str, Path], study: str) -> Path | None:
     """Every run's ``metric`` against step (colour: variant, line style: seed); None when no run
     logged it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     seeds = sorted({r["seed"] for r in rows})
@@ -124,7 +122,5 @@ def plot_curves(path: Path, metric: str, rows: Sequence[dict[str, Any]],
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
     return path

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import re
+from pathlib import Path
 from typing import Any, Mapping
 
 import ml_collections
@@ -151,6 +153,18 @@ def expand_runs(study: ml_collections.ConfigDict) -> list[Run]:
             run_cfg.name = f"{study.name}/{name}"
             runs.append(Run(name, variant, seed, run_cfg))
     return runs
+
+
+def config_from_file(path: str | Path) -> ml_collections.ConfigDict:
+    """``get_config()`` of a config file (``configs/*.py``), as absl's ``config_flags`` loads
+    one; lets a study build on an existing experiment config."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+    if spec is None or not path.is_file():
+        raise FileNotFoundError(f"no config file at {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def config_hash(cfg: ml_collections.ConfigDict) -> str:

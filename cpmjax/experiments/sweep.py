@@ -21,9 +21,10 @@ from typing import Any, Sequence
 import numpy as np
 import ml_collections
 
-from cpmjax.atomic import atomic_file, write_json, write_text
+from cpmjax.atomic import write_json, write_text
 from cpmjax.config import ConfigError
 from cpmjax.experiments.study import study_config
+from cpmjax.plotting import pyplot, save_png
 
 PARAMETRIZATIONS = ("mup", "standard")
 SWEEP_FILE = "sweep.json"
@@ -161,10 +162,7 @@ def results_table(analysis: dict[str, Any]) -> str:
 def plot_loss_vs_lr(analysis: dict[str, Any], path: Path, title: str = "") -> Path:
     """One panel per parametrization (x init x batch): final eval loss vs LR, a curve per width
     (mean over seeds, band = min..max), the optimum starred."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     groups = analysis["groups"]
     fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.2), squeeze=False,
@@ -191,9 +189,7 @@ def plot_loss_vs_lr(analysis: dict[str, Any], path: Path, title: str = "") -> Pa
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
     return path
 
 

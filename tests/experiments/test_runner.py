@@ -164,14 +164,10 @@ def test_an_interrupt_cancels_the_running_jobs(tmp_path):
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs" /
                                          "ablations").glob("*.py")), ids=lambda p: p.stem)
 def test_shipped_studies_expand_to_valid_model_configs(path):
-    import importlib.util
-
     from cpmjax.config import ModelConfig
+    from cpmjax.experiments.study import config_from_file
 
-    spec = importlib.util.spec_from_file_location(f"study_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    runs = expand_runs(module.get_config())
+    runs = expand_runs(config_from_file(path))
     assert len(runs) >= 2
     for r in runs:
         ModelConfig.from_hf_config(r.config.model.to_dict())
