@@ -84,8 +84,9 @@ def grid_points(parametrizations: Sequence[str], widths: Sequence[int], lrs: Seq
         settings = [settings[i] for i in sorted(pick)]
     elif search != "grid":
         raise ConfigError(f"sweep search {search!r} is not 'grid' or 'random'")
-    return [Point(par, w, float(lr), float(init), int(b)) for par in parametrizations
-            for w in widths for lr, init, b in settings]
+    # width-major: a partial sweep already compares the parametrizations at its first widths
+    return [Point(par, w, float(lr), float(init), int(b)) for w in widths
+            for par in parametrizations for lr, init, b in settings]
 
 
 def sweep_study(base: ml_collections.ConfigDict, name: str, points: Sequence[Point],

@@ -30,6 +30,7 @@ def test_width_overrides_keep_m_one_under_standard():
 def test_points_and_study():
     grid = grid_points(["mup", "standard"], [32, 64], LRS, [0.1], [8])
     assert len(grid) == 16 and grid[0] == Point("mup", 32, 0.004, 0.1, 8)
+    assert [(p.width, p.parametrization) for p in grid[3:5]] == [(32, "mup"), (32, "standard")]
     assert grid[0].name == "mup_w32_lr0p004_init0p1_b8"
     rand = grid_points(["mup"], [32, 64], LRS, [0.05, 0.1], [8, 16], "random", 3, seed=1)
     assert len(rand) == 6 and [p.lr for p in rand[:3]] == [p.lr for p in rand[3:]]
