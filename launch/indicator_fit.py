@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from cpmjax.experiments.indicator import study_points, write_predictor_report
 
@@ -27,6 +27,7 @@ _OUT = flags.DEFINE_string("out", "bench/results/indicator_fit", "output path, n
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
     if not _STUDIES.value:
         raise app.UsageError("--studies is required")
     points = study_points(_STUDIES.value, _ROWS.value, _MISSING.value)

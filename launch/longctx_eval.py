@@ -16,7 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 
 import cpmjax
 from cpmjax.eval.longctx import DEFAULT_DEPTHS, DEFAULT_LENGTHS, MODES, evaluate, write_outputs
@@ -40,6 +40,7 @@ _NAME = flags.DEFINE_string("name", None, "output name (default longctx_<checkpo
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
     if not _CKPT.value:
         raise app.UsageError("--checkpoint is required")
     try:
