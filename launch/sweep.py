@@ -17,7 +17,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cpmjax.experiments.runner import run_study
+from cpmjax.experiments.runner import run_study, study_rows
 from cpmjax.experiments.sweep import grid_points, sweep_study, write_sweep_results
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "base experiment config",
@@ -39,6 +39,8 @@ _BACKEND = flags.DEFINE_enum("backend", "local", ["local", "ray", "tpu_pod"], "w
 _LOCK = flags.DEFINE_string("lock_file", "", "flock each run holds while it trains")
 _NICE = flags.DEFINE_integer("nice", 0, "niceness of the run processes")
 _OUT = flags.DEFINE_string("out", None, "study folder (default runs/sweeps/<name>)")
+_ANALYZE_ONLY = flags.DEFINE_bool("analyze_only", False, "analyse the runs finished so far "
+                                   "(another process may still be running the sweep)")
 _RESULTS = flags.DEFINE_string("results", None, "results path without extension "
                                "(default <out>/sweep)")
 
@@ -61,11 +63,13 @@ def main(argv: list[str]) -> None:
     study.lock_file, study.nice = _LOCK.value, _NICE.value
     out = _OUT.value or f"runs/sweeps/{_NAME.value}"
     command = shlex.join(["python", *sys.argv])
-    rows = run_study(study, out, command=command)
+    rows = study_rows(study, out) if _ANALYZE_ONLY.value else run_study(study, out,
+                                                                        command=command)
     analysis = write_sweep_results(out, rows, study, _RESULTS.value, command)
     for g in analysis["groups"]:
         best = ", ".join(f"w{w}: {v['best_lr']:.4g} ({v['shift_grid_steps']:+.1f})"
-                         for w, v in sorted(g["widths"].items()))
+                         for w, v in sorted(g["widths"].items())
+                         if v["shift_grid_steps"] is not None)
         print(f"{g['parametrization']} init {g['init_scale']:g} batch {g['batch_size']}: best LR "
               f"{best}; transfers within one grid step: {g['transfers']}")
 

@@ -127,6 +127,18 @@ def run_study(study: ml_collections.ConfigDict, out_dir: str | Path, *,
     return rows
 
 
+def study_rows(study: ml_collections.ConfigDict, out_dir: str | Path) -> list[dict[str, Any]]:
+    """The table's rows from what is on disk, running nothing: finished runs are ``done``,
+    the others ``missing`` (for analysing a study that is still running or was stopped)."""
+    out = Path(out_dir).absolute()
+    rows = []
+    for r in expand_runs(study):
+        d = out / "runs" / r.name
+        status = DONE if rundir.read_result(d) is not None else "missing"
+        rows.append(report.run_row(r.name, r.variant, r.seed, status, d))
+    return rows
+
+
 def _sigterm_raises() -> Callable[[], None]:
     """While the runner waits, SIGTERM raises (so running jobs are cancelled as on Ctrl-C,
     instead of left behind); returns what restores the previous handler."""

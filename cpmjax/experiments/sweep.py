@@ -139,12 +139,17 @@ def analyze(rows: Sequence[dict[str, Any]], points: Sequence[dict[str, Any]],
                               "loss_min": [per_lr[lr]["min"] for lr in lrs],
                               "loss_max": [per_lr[lr]["max"] for lr in lrs]}
     for g in groups.values():
-        ref = g["widths"].get(base_width) or g["widths"][min(g["widths"])]
+        done = {k: w for k, w in g["widths"].items() if math.isfinite(w["best_loss"])}
+        ref = done.get(base_width) or (done[min(done)] if done else None)
         for w in g["widths"].values():
-            w["shift_grid_steps"] = round(math.log2(w["best_lr"] / ref["best_lr"])
-                                          / g["grid_step_log2"], 3)
-        g["max_abs_shift"] = max(abs(w["shift_grid_steps"]) for w in g["widths"].values())
-        g["transfers"] = g["max_abs_shift"] <= 1.0
+            w["shift_grid_steps"] = (round(math.log2(w["best_lr"] / ref["best_lr"])
+                                           / g["grid_step_log2"], 3)
+                                     if ref is not None and math.isfinite(w["best_loss"])
+                                     else None)
+        shifts = [abs(w["shift_grid_steps"]) for w in done.values()]
+        # a verdict needs the base width and another width with finished runs
+        g["max_abs_shift"] = max(shifts) if len(shifts) > 1 and base_width in done else None
+        g["transfers"] = None if g["max_abs_shift"] is None else g["max_abs_shift"] <= 1.0
     return {"base_width": base_width, "groups": list(groups.values())}
 
 
@@ -154,6 +159,10 @@ def results_table(analysis: dict[str, Any]) -> str:
              "(grid steps) |", "|---|---|---|---|---|---|---|"]
     for g in analysis["groups"]:
         for width, w in sorted(g["widths"].items()):
+            if w["shift_grid_steps"] is None:
+                lines.append(f"| {g['parametrization']} | {g['init_scale']:g} | "
+                             f"{g['batch_size']} | {width} | - | - | - |")
+                continue
             lines.append(f"| {g['parametrization']} | {g['init_scale']:g} | {g['batch_size']} | "
                          f"{width} | {w['best_lr']:.4g} | {w['best_loss']:.4f} | "
                          f"{w['shift_grid_steps']:+.2f} |")
@@ -171,6 +180,8 @@ def plot_loss_vs_lr(analysis: dict[str, Any], path: Path, title: str = "") -> Pa
     for ax, g in zip(axes[0], groups):
         for i, (width, w) in enumerate(sorted(g["widths"].items())):
             ok = [j for j, v in enumerate(w["loss"]) if math.isfinite(v)]
+            if not ok:
+                continue
             xs = [w["lrs"][j] for j in ok]
             ax.plot(xs, [w["loss"][j] for j in ok], marker="o", color=f"C{i}",
                     label=f"width {width}")
@@ -179,13 +190,15 @@ def plot_loss_vs_lr(analysis: dict[str, Any], path: Path, title: str = "") -> Pa
             if math.isfinite(w["best_loss"]):
                 ax.plot([w["best_lr"]], [w["best_loss"]], marker="*", markersize=14,
                         color=f"C{i}", markeredgecolor="k")
-        verdict = "optimum stays" if g["transfers"] else "optimum moves"
+        verdict = ("not enough finished widths" if g["transfers"] is None else
+                   f"optimum {'stays' if g['transfers'] else 'moves'}, max shift "
+                   f"{g['max_abs_shift']:.0f} grid steps")
         ax.set(xscale="log", xlabel="learning rate", title=f"{g['parametrization']} "
-               f"(init {g['init_scale']:g}, batch {g['batch_size']}): {verdict}, max shift "
-               f"{g['max_abs_shift']:.0f} grid steps")
+               f"(init {g['init_scale']:g}, batch {g['batch_size']}): {verdict}")
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     axes[0][0].set_ylabel("final held-out loss")
     if title:
         fig.suptitle(title, fontsize=10)

@@ -126,6 +126,12 @@ def test_runner_skips_finished_retries_crashes_and_writes_the_table(tmp_path):
     assert progress.startswith("study micro: 4 done, 0 running, 0 queued, 2 failed")
     assert "hi-s1   done     step 3/4  loss 3.5000  eval 4.5000" in progress
 
+    from cpmjax.experiments.runner import study_rows
+
+    on_disk = study_rows(study, out)  # runs nothing
+    assert [r["status"] for r in on_disk] == ["done"] * 4 + ["missing"] * 2
+    assert on_disk[2]["final_eval_loss"] == rows[2]["final_eval_loss"]
+
     # a rerun skips the finished runs and retries only the failed ones
     again = FakeBackend(crash=())
     rows2 = run_study(study, out, backend=again, poll_s=0.0, echo=lines.append)
