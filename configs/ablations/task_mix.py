@@ -5,7 +5,7 @@
 Models that span task accuracy for the ScalingBench-style fit (launch/indicator_fit.py): the
 muP-transfer base model (2 layers, width 128) trained on the default corpus with a share of the
 instruction set's train split as plain text (cpmjax.experiments.indicator.task_corpus, built on
-first use) for 100 or 250 steps (and 90% for 500). Held-out LM loss is the corpus's held-out
+first use) for 100 or 250 steps (and 90% for 500 and 1500). Held-out LM loss is the corpus's held-out
 split in every run; after each run the indicator and greedy exact-match accuracy are computed on
 64 held-out problems.
 """
@@ -27,7 +27,8 @@ def get_config():
     tasks_file = str(task_corpus(base.data.cache_dir))
     base.data.valid_file = str(corpus / "valid.jsonl")
     variants = {}
-    settings = [(s, n) for s in (0.0, 0.1, 0.3, 0.6) for n in (100, 250)] + [(0.9, 500)]
+    settings = [(s, n) for s in (0.0, 0.1, 0.3, 0.6) for n in (100, 250)] + [(0.9, 500),
+                                                                         (0.9, 1500)]
     for share, steps in settings:
         files = [str(corpus / "train.jsonl")] + ([tasks_file] if share else [])
         weights = [1 - share] + ([share] if share else [])
