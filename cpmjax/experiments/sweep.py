@@ -112,7 +112,7 @@ def _loss(row: dict[str, Any]) -> float:
 def analyze(rows: Sequence[dict[str, Any]], points: Sequence[dict[str, Any]],
             base_width: int) -> dict[str, Any]:
     """Per (parametrization, init, batch, width): mean final eval loss per LR over seeds, the
-    best LR, and its shift from the base width's best in grid steps (log2 LR spacing of the
+    best LR, and its shift from the base width's best in grid steps (positions in the sorted LR
     grid); ``transfers``: every width's optimum within one grid step of the base width's."""
     by_variant: dict[str, list[float]] = {}
     for r in rows:
@@ -141,9 +141,11 @@ def analyze(rows: Sequence[dict[str, Any]], points: Sequence[dict[str, Any]],
     for g in groups.values():
         done = {k: w for k, w in g["widths"].items() if math.isfinite(w["best_loss"])}
         ref = done.get(base_width) or (done[min(done)] if done else None)
+        grid = sorted({lr for w in g["widths"].values() for lr in w["lrs"]})
         for w in g["widths"].values():
-            w["shift_grid_steps"] = (round(math.log2(w["best_lr"] / ref["best_lr"])
-                                           / g["grid_step_log2"], 3)
+            # grid steps = positions in the group's LR grid (exact for a grid that is not
+            # evenly spaced in log2, e.g. rounded values)
+            w["shift_grid_steps"] = (grid.index(w["best_lr"]) - grid.index(ref["best_lr"])
                                      if ref is not None and math.isfinite(w["best_loss"])
                                      else None)
         shifts = [abs(w["shift_grid_steps"]) for w in done.values()]
@@ -220,8 +222,8 @@ def write_sweep_results(out_dir: Path, rows: Sequence[dict[str, Any]],
                         for r in rows]
     write_json(base.with_suffix(".json"), analysis, indent=1)
     md = [f"# Sweep {study.name}", "", f"Command: `{command}`", "", results_table(analysis), "",
-          "Shift: log2(best LR / best LR at the base width) in grid steps; within +-1 = the "
-          "optimum transfers.", ""]
+          "Shift: how many LR grid points the best LR lies from the base width's; within +-1 = "
+          "the optimum transfers.", ""]
     write_text(base.with_suffix(".md"), "\n".join(md))
     plot_loss_vs_lr(analysis, base.with_suffix(".png"), title=command)
     return analysis
