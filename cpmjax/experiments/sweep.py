@@ -197,6 +197,9 @@ def plot_loss_vs_lr(analysis: dict[str, Any], path: Path, title: str = "") -> Pa
                    f"{g['max_abs_shift']:.0f} grid steps")
         ax.set(xscale="log", xlabel="learning rate", title=f"{g['parametrization']} "
                f"(init {g['init_scale']:g}, batch {g['batch_size']}): {verdict}")
+        grid = sorted({lr for w in g["widths"].values() for lr in w["lrs"]})
+        ax.set_xticks(grid, [f"{lr:.3g}" for lr in grid])
+        ax.minorticks_off()
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -225,5 +228,7 @@ def write_sweep_results(out_dir: Path, rows: Sequence[dict[str, Any]],
           "Shift: how many LR grid points the best LR lies from the base width's; within +-1 = "
           "the optimum transfers.", ""]
     write_text(base.with_suffix(".md"), "\n".join(md))
-    plot_loss_vs_lr(analysis, base.with_suffix(".png"), title=command)
+    seeds = len(study.seeds)
+    plot_loss_vs_lr(analysis, base.with_suffix(".png"), title=f"{study.name}: final held-out "
+                    f"loss vs LR, {seeds} seed{'s' * (seeds > 1)} (command in {base.name}.md)")
     return analysis
