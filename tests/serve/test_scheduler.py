@@ -46,10 +46,10 @@ def test_a_failing_prefill_fails_only_its_request(engine, params, reference, mon
     sched = Scheduler(engine, params)
     real = engine.prefill_chunks
 
-    def prefill(p, tokens):
+    def prefill(p, tokens, *a):
         if tokens == A:
             raise MemoryError("injected prefill failure")
-        return real(p, tokens)
+        return real(p, tokens, *a)
 
     monkeypatch.setattr(engine, "prefill_chunks", prefill)
     a, b = (sched.submit(p, 12, ignore_eos=True) for p in (A, B))
@@ -62,10 +62,10 @@ def test_a_failing_insert_fails_only_its_request(engine, params, reference, monk
     sched = Scheduler(engine, params)
     real = engine.insert
 
-    def insert(p, prefix, state, slot, sampling):
+    def insert(p, prefix, state, slot, sampling, **kw):
         if sampling.seed == 7:
             raise TypeError("injected insert failure before any buffer was donated")
-        return real(p, prefix, state, slot, sampling)
+        return real(p, prefix, state, slot, sampling, **kw)
 
     monkeypatch.setattr(engine, "insert", insert)
     b = sched.submit(B, 12, ignore_eos=True)

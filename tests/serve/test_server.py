@@ -42,7 +42,7 @@ def test_health_models_metrics(server):
     srv, _ = server
     assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
     assert httpx.get(srv.url + "/v1/models").json()["data"][0]["id"] == "tiny"
-    m = httpx.get(srv.url + "/metrics").json()
+    m = httpx.get(srv.url + "/metrics.json").json()
     assert {"queue_depth", "tokens_per_second", "compilations", "active_slots"} <= set(m)
 
 
@@ -350,7 +350,7 @@ def test_speculative_server_is_lossless_and_reports_acceptance(cfg, params):
                            json={"prompt": p, "max_tokens": 10, "temperature": 0})
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["token_ids"] == w
-        m = httpx.get(srv.url + "/metrics").json()
+        m = httpx.get(srv.url + "/metrics.json").json()
         assert m["speculative_k"] == 2 and 1.0 <= m["mean_accept_length"] <= 3.0
         assert m["decode_steps"] > 0
         r = httpx.post(srv.url + "/v1/completions", timeout=30,
