@@ -66,9 +66,7 @@ class TokenTable:
         for piece, i in tokenizer.get_vocab(with_added_tokens=True).items():
             if i in self.special:
                 continue
-            if i in added:  # a non-special added token stands for its own text
-                self.bytes[i] = piece.encode("utf-8")
-            elif byte_level:
+            if byte_level:
                 self.bytes[i] = bytes(chars[c] for c in piece) if all(
                     c in chars for c in piece) else piece.encode("utf-8")
             elif metaspace:

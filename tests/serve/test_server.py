@@ -427,3 +427,20 @@ def test_property_no_body_gives_5xx_or_hurts_the_engine(server, request):
     assert httpx.get(srv.url + "/health").status_code == 200
     wait_idle(sched)
     assert sched.error is None and sched._prefilling is None
+
+
+def test_prometheus_metrics(server):
+    srv, _ = server
+    httpx.post(srv.url + "/v1/completions", json={"prompt": "abc", "max_tokens": True})
+    assert httpx.post(srv.url + "/v1/completions", timeout=60,
+                      json={"prompt": [1, 2, 3], "max_tokens": 3}).status_code == 200
+    r = httpx.get(srv.url + "/metrics")
+    assert r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for name in ("cpmjax:time_to_first_token_seconds_bucket", "cpmjax:inter_token_latency_seconds",
+                 "cpmjax:e2e_request_latency_seconds_count", "cpmjax:request_queue_time_seconds",
+                 "cpmjax:num_requests_running", "cpmjax:num_requests_waiting",
+                 "cpmjax:kv_slots_used_ratio", "cpmjax:generation_tokens_per_second",
+                 "cpmjax:mean_accept_length", 'cpmjax:compilations_total{function="generate"}',
+                 'outcome="rejected_4xx"', 'outcome="length"'):
+        assert name in text, name
