@@ -326,7 +326,8 @@ def create_app(scheduler: Scheduler, tokenizer: Any = None, model_name: str = "c
                     continue
                 text = c.delta(final)
                 start_tok = sent[index]
-                if not (text or final or (logprobs is not None and len(c.tokens) > start_tok)):
+                fresh = len(c.tokens) > start_tok
+                if not (text or final or (fresh and (logprobs is not None or table is None))):
                     continue  # nothing to show yet: these tokens go with the next chunk
                 sent[index] = len(c.tokens)
                 reason = finish_reason(c) if final else None
