@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from cpmjax.atomic import write_text
-from cpmjax.serve import cli
+import model_flags
 
 _URL = flags.DEFINE_string("url", None, "server to test (default: start one in-process)")
 _CLIENTS = flags.DEFINE_integer("clients", 32, "concurrent clients")
@@ -112,7 +112,7 @@ def main(argv: list[str]) -> None:
 
     srv = sched = None
     if _URL.value is None:
-        cfg, params, tok = cli.load_model()
+        cfg, params, tok = model_flags.load_model()
         sched = make_scheduler(cfg, params, tok, max_slots=8, max_len=256, chunk=64,
                                max_queue=max(64, _CLIENTS.value))
         srv = BackgroundServer(create_app(sched, tok))
@@ -128,8 +128,8 @@ def main(argv: list[str]) -> None:
         if srv is not None:
             srv.stop()
             sched.stop()
-    report.update(device=jax.devices()[0].device_kind, preset=cli.PRESET.value,
-                  checkpoint=cli.CHECKPOINT.value, cpu_count=os.cpu_count())
+    report.update(device=jax.devices()[0].device_kind, preset=model_flags.PRESET.value,
+                  checkpoint=model_flags.CHECKPOINT.value, cpu_count=os.cpu_count())
     text = json.dumps(report, indent=2)
     print(text)
     if _OUT.value:
