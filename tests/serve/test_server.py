@@ -374,15 +374,24 @@ _VALID = {
         st.text(min_size=1, max_size=3), st.lists(st.text(min_size=1, max_size=3), max_size=3)),
     "stream": st.booleans(), "user": st.text(max_size=10), "model": st.just("tiny"),
     "ignore_eos": st.booleans(), "stream_options": st.just({"include_usage": True}),
-    "unknown_field": _JSON,
+    "unknown_field": _JSON, "n": st.integers(1, 3), "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2),
+    "logit_bias": st.dictionaries(st.integers(0, 299).map(str), st.floats(-100, 100),
+                                  max_size=3),
 }
 _COMPLETION = {"prompt": st.one_of(st.text(min_size=1, max_size=40),
                                    st.lists(st.integers(3, 299), min_size=1, max_size=8)),
-               **_VALID}
+               "logprobs": st.integers(0, 5), "echo": st.booleans(), **_VALID}
 _CHAT = {"messages": st.lists(st.fixed_dictionaries(
     {"role": st.sampled_from(["system", "user", "assistant", "developer"]),
      "content": st.text(max_size=20)}), min_size=1, max_size=3),
-    "max_completion_tokens": st.integers(1, 4), "enable_thinking": st.booleans(), **_VALID}
+    "max_completion_tokens": st.integers(1, 4), "enable_thinking": st.booleans(),
+    "logprobs": st.just(True), "top_logprobs": st.integers(0, 5),
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}, {
+        "type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "integer"}}}]),
+    "tools": st.just([{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer"}}}}}]),
+    "tool_choice": st.sampled_from(["auto", "none", "required"]), **_VALID}
 _NAMES = sorted({*_COMPLETION, *_CHAT, "n", "logprobs", "logit_bias", "echo", "suffix",
                  "response_format", "tools", "tool_choice", "presence_penalty",
                  "frequency_penalty", "stop_token_ids", "max_tokens"})
