@@ -259,11 +259,15 @@ def run(presets_: tuple[str, ...] = ("tiny", "small"), batches: tuple[int, ...] 
                     print(json.dumps(row), flush=True)
     rows += run_constrained(write=False)
     if write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        with open(RESULTS / f"decode_{jax.default_backend()}.jsonl", "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        _append(rows)
     return rows
+
+
+def _append(rows: list[dict[str, Any]]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / f"decode_{jax.default_backend()}.jsonl", "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
 
 
 # a string: a random model stays inside it for the whole run, where almost every token is
@@ -305,10 +309,7 @@ def run_constrained(batches: tuple[int, ...] = (1, 8), requests: int = 8, prompt
         rows.append(row)
         print(json.dumps(row), flush=True)
     if write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        with open(RESULTS / f"decode_{jax.default_backend()}.jsonl", "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        _append(rows)
     return rows
 
 
