@@ -25,8 +25,8 @@ SPEC_K = flags.DEFINE_integer("spec_k", 3, "draft tokens per verify step (with -
 DRAFT_QUANTIZE = flags.DEFINE_enum("draft_quantize", "none", ["none", "rtn"],
                                    "int4 RTN of the draft layer (only with a quantized target)")
 FRSPEC = flags.DEFINE_string("frspec", None, "FR-Spec token ranking .npy (launch/build_frspec.py)")
-FRSPEC_SIZE = flags.DEFINE_integer("frspec_size", 0,
-                                   "draft vocabulary: the N most frequent ids of --frspec (0 = all)")
+FRSPEC_SIZE = flags.DEFINE_integer(
+    "frspec_size", 0, "draft vocabulary: the N most frequent ids of --frspec (0 = all)")
 
 
 def model_source() -> cli.ModelSource:

@@ -59,8 +59,8 @@ class TokenTable:
         byte_level = "ByteLevel" in kinds
         metaspace = bool(kinds & {"Metaspace", "Replace"})
         if not (byte_level or metaspace):
-            log.warning("unknown tokenizer decoder %s: token bytes come from decoding tokens one by "
-                        "one, which is lossy for characters split across tokens", kinds)
+            log.warning("unknown tokenizer decoder %s: token bytes come from decoding tokens "
+                        "one by one, which is lossy for characters split across tokens", kinds)
         chars = _byte_level_chars()
         self.bytes: list[bytes | None] = [None] * size
         for piece, i in tokenizer.get_vocab(with_added_tokens=True).items():

@@ -165,7 +165,8 @@ class DecodeEngine:
     def _prefill_chunk_impl(self, params: Params, draft_args: Any, cache: KVCache,
                             seen: jax.Array, draft: Any, tokens: jax.Array, positions: jax.Array,
                             last: jax.Array, next_tokens: jax.Array, kv_len: int,
-                            prompt_logprobs: bool) -> tuple[KVCache, jax.Array, jax.Array, Any, Any]:
+                            prompt_logprobs: bool
+                            ) -> tuple[KVCache, jax.Array, jax.Array, Any, Any]:
         out = forward(params, self.cfg, tokens, positions=positions, cache=cache, dtype=self.dtype,
                       return_logits=False, kv_len=kv_len,
                       layer_transform=layer_transform_for(params, self.cfg, self.dtype))

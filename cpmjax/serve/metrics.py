@@ -2,10 +2,11 @@
 
 Names follow vLLM's where one exists (``vllm:time_to_first_token_seconds`` ->
 ``cpmjax:time_to_first_token_seconds``, ``..._inter_token_latency_seconds``,
-``..._e2e_request_latency_seconds``, ``..._request_queue_time_seconds``, ``..._num_requests_running``
-/ ``_waiting``). Request outcomes are one counter labelled ``outcome``: the finish reasons (``stop``,
-``length``, ``cancelled``, ``error``), ``rejected_429``, ``rejected_4xx`` with the error ``code`` or
-``type`` as ``reason``, and ``disconnected`` clients. Gauges read the scheduler at scrape time.
+``..._e2e_request_latency_seconds``, ``..._request_queue_time_seconds``,
+``..._num_requests_running`` / ``_waiting``). Request outcomes are one counter labelled
+``outcome``: the finish reasons (``stop``, ``length``, ``cancelled``, ``error``),
+``rejected_429``, ``rejected_4xx`` with the error ``code`` or ``type`` as ``reason``, and
+``disconnected`` clients. Gauges read the scheduler at scrape time.
 Each app has its own registry, so several servers in one process (tests) do not collide.
 """
 

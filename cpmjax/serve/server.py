@@ -346,7 +346,8 @@ def create_app(scheduler: Scheduler, tokenizer: Any = None, model_name: str = "c
                         names, c.tokens[start_tok:], c.logprobs[start_tok:])
                 yield _chunk(head, choice, include_usage)
             if include_usage:
-                yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage(prompts, run)})}\n\n"
+                last = {**head, "choices": [], "usage": usage(prompts, run)}
+                yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream")
