@@ -448,15 +448,19 @@ def _chunk(head: dict[str, Any], choice: dict[str, Any], include_usage: bool) ->
 
 def make_scheduler(cfg: Any, params: Any, tokenizer: Any = None, *, max_slots: int = 8,
                    max_len: int | None = None, chunk: int = 64, max_queue: int = 64,
-                   dtype: Any = None, speculative: Any = None) -> Scheduler:
+                   dtype: Any = None, speculative: Any = None,
+                   logprobs_mode: str = "raw") -> Scheduler:
     """A started scheduler (engine thread running) for ``create_app``; with ``speculative`` (a
-    ``cpmjax.serve.generate.Speculative``) every decode step drafts and verifies k tokens."""
+    ``cpmjax.serve.generate.Speculative``) every decode step drafts and verifies k tokens.
+    ``logprobs_mode``: ``raw`` (the model's log-softmax, vLLM's default) or ``processed`` (the
+    distribution sampled from)."""
     import jax.numpy as jnp
 
     from cpmjax.serve.engine import DecodeEngine
     from cpmjax.serve.spec_engine import SpeculativeEngine
 
-    kw = dict(max_slots=max_slots, max_len=max_len, chunk=chunk, dtype=dtype or jnp.float32)
+    kw = dict(max_slots=max_slots, max_len=max_len, chunk=chunk, dtype=dtype or jnp.float32,
+              logprobs_mode=logprobs_mode)
     engine = (DecodeEngine(cfg, **kw) if speculative is None else
               SpeculativeEngine(cfg, speculative.draft_params, k=speculative.k,
                                 frspec_ids=speculative.frspec_ids, **kw))

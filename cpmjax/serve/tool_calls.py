@@ -47,14 +47,15 @@ def parse_calls(text: str) -> tuple[list[dict[str, Any]], str]:
         code = code[3:].removeprefix("python").strip()
     code = code.removesuffix("```").strip()
     try:
-        calls = [_call(node.value, code) for node in ast.parse(code).body]
+        calls = [_call(node, code) for node in ast.parse(code).body]
     except (SyntaxError, ValueError):
         return [], text
     content = (text[:start] + text[end + len(END):]).strip()
     return calls, content
 
 
-def _call(node: Any, code: str) -> dict[str, Any]:
+def _call(statement: Any, code: str) -> dict[str, Any]:
+    node = statement.value if isinstance(statement, ast.Expr) else None
     if not isinstance(node, ast.Call) or node.args:
         raise ValueError("not a keyword-argument call")
     name = ast.get_source_segment(code, node.func)
