@@ -11,7 +11,6 @@ never re-sealed), and says so; read-only loaders only skip them, with a warning.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -102,11 +101,16 @@ def check_sealed(step_dir: str | os.PathLike) -> tuple[str, str] | None:
     return None
 
 
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.isfinite(x).all() for x in leaves]).all()
+
+
 def all_finite(tree: Any) -> bool:
-    """Whether every floating-point leaf of ``tree`` is finite (one device sync)."""
-    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-    return bool(jnp.stack(leaves).all()) if leaves else True
+    """Whether every floating-point leaf of ``tree`` is finite (one compiled reduction, one
+    device sync)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return bool(_all_finite(leaves)) if leaves else True
 
 
 def _one_line(e: BaseException) -> str:
@@ -162,6 +166,7 @@ class TrainCheckpointer:
         self._faults = FaultPlan.from_env()
         self._saving: int | None = None
         self.last_complete: int | None = None
+        self.failed: str | None = None  # the one-line cause once a save has failed
         self._job: Future | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="cpmjax-seal")
         self._report_unfinished()
@@ -248,13 +253,17 @@ class TrainCheckpointer:
 
     def _finish_previous(self) -> None:
         """Wait for the previous save's seal and raise its failure; then delete the sealed
-        steps beyond the newest ``keep`` (unsealed ones are left for restore to quarantine)."""
+        steps beyond the newest ``keep`` (unsealed ones are left for restore to quarantine).
+        After a failure nothing is deleted any more."""
         if self._job is not None:
             job, self._job = self._job, None
             try:
                 job.result()
             except Exception as e:
-                raise CheckpointSaveError(self._failure(self._saving, e)) from e
+                self.failed = self._failure(self._saving, e)
+                raise CheckpointSaveError(self.failed) from e
+        if self.failed:
+            return
         sealed = [s for s in sorted(self.manager.all_steps())
                   if (self.directory / str(s) / INTEGRITY_FILE).is_file()]
         for step in sealed[:-self.keep]:
@@ -266,17 +275,18 @@ class TrainCheckpointer:
             self._finish_previous()
 
     def close(self) -> None:
-        """Wait for the last save to be sealed (raising its failure) and release orbax."""
+        """Wait for the last save to be sealed (raising its failure) and release orbax. After a
+        failure already raised, orbax's copy of the same error is not raised again."""
         try:
             self._finish_previous()
-        except BaseException:
-            with contextlib.suppress(Exception):  # the failure above is the one to report
-                self.manager.close()
-            raise
-        else:
-            self.manager.close()
         finally:
-            self._pool.shutdown(wait=False)
+            try:
+                self.manager.close()
+            except Exception:
+                if not self.failed:
+                    raise
+            finally:
+                self._pool.shutdown(wait=False)
 
     # ---- restoring ------------------------------------------------------------------------
     def _report_unfinished(self) -> None:

@@ -211,7 +211,6 @@ def _run(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, run: RunDir, it
                     log.warning("%d step(s) up to step %d had a non-finite loss or gradient; "
                                 "their updates were skipped", skipped - skipped_logged, done)
                     skipped_logged = skipped
-                budget.settle()
                 step_time = ((time.perf_counter() - window_start) / window_steps
                              if window_steps else None)
                 tps = t.global_batch_size * t.seq_len / step_time if step_time else None
@@ -228,6 +227,7 @@ def _run(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, run: RunDir, it
                 else:
                     last.pop("eval_loss", None)
                 writer.write(done, {k: v for k, v in last.items() if k != "unigram_loss"})
+                budget.settle()
                 window_start, window_steps = time.perf_counter(), 0
             if done % cfg.checkpoint.every == 0 or done == t.steps:
                 budget.settle()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any
 
 import jax
@@ -62,9 +63,7 @@ class MetricsWriter:
         self._file = None
         if not is_remote(self.path):
             self._file = open(self.path, "a", encoding="utf-8")
-        from tensorboardX import SummaryWriter
-
-        self._tb = SummaryWriter(str(work / "tensorboard"), purge_step=resume_step + 1)
+        self._tb = _summary_writer()(str(work / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -91,6 +90,21 @@ class MetricsWriter:
             self._tb.close()
 
 
+def _summary_writer() -> Any:
+    """tensorboardX's SummaryWriter class. tensorboardX imports torch at import time when torch
+    is installed (only to accept torch tensors, which these scalars never are), which cost every
+    trainer start 1.5-5 s on 2 cores; torch is hidden for that one import unless it is loaded."""
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+    else:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` fail
+        try:
+            from tensorboardX import SummaryWriter
+        finally:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 def _rows_up_to(path: Any, step: int) -> list[str]:
     """The rows of an existing metrics.jsonl up to ``step``, rewritten atomically if any other
     row was there (each row is a whole line; a kill can tear only the last one)."""
@@ -107,8 +121,9 @@ def _rows_up_to(path: Any, step: int) -> list[str]:
             kept.append(line if line.endswith("\n") else line + "\n")
     if kept != lines:
         write_text(path, "".join(kept))
-        print(f"{path}: kept {len(kept)} row(s) up to step {step}, dropped {len(lines) - len(kept)} "
-              "row(s) past it (this run computes those steps again)", flush=True)
+        print(f"{path}: kept {len(kept)} row(s) up to step {step}, dropped "
+              f"{len(lines) - len(kept)} row(s) past it (this run computes those steps again)",
+              flush=True)
     return kept
 
 
