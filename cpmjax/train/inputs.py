@@ -21,9 +21,6 @@ from cpmjax.data import (Batch, Source, get_or_build_default_tokenizer, load_tok
 from cpmjax.data.corpus import build_default_corpus
 from cpmjax.data.pipeline import batch_dataset, eval_batches, fixed_batches
 
-FORMATS = ("text", "chat")
-
-
 @dataclasses.dataclass
 class TrainInputs:
     tokenizer: str
@@ -33,11 +30,9 @@ class TrainInputs:
 
 
 def _files(d: ml_collections.ConfigDict) -> tuple[list[str], list[float]]:
+    """Train files and their mixture weights (checked by ``check_experiment``)."""
     files = [f.strip() for f in d.train_files.split(",") if f.strip()]
     weights = [float(w) for w in d.weights.split(",")] if d.weights else [1.0] * len(files)
-    if len(weights) != len(files):
-        raise ConfigError(f"config field 'data.weights': {len(weights)} weights for "
-                          f"{len(files)} train files")
     return files, weights
 
 
@@ -52,11 +47,9 @@ def _tokenizer(d: ml_collections.ConfigDict, vocab_size: int) -> str:
 
 def make_inputs(cfg: ml_collections.ConfigDict, vocab_size: int, shard_index: int = 0,
                 shard_count: int = 1) -> TrainInputs:
-    """The run's inputs for this host (``shard_index`` of ``shard_count``)."""
-    fmt = cfg.data.get("format", "text")
-    if fmt not in FORMATS:
-        raise ConfigError(f"config field 'data.format': {fmt!r} is not one of {FORMATS}")
-    build = _chat_inputs if fmt == "chat" else _text_inputs
+    """The run's inputs for this host (``shard_index`` of ``shard_count``); ``cfg`` has passed
+    :func:`cpmjax.train.experiment.check_experiment`."""
+    build = _chat_inputs if cfg.data.format == "chat" else _text_inputs
     return build(cfg, vocab_size, shard_index, shard_count)
 
 
@@ -85,10 +78,7 @@ def _chat_inputs(cfg: ml_collections.ConfigDict, vocab_size: int, shard_index: i
     from cpmjax.posttrain import sft, tasks  # post-training pulls in the serving template
 
     d, t = cfg.data, cfg.train
-    long = d.get("long_conversations", "truncate")
-    if long not in ("truncate", "drop"):
-        raise ConfigError(f"config field 'data.long_conversations': {long!r} is not "
-                          "'truncate' or 'drop'")
+    long = d.long_conversations
     if d.train_files:
         files, weights = _files(d)
         valid = d.valid_file or files[0]
@@ -104,6 +94,6 @@ def _chat_inputs(cfg: ml_collections.ConfigDict, vocab_size: int, shard_index: i
     iterator = iter(batch_dataset([ds for ds, _, _ in built], weights, t.global_batch_size,
                                   t.seed, shard_index, shard_count).to_iter_dataset())
     held_ds, held_rows, _ = sft.chat_dataset(valid, tokenizer, t.seq_len, long, t.seed)
-    evals = fixed_batches(held_ds, t.global_batch_size, t.eval_batches, valid)
+    evals = fixed_batches(held_ds, t.seq_len, t.global_batch_size, t.eval_batches, valid)
     return TrainInputs(tokenizer, iterator, evals,
                        sft.assistant_unigram_loss(built[0][1], held_rows, vocab_size))
