@@ -14,24 +14,32 @@ import numpy as np
 
 from cpmjax.config import ModelConfig
 from cpmjax.model import forward
+from cpmjax.model.attention import check_kernel_names
 from cpmjax.model.params import Params
 from cpmjax.tokens import check_token_ids
 
 
 class Model:
-    """A loaded model: its config, its parameters and (when the folder has one) its tokenizer."""
+    """A loaded model: its config, its parameters and (when the folder has one) its tokenizer.
+
+    ``attn_impl`` / ``sparse_impl`` name the attention kernels every forward pass uses
+    (``cpmjax.model.attention``; ``"auto"`` is the platform default)."""
 
     def __init__(self, config: ModelConfig, params: Params, tokenizer: Any = None,
-                 dtype: Any = jnp.float32) -> None:
+                 dtype: Any = jnp.float32, attn_impl: str = "auto",
+                 sparse_impl: str = "auto") -> None:
+        check_kernel_names(attn_impl, sparse_impl)
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
         self.dtype = dtype
+        self.kernels = {"attn_impl": attn_impl, "sparse_impl": sparse_impl}
 
     @functools.cached_property
     def _logits_fn(self):
-        cfg, dtype = self.config, self.dtype
-        return jax.jit(lambda params, tokens: forward(params, cfg, tokens, dtype=dtype).logits)
+        cfg, dtype, kernels = self.config, self.dtype, self.kernels
+        return jax.jit(lambda params, tokens: forward(params, cfg, tokens, dtype=dtype,
+                                                      **kernels).logits)
 
     def check_tokens(self, tokens: Any) -> np.ndarray:
         """Token ids as an int32 ``[B, T]`` array; a clear error for anything else."""
@@ -52,7 +60,7 @@ class Model:
             self.check_tokens([list(p)])
         return generate(self.config, self.params, [list(p) for p in prompts],
                         max_new_tokens=max_new_tokens, temperature=temperature,
-                        speculative=speculative, **sampling)
+                        speculative=speculative, **self.kernels, **sampling)
 
 
 def tokenizer_file(folder: str | os.PathLike, vocab_size: int) -> Path | None:
@@ -81,8 +89,11 @@ def _load_tokenizer(folder: Path, vocab_size: int) -> Any:
     return Tokenizer.from_file(str(path))
 
 
-def load(path: str | os.PathLike, dtype: Any = jnp.float32) -> Model:
-    """Load an HF MiniCPM folder (config.json + safetensors) or a cpmjax checkpoint."""
+def load(path: str | os.PathLike, dtype: Any = jnp.float32, attn_impl: str = "auto",
+         sparse_impl: str = "auto") -> Model:
+    """Load an HF MiniCPM folder (config.json + safetensors) or a cpmjax checkpoint; the model
+    runs attention with the named kernels (``cpmjax.model.attention``)."""
+    check_kernel_names(attn_impl, sparse_impl)
     folder = Path(path)
     if not folder.exists():
         raise FileNotFoundError(f"no checkpoint at {folder}")
@@ -94,7 +105,8 @@ def load(path: str | os.PathLike, dtype: Any = jnp.float32) -> Model:
         from cpmjax.train.checkpoint import load_model
 
         cfg, params = load_model(folder, dtype=dtype)
-    return Model(cfg, params, tokenizer=_load_tokenizer(folder, cfg.vocab_size), dtype=dtype)
+    return Model(cfg, params, tokenizer=_load_tokenizer(folder, cfg.vocab_size), dtype=dtype,
+                 attn_impl=attn_impl, sparse_impl=sparse_impl)
 
 
 def save_hf(model: Model, out_dir: str | os.PathLike, format: str = "minicpm",

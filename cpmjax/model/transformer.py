@@ -20,7 +20,11 @@ from cpmjax.model.cache import CACHE_FIELDS, KVCache, write_kv
 from cpmjax.model.layers import rms_norm, swiglu_mlp
 from cpmjax.model.params import Params
 from cpmjax.model.rope import apply_rope, rope_cos_sin
+from cpmjax.parallel.sharding import constrain
 from cpmjax.sparse.cache import update_compressed
+
+HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")
+LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")
 
 REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "none": None,
@@ -55,13 +59,14 @@ def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array,
     w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     if vocab_ids is not None:
         w = jnp.take(w, vocab_ids, axis=1)
-    return jnp.einsum("btd,dv->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btd,dv->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    return constrain(logits, LOGITS_AXES)
 
 
 def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Array,
                   sin: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
                   cache_kv: tuple[jax.Array, ...] | None,
-                  attn_impl: attn_lib.Implementation = "auto",
+                  attn_impl: str = "auto", sparse_impl: str = "auto",
                   residual_scale: float | None = None, taps: dict[str, jax.Array] | None = None,
                   kv_len: int | None = None,
                   ) -> tuple[jax.Array, tuple[jax.Array, ...] | None]:
@@ -77,7 +82,9 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
     ``kv_len`` (static; dense models with a cache): attention reads only cache positions below it,
     which the caller guarantees hold every position a query may see (the serving engine's
     length buckets: a short request in a long-context cache does not read the whole cache).
+    ``attn_impl`` / ``sparse_impl``: dense and InfLLM v2 kernel names (``attention.attend``).
     """
+    h = constrain(h, HIDDEN_AXES)
     dt = h.dtype
     scale = jnp.asarray(cfg.residual_scale if residual_scale is None else residual_scale, dt)
     x = rms_norm(h, layer["input_norm"], cfg.rms_norm_eps)
@@ -105,8 +112,8 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
         new_cache = new_cache + compressed
     out = attn_lib.attend(q, keys.astype(dt), values.astype(dt), q_pos=positions, kv_pos=kv_pos,
                           q_seg=segment_ids if cache_kv is None else None, kv_seg=kv_seg, cfg=cfg,
-                          implementation=attn_impl, kv_is_query=cache_kv is None,
-                          compressed=compressed)
+                          implementation=attn_impl, sparse_implementation=sparse_impl,
+                          kv_is_query=cache_kv is None, compressed=compressed)
     if taps is not None:
         taps["wo_in"] = out
     attn_out = jnp.einsum("bthk,hkd->btd", out, layer["wo"].astype(dt))
@@ -116,13 +123,13 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
         taps["mlp_in"] = x
     mlp_out = swiglu_mlp(x, layer["w_gate"], layer["w_up"], layer["w_down"], taps)
     h = h + mlp_out * scale
-    return h, new_cache
+    return constrain(h, HIDDEN_AXES), new_cache
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
             positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
             cache: KVCache | None = None, dtype: Any = jnp.float32, return_logits: bool = True,
-            remat: str = "none", attn_impl: attn_lib.Implementation = "auto",
+            remat: str = "none", attn_impl: str = "auto", sparse_impl: str = "auto",
             layer_transform: Callable[[Params], Params] | None = None,
             kv_len: int | None = None) -> ModelOutput:
     """Run the decoder.
@@ -139,6 +146,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
       layer_transform: maps one layer's params before use, inside the scan (``cpmjax.quant``
         dequantizes packed weights there, so only one layer is ever dequantized at a time).
       kv_len: with a cache, attend only to its first ``kv_len`` positions (see `decoder_layer`).
+      attn_impl, sparse_impl: names in the dense attention registry (``kernels.attention``) and
+        InfLLM v2's (``kernels.infllmv2``); ``"auto"`` is the platform default.
     """
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
@@ -156,7 +165,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
             layer = layer_transform(layer)
         return decoder_layer(carry, layer, cfg, cos=cos, sin=sin, positions=positions,
                              segment_ids=segment_ids, cache_kv=cache_kv, attn_impl=attn_impl,
-                             kv_len=kv_len)
+                             sparse_impl=sparse_impl, kv_len=kv_len)
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)

@@ -30,6 +30,7 @@ import numpy as np
 
 from cpmjax.config import ModelConfig
 from cpmjax.model import forward, init_cache, lm_head
+from cpmjax.model.attention import check_kernel_names
 from cpmjax.model.cache import KVCache
 from cpmjax.model.params import Params
 from cpmjax.quant.qforward import layer_transform_for
@@ -79,7 +80,9 @@ class DecodeEngine:
     """Jitted prefill/insert/generate for one model config and one static batch shape."""
 
     def __init__(self, cfg: ModelConfig, *, max_slots: int = 8, max_len: int | None = None,
-                 chunk: int = 64, dtype: Any = jnp.float32, kv_bucket: int | None = 128) -> None:
+                 chunk: int = 64, dtype: Any = jnp.float32, kv_bucket: int | None = 128,
+                 attn_impl: str = "auto", sparse_impl: str = "auto") -> None:
+        check_kernel_names(attn_impl, sparse_impl)
         max_len = cfg.max_position_embeddings if max_len is None else max_len
         if max_slots < 1 or chunk < 1:
             raise ValueError(f"max_slots and chunk must be >= 1, got {max_slots}, {chunk}")
@@ -90,6 +93,8 @@ class DecodeEngine:
                              f"{cfg.max_position_embeddings}], got {max_len}")
         self.cfg, self.max_slots, self.max_len, self.chunk = cfg, max_slots, max_len, chunk
         self.dtype, self.kv_bucket = dtype, kv_bucket
+        # attention kernels by name for the plain forward passes (cpmjax.model.attention)
+        self.kernels = {"attn_impl": attn_impl, "sparse_impl": sparse_impl}
         self.compilations: collections.Counter[str] = collections.Counter()
         # what a speculative engine's jitted steps take besides the target params (a jit argument,
         # so swapping drafts of one shape recompiles nothing); None for plain decoding
@@ -122,7 +127,7 @@ class DecodeEngine:
                             last: jax.Array, next_tokens: jax.Array, kv_len: int
                             ) -> tuple[KVCache, jax.Array, jax.Array, Any]:
         out = forward(params, self.cfg, tokens, positions=positions, cache=cache, dtype=self.dtype,
-                      return_logits=False, kv_len=kv_len,
+                      return_logits=False, kv_len=kv_len, **self.kernels,
                       layer_transform=layer_transform_for(params, self.cfg, self.dtype))
         logits = lm_head(params, self.cfg, out.hidden[:, last][:, None])[0, 0]
         V = seen.shape[0]
@@ -246,7 +251,7 @@ class DecodeEngine:
         del draft_args
         active = state.lengths >= 0
         out = forward(params, self.cfg, state.tokens[:, None], positions=state.lengths[:, None],
-                      cache=state.cache, dtype=self.dtype, kv_len=kv_len,
+                      cache=state.cache, dtype=self.dtype, kv_len=kv_len, **self.kernels,
                       layer_transform=layer_transform_for(params, self.cfg, self.dtype))
         nxt = sample(out.logits[:, 0], state.seen, state.steps, **_sampling_kwargs(state))
         V = self.cfg.vocab_size

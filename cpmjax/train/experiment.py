@@ -52,6 +52,13 @@ def experiment_config(model: Mapping[str, Any], name: str) -> ml_collections.Con
     d.weights = ""  # comma-separated mixture weights, one per train file
     d.tokenizer = ""  # folder with tokenizer.json; empty = the project's default tokenizer
 
+    # attention kernels by name (cpmjax.model.attention; "auto" = the platform default):
+    # dense: auto | xla | splash | splash_interpret | cudnn | reference (kernels/attention)
+    # sparse (InfLLM v2 stage 2): auto | xla | pallas_tpu | pallas_gpu | ... (kernels/infllmv2)
+    cfg.kernels = k = ml_collections.ConfigDict()
+    k.attention_impl = "auto"
+    k.sparse_attention_impl = "auto"
+
     cfg.mesh = m = ml_collections.ConfigDict()
     m.data, m.fsdp, m.tensor = 1, -1, 1
 
@@ -60,3 +67,15 @@ def experiment_config(model: Mapping[str, Any], name: str) -> ml_collections.Con
     c.keep = 3
     c.async_save = True
     return cfg
+
+
+def kernel_names(cfg: ml_collections.ConfigDict) -> dict[str, str]:
+    """``{"attn_impl", "sparse_impl"}`` from the config's ``kernels`` section (``"auto"`` for
+    configs written before it existed), validated by name."""
+    from cpmjax.model.attention import CONFIG_FIELDS, check_kernel_names
+
+    k = cfg.get("kernels") or {}
+    names = {"attn_impl": k.get("attention_impl", "auto"),
+             "sparse_impl": k.get("sparse_attention_impl", "auto")}
+    check_kernel_names(names["attn_impl"], names["sparse_impl"], CONFIG_FIELDS)
+    return names

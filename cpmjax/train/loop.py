@@ -19,7 +19,9 @@ from cpmjax.data import (Source, eval_batches, get_or_build_default_tokenizer, l
 from cpmjax.data.corpus import build_default_corpus
 from cpmjax.model.mtp import save_mtp
 from cpmjax.parallel import make_mesh
+from cpmjax.parallel.sharding import InMesh
 from cpmjax.train import checkpoint as ckpt
+from cpmjax.train.experiment import kernel_names
 from cpmjax.train.metrics import MetricsWriter, device_peak_flops, flops_per_token
 from cpmjax.train.optimizer import make_optimizer, make_schedule
 from cpmjax.train.step import (batch_sharding, init_state, jit_train_step, make_eval_step,
@@ -90,6 +92,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train (resuming from the newest good checkpoint in ``workdir``); returns final metrics."""
     t = cfg.train
     check_train_config(t)
+    kernels = kernel_names(cfg)
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     model_cfg = ModelConfig.from_hf_config(cfg.model.to_dict())
@@ -109,9 +112,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     step_fn = jit_train_step(make_train_step(model_cfg, tx, grad_accum=t.grad_accum, dtype=dtype,
                                              remat=t.remat, mtp_weight=t.mtp_weight,
                                              freeze_model=bool(t.get("freeze_target")),
-                                             mtp_distill=bool(t.get("mtp_distill"))),
+                                             mtp_distill=bool(t.get("mtp_distill")), **kernels),
                              state_sh, mesh, batch_shape)
-    eval_fn = jax.jit(make_eval_step(model_cfg, dtype))
+    eval_fn = InMesh(jax.jit(make_eval_step(model_cfg, dtype, **kernels)), mesh)
 
     checkpointer = ckpt.TrainCheckpointer(work, cfg.checkpoint.keep, cfg.checkpoint.async_save)
     restored = checkpointer.restore(jax.tree.map(
