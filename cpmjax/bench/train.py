@@ -3,10 +3,12 @@ launch/bench.py train``).
 
 Times the jitted cpmjax train step and, in the same process on the same machine,
 ``transformers.LlamaForCausalLM`` with the same shapes (MiniCPM's muP scalars aside, the same
-architecture), AdamW with gradient clipping, batch and sequence length. The two sides are timed
-in alternating rounds so that load from other jobs on a shared machine falls on both; each
-side's figure is its median step time. ``ratio`` is cpmjax / baseline (step time: lower is
-better; tokens/s: higher). Rows go to ``bench/results/train_<platform>.jsonl``.
+architecture), AdamW with gradient clipping, batch and sequence length. PyTorch runs with 1 and
+with all intra-op threads and the baseline is the faster (on a shared 2-core machine its
+spinning OpenMP threads can make 2 threads several times slower than 1). All sides are timed in
+alternating rounds so that load from other jobs falls on each; each figure is a median step
+time. ``ratio`` is cpmjax / baseline (step time: lower is better; tokens/s: higher). Rows go to
+``bench/results/train_<platform>.jsonl``.
 """
 
 from __future__ import annotations
@@ -59,8 +61,10 @@ def cpmjax_step(name: str, batch: int, seq: int, dtype: str = "float32",
     return one
 
 
-def torch_step(name: str, batch: int, seq: int) -> Callable[[], None]:
-    """One PyTorch (HF Llama) train step per call: forward, CE, backward, clip, AdamW."""
+def torch_step(name: str, batch: int, seq: int, threads: int | None = None
+               ) -> Callable[[], None]:
+    """One PyTorch (HF Llama) train step per call: forward, CE, backward, clip, AdamW; with
+    ``threads`` intra-op threads (set at each call, so several settings can alternate)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -73,7 +77,10 @@ def torch_step(name: str, batch: int, seq: int) -> Callable[[], None]:
     inputs = torch.from_numpy(data["inputs"]).long()
     targets = torch.from_numpy(data["targets"]).long()
 
+    default_threads = torch.get_num_threads()
+
     def one() -> None:
+        torch.set_num_threads(threads or default_threads)
         logits = model(input_ids=inputs).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         loss.backward()
@@ -105,17 +112,21 @@ def run(configs: tuple[str, ...] = ("tiny", "small"), batch: int = 8, seq: int =
     import torch
 
     info = meta()
-    info["device"] += f", torch threads {torch.get_num_threads()}"
+    thread_counts = sorted({1, torch.get_num_threads()})
     peak = device_peak_flops()
     rows = []
     for name in configs:
         cfg = ModelConfig.from_hf_config(getattr(presets, name)())
-        t = time_side_by_side({"cpmjax": cpmjax_step(name, batch, seq),
-                               "torch": torch_step(name, batch, seq)}, warmup, rounds)
-        jax_t, torch_t = t["cpmjax"], t["torch"]
+        sides = {"cpmjax": cpmjax_step(name, batch, seq)}
+        sides.update({f"torch_{n}_threads": torch_step(name, batch, seq, n)
+                      for n in thread_counts})
+        t = time_side_by_side(sides, warmup, rounds)
+        best = min((k for k in t if k.startswith("torch")), key=t.get)
+        jax_t, torch_t = t["cpmjax"], t[best]
         tokens = batch * seq
         common = {**info, "config": name, "batch": batch, "seq_len": seq, "rounds": rounds,
-                  "torch": torch.__version__, "timing": "alternating rounds, median"}
+                  "torch": torch.__version__, "timing": "alternating rounds, median",
+                  "baseline_is": best, "step_times_s": t}
         rows.append({**common, "metric": "step_time_s", "value": jax_t, "baseline": torch_t,
                      "ratio": jax_t / torch_t, "higher_is_better": False})
         rows.append({**common, "metric": "tokens_per_sec", "value": tokens / jax_t,

@@ -2,8 +2,26 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+
+
+def linear(x: jax.Array, w: jax.Array, n_in: int = 1, preferred_element_type: Any = None
+           ) -> jax.Array:
+    """``x [..., *in] @ w [*in, *out] -> [..., *out]`` as one 2-D matmul.
+
+    Same result as the einsum; written as a 2-D dot because XLA's CPU backend ran dots with
+    leading batch-like operand dims, and above all their gradients, about 2x slower (the
+    backward's elementwise fusions wrote transposed layouts; measured on the tiny model's MLP:
+    gradient 23.8 vs 12.5 ms). Accelerators compile both forms alike.
+    """
+    lead, ins, outs = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:], w.shape[n_in:]
+    k = math.prod(ins)
+    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred_element_type)
+    return y.reshape(*lead, *outs)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -20,8 +38,8 @@ def swiglu_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Arr
                taps: dict[str, jax.Array] | None = None) -> jax.Array:
     """``down(silu(gate(x)) * up(x))`` with no biases; ``taps["down_in"]`` gets down's input."""
     dt = x.dtype
-    gate = jax.nn.silu(x @ w_gate.astype(dt))
-    inner = gate * (x @ w_up.astype(dt))
+    gate = jax.nn.silu(linear(x, w_gate.astype(dt)))
+    inner = gate * linear(x, w_up.astype(dt))
     if taps is not None:
         taps["down_in"] = inner
-    return inner @ w_down.astype(dt)
+    return linear(inner, w_down.astype(dt))

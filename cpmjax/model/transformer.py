@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from cpmjax.config import ModelConfig
 from cpmjax.model import attention as attn_lib
 from cpmjax.model.cache import CACHE_FIELDS, KVCache, write_kv
-from cpmjax.model.layers import rms_norm, swiglu_mlp
+from cpmjax.model.layers import linear, rms_norm, swiglu_mlp
 from cpmjax.model.params import Params
 from cpmjax.model.rope import apply_rope, rope_cos_sin
 from cpmjax.parallel.sharding import constrain
@@ -59,7 +59,7 @@ def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array,
     w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     if vocab_ids is not None:
         w = jnp.take(w, vocab_ids, axis=1)
-    logits = jnp.einsum("btd,dv->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    logits = linear(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
     return constrain(logits, LOGITS_AXES)
 
 
@@ -90,9 +90,9 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
     x = rms_norm(h, layer["input_norm"], cfg.rms_norm_eps)
     if taps is not None:
         taps["attn_in"] = x
-    q = jnp.einsum("btd,dhk->bthk", x, layer["wq"].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", x, layer["wk"].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", x, layer["wv"].astype(dt))
+    q = linear(x, layer["wq"].astype(dt))
+    k = linear(x, layer["wk"].astype(dt))
+    v = linear(x, layer["wv"].astype(dt))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache_kv is None:
         keys, values, kv_pos, kv_seg = k, v, positions, segment_ids
@@ -116,7 +116,7 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
                           kv_is_query=cache_kv is None, compressed=compressed)
     if taps is not None:
         taps["wo_in"] = out
-    attn_out = jnp.einsum("bthk,hkd->btd", out, layer["wo"].astype(dt))
+    attn_out = linear(out, layer["wo"].astype(dt), n_in=2)
     h = h + attn_out * scale
     x = rms_norm(h, layer["post_norm"], cfg.rms_norm_eps)
     if taps is not None:

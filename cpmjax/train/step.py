@@ -36,9 +36,12 @@ LOSS_CHUNK = 2048
 
 
 def _nll_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    # logsumexp minus the target logit: no [B, T, V] log-softmax array next to the logits
+    # logsumexp minus the target logit: no [B, T, V] log-softmax array next to the logits; the
+    # target logit by a one-hot select, whose gradient fuses into the softmax's (a gather's is a
+    # scatter: the tiny model's loss gradient took 67 instead of 53 ms on CPU)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    hit = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
+    target = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
     return jnp.sum((lse - target) * mask)
 
 

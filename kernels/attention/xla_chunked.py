@@ -52,9 +52,16 @@ def _blocks(x: jax.Array, chunk: int) -> jax.Array:
     return jnp.moveaxis(x.reshape(x.shape[0], -1, chunk, *x.shape[2:]), 1, 0)
 
 
-def _unblocks(x: jax.Array) -> jax.Array:
-    """``[n, B, chunk, ...] -> [B, n*chunk, ...]``."""
-    x = jnp.moveaxis(x, 0, 1)
+def _head_blocks(x: jax.Array, chunk: int) -> jax.Array:
+    """Heads-major blocks: ``[B, n*chunk, *heads, D] -> [n, B, *heads, chunk, D]`` (batched
+    matmuls with leading batch dims, which XLA's CPU backend runs without relayout copies)."""
+    x = _blocks(x, chunk)  # [n, B, chunk, *heads, D]
+    return jnp.moveaxis(x, 2, -2)
+
+
+def _unhead_blocks(x: jax.Array) -> jax.Array:
+    """Inverse of `_head_blocks`: ``[n, B, *heads, chunk, D] -> [B, n*chunk, *heads, D]``."""
+    x = jnp.moveaxis(jnp.moveaxis(x, -2, 2), 0, 1)  # [B, n, chunk, *heads, D]
     return x.reshape(x.shape[0], -1, *x.shape[3:])
 
 
@@ -105,40 +112,37 @@ def _q_start(j: jax.Array, qc: int, kc: int, causal: bool) -> jax.Array:
 
 def _forward(q5: jax.Array, kb: jax.Array, vb: jax.Array, lay: _Layout, scale: float, qc: int,
              kc: int, causal: bool) -> tuple[jax.Array, jax.Array]:
-    """q5 ``[nq, B, qc, KV, G, D]``, kb/vb ``[nk, B, kc, KV, D]`` ->
-    (out ``[nq, B, qc, KV, G, D]`` float32, lse ``[nq, B, KV, G, qc]``)."""
+    """q5 ``[nq, B, KV, G, qc, D]``, kb/vb ``[nk, B, KV, kc, D]`` ->
+    (out ``[nq, B, KV, G, qc, D]`` float32, lse ``[nq, B, KV, G, qc]``)."""
     nq, nk = q5.shape[0], kb.shape[0]
 
     def q_block(i: jax.Array) -> tuple[jax.Array, jax.Array]:
         qi = q5[i]
-        B, _, KV, G, D = qi.shape
+        B, KV, G, _, D = qi.shape
         init = (jnp.full((B, KV, G, qc), -jnp.inf, jnp.float32),
                 jnp.zeros((B, KV, G, qc), jnp.float32),
                 jnp.zeros((B, KV, G, qc, D), jnp.float32))
 
         def visit(j: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
             m, l, acc = carry
-            s = jnp.einsum("bqkgd,bskd->bkgqs", qi, kb[j],
+            s = jnp.einsum("bkgqd,bksd->bkgqs", qi, kb[j],
                            preferred_element_type=jnp.float32) * scale
             s = jnp.where(_block_mask(lay, i, j), s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             p = jnp.exp(s - m_safe[..., None])
             alpha = jnp.exp(m - m_safe)
-            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(vb.dtype), vb[j],
+            pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vb.dtype), vb[j],
                             preferred_element_type=jnp.float32)
             return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv
 
         def step(j: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
             return jax.lax.cond(_may_see(lay, i, j), visit, lambda _, c: c, j, carry)
 
-        if nk == 1:  # one key block: nothing to skip (a cond would only cost, on CPU)
-            m, l, acc = visit(0, init)
-        else:
-            m, l, acc = jax.lax.fori_loop(0, _kv_range(i, nk, qc, kc, causal), step, init)
+        m, l, acc = jax.lax.fori_loop(0, _kv_range(i, nk, qc, kc, causal), step, init)
         out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
         lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
-        return jnp.moveaxis(out, 3, 1), lse  # [B, qc, KV, G, D]
+        return out, lse
 
     return jax.lax.map(q_block, jnp.arange(nq))
 
@@ -147,7 +151,9 @@ def _backward(q5: jax.Array, kb: jax.Array, vb: jax.Array, do5: jax.Array, lse: 
               delta: jax.Array, lay: _Layout, scale: float, qc: int, kc: int,
               causal: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One pass over key blocks; each key block's dK/dV accumulate over the query blocks that
-    see it, dQ accumulates in a float32 carry (O(T x D))."""
+    see it, dQ accumulates in a float32 carry (O(T x D)). Five block matmuls per visited pair
+    (S, dP, dV, dK, dQ); a two-pass form (dQ in its own loop) needs seven and measured no
+    faster on CPU."""
     nq, nk = q5.shape[0], kb.shape[0]
 
     def kv_block(dq: jax.Array, j: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -157,27 +163,25 @@ def _backward(q5: jax.Array, kb: jax.Array, vb: jax.Array, do5: jax.Array, lse: 
         def visit(i: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
             dq, dk, dv = carry
             qi, doi = q5[i], do5[i]
-            s = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj,
+            s = jnp.einsum("bkgqd,bksd->bkgqs", qi, kj,
                            preferred_element_type=jnp.float32) * scale
             p = jnp.where(_block_mask(lay, i, j), jnp.exp(s - lse[i][..., None]), 0.0)
-            dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(doi.dtype), doi,
-                                 preferred_element_type=jnp.float32)
-            dp = jnp.einsum("bqkgd,bskd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
+            # per query head, then summed over the group: contracting the queries alone keeps
+            # the matmuls free of relayout copies of the [qc, kc] blocks on CPU
+            dv = dv + jnp.einsum("bkgqs,bkgqd->bkgsd", p.astype(doi.dtype), doi,
+                                 preferred_element_type=jnp.float32).sum(2)
+            dp = jnp.einsum("bkgqd,bksd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
             ds = p * (dp - delta[i][..., None]) * scale
-            dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds.astype(qi.dtype), qi,
-                                 preferred_element_type=jnp.float32)
-            dqi = jnp.einsum("bkgqs,bskd->bqkgd", ds.astype(kj.dtype), kj,
+            dk = dk + jnp.einsum("bkgqs,bkgqd->bkgsd", ds.astype(qi.dtype), qi,
+                                 preferred_element_type=jnp.float32).sum(2)
+            dqi = jnp.einsum("bkgqs,bksd->bkgqd", ds.astype(kj.dtype), kj,
                              preferred_element_type=jnp.float32)
             return dq.at[i].add(dqi), dk, dv
 
         def step(i: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
             return jax.lax.cond(_may_see(lay, i, j), visit, lambda _, c: c, i, carry)
 
-        if nq == 1:
-            dq, dk, dv = visit(0, (dq, zeros, zeros))
-        else:
-            dq, dk, dv = jax.lax.fori_loop(_q_start(j, qc, kc, causal), nq, step,
-                                           (dq, zeros, zeros))
+        dq, dk, dv = jax.lax.fori_loop(_q_start(j, qc, kc, causal), nq, step, (dq, zeros, zeros))
         return dq, (dk, dv)
 
     dq0 = jnp.zeros(q5.shape, jnp.float32)
@@ -196,8 +200,8 @@ def _prepare(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, kv_pos:
         q_pos = jnp.broadcast_to(jnp.arange(Tq, dtype=jnp.int32), (B, Tq))
         kv_pos = jnp.broadcast_to(jnp.arange(Tk, dtype=jnp.int32), (B, Tk))
     lay = _layout(q_pos, kv_pos, q_seg, kv_seg, tq_pad, tk_pad, qc, kc)
-    q5 = _blocks(_pad_len(q, tq_pad).reshape(B, tq_pad, KV, H // KV, D), qc)
-    kb, vb = _blocks(_pad_len(k, tk_pad), kc), _blocks(_pad_len(v, tk_pad), kc)
+    q5 = _head_blocks(_pad_len(q, tq_pad).reshape(B, tq_pad, KV, H // KV, D), qc)
+    kb, vb = _head_blocks(_pad_len(k, tk_pad), kc), _head_blocks(_pad_len(v, tk_pad), kc)
     return q5, kb, vb, lay, qc, kc
 
 
@@ -213,7 +217,7 @@ def _flash_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, scale, q_chunk, kv_chunk,
                                        keys_are_queries)
     out, lse = _forward(q5, kb, vb, lay, scale, qc, kc, keys_are_queries)
     B, Tq, H, D = q.shape
-    out = _unblocks(out)[:, :Tq].reshape(B, Tq, H, D).astype(q.dtype)
+    out = _unhead_blocks(out)[:, :Tq].reshape(B, Tq, H, D).astype(q.dtype)
     return out, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
 
 
@@ -224,19 +228,52 @@ def _flash_bwd(scale, q_chunk, kv_chunk, keys_are_queries, res, g):
     B, Tq, H, D = q.shape
     KV, Tk = k.shape[2], k.shape[1]
     tq_pad = q5.shape[0] * qc
-    do5 = _blocks(_pad_len(g, tq_pad).reshape(B, tq_pad, KV, H // KV, D), qc)
+    do5 = _head_blocks(_pad_len(g, tq_pad).reshape(B, tq_pad, KV, H // KV, D), qc)
     delta = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     delta = _blocks(_pad_len(delta, tq_pad).reshape(B, tq_pad, KV, H // KV), qc)
     delta = jnp.moveaxis(delta, 2, -1)  # [nq, B, KV, G, qc], the layout of lse
     dq, dk, dv = _backward(q5, kb, vb, do5.astype(q.dtype), lse, delta, lay, scale, qc, kc,
                            keys_are_queries)
-    dq = _unblocks(dq)[:, :Tq].reshape(B, Tq, H, D).astype(q.dtype)
-    dk = _unblocks(dk)[:, :Tk].astype(k.dtype)
-    dv = _unblocks(dv)[:, :Tk].astype(v.dtype)
+    dq = _unhead_blocks(dq)[:, :Tq].reshape(B, Tq, H, D).astype(q.dtype)
+    dk = _unhead_blocks(dk)[:, :Tk].astype(k.dtype)
+    dv = _unhead_blocks(dv)[:, :Tk].astype(v.dtype)
     return dq, dk, dv, None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _one_block(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, kv_pos: jax.Array,
+               q_seg: jax.Array | None, kv_seg: jax.Array | None, scale: float,
+               keys_are_queries: bool) -> jax.Array:
+    """Queries and keys that fit one block each: plain softmax attention, differentiated by
+    autodiff (the probabilities, at most chunk x chunk per head, are the saved residual). On
+    CPU its gradient costs less than half of the flash backward's recomputation at T=256."""
+    B, Tq, H, D = q.shape
+    Tk, KV = k.shape[1], k.shape[2]
+    if keys_are_queries:
+        q_pos = jnp.broadcast_to(jnp.arange(Tq, dtype=jnp.int32), (B, Tq))
+        kv_pos = jnp.broadcast_to(jnp.arange(Tk, dtype=jnp.int32), (B, Tk))
+    mask = (kv_pos[:, None, :] <= q_pos[:, :, None]) & (kv_pos[:, None, :] >= 0)
+    if q_seg is not None and kv_seg is not None:
+        mask &= q_seg[:, :, None] == kv_seg[:, None, :]
+    # heads-major operands ([B, KV, G, T, D]): batched matmuls with leading batch dims, which
+    # XLA's CPU backend runs (and differentiates) without relayout copies of the scores
+    # (k and v broadcast over the group, so their gradients contract the queries alone and
+    # are summed over the group afterwards, again without relayout copies)
+    G = H // KV
+    qg = jnp.transpose(q.reshape(B, Tq, KV, G, D), (0, 2, 3, 1, 4))
+    per_head = lambda x: jnp.broadcast_to(jnp.transpose(x, (0, 2, 1, 3))[:, :, None],
+                                          (B, KV, G, Tk, D))
+    s = jnp.einsum("bkgtd,bkgsd->bkgts", qg, per_head(k),
+                   preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mask[:, None, None], s, -1e30)  # finite: no NaN in rows that see nothing
+    p = jax.nn.softmax(s, axis=-1)
+    out = jnp.einsum("bkgts,bkgsd->bkgtd", p.astype(v.dtype), per_head(v),
+                     preferred_element_type=jnp.float32)
+    if not keys_are_queries:  # a query sees at least itself otherwise
+        out = jnp.where(jnp.any(mask, axis=-1)[:, None, None, :, None], out, 0.0)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, Tq, H, D).astype(q.dtype)
 
 
 def attention_xla_chunked(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Array,
@@ -246,5 +283,7 @@ def attention_xla_chunked(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: ja
     """GQA flash attention; q ``[B,Tq,H,D]``, k/v ``[B,Tk,KV,D]`` -> ``[B,Tq,H,D]``."""
     if keys_are_queries and q.shape[1] != k.shape[1]:
         raise ValueError(f"keys_are_queries needs Tq == Tk, got {q.shape[1]} and {k.shape[1]}")
+    if q.shape[1] <= q_chunk and k.shape[1] <= kv_chunk:
+        return _one_block(q, k, v, q_pos, kv_pos, q_seg, kv_seg, float(scale), keys_are_queries)
     return _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, float(scale), q_chunk, kv_chunk,
                   keys_are_queries)
