@@ -46,7 +46,8 @@ _DENSE_LEN = flags.DEFINE_integer("dense_len", None, "override sparse_config.den
 _ATTN = flags.DEFINE_string("attention_impl", "auto", "dense attention kernel")
 _SPARSE_IMPL = flags.DEFINE_string("sparse_attention_impl", "auto", "InfLLM v2 kernel")
 _OUT = flags.DEFINE_string("out", "", "append the result as one JSON line to this file")
-_TAG = flags.DEFINE_string("tag", None, "recorded as the row's 'sweep' (launch/aot_memory_sweep.py)")
+_TAG = flags.DEFINE_string("tag", None,
+                           "recorded as the row's 'sweep' (launch/aot_memory_sweep.py)")
 
 
 def _append(row: dict) -> None:

@@ -14,8 +14,9 @@ from kernels.attention.cudnn_gpu import segment_offsets
 from kernels.attention.xla_chunked import attention_xla_chunked
 
 ON_GPU = jax.default_backend() == "gpu"
-# what runs on this host: the TPU kernel only in interpret mode, cuDNN only on a GPU
-RUNNABLE = [n for n in REGISTRY.names if n != "splash"
+# what runs on this host against the reference: the TPU kernel only in interpret mode, cuDNN
+# only on a GPU
+RUNNABLE = [n for n in REGISTRY.names if n not in ("splash", "reference")
             and (n != "cudnn" or ON_GPU)]
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed")
@@ -67,14 +68,21 @@ def test_self_attention_matches_reference(impl, packed):
 
 
 def test_chunked_path_with_many_blocks_matches_reference():
-    # small chunks: many query and key blocks, skipped and visited ones, padded tails
-    B, T, H, KV, D = 2, 300, 4, 1, 8
+    """Small blocks: many query and key blocks, skipped and visited ones, padded tails; packed
+    self-attention and queries into a cache (positions, a padding query)."""
+    B, T, H, KV, D = 2, 150, 4, 1, 8
     q, k, v, w = _inputs(B, T, H, KV, D, seed=1)
-    seg, pos = _packed(B, T, [[100], [33, 250]])
-    for s in (None, seg):
-        kw = dict(q_pos=pos, kv_pos=pos, q_seg=s, kv_seg=s, scale=0.3, keys_are_queries=True)
-        got = jax.jit(lambda *a: attention_xla_chunked(*a, q_chunk=64, kv_chunk=32, **kw))
-        want = jax.jit(lambda *a: dot_product_attention(*a, implementation="reference", **kw))
+    seg, pos = _packed(B, T, [[60], [33, 120]])
+    cache_pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    q_pos = jnp.where(jnp.arange(T) < 100, jnp.arange(T) + 40, -1)[None].repeat(B, 0)
+    cases = [dict(q_pos=pos, kv_pos=pos, q_seg=seg, kv_seg=seg, keys_are_queries=True),
+             dict(q_pos=q_pos, kv_pos=cache_pos, q_seg=None, kv_seg=None,
+                  keys_are_queries=False)]
+    for kw in cases:
+        got = jax.jit(lambda *a: attention_xla_chunked(*a, scale=0.3, q_chunk=64, kv_chunk=32,
+                                                       **kw))
+        want = jax.jit(lambda *a: dot_product_attention(*a, scale=0.3,
+                                                        implementation="reference", **kw))
         np.testing.assert_allclose(got(q, k, v), want(q, k, v), atol=2e-5, rtol=2e-5)
         for g, r in zip(_grads(got, q, k, v, w), _grads(want, q, k, v, w)):
             np.testing.assert_allclose(g, r, atol=5e-5, rtol=5e-5)

@@ -11,6 +11,9 @@ diagonal when the keys are the queries (a static bound on each loop, so causal a
 half the work), and, for any layout, by a ``lax.cond`` on per-block position and segment ranges
 (earlier documents of a packed row, cache blocks past the newest query).
 
+Queries and keys that fit one block each take plain softmax attention with autodiff instead
+(`_one_block`): at most chunk x chunk scores per head, and a cheaper gradient on CPU.
+
 This is the fallback on every platform without a fused kernel, and the CPU default.
 """
 
