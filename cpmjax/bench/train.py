@@ -41,7 +41,8 @@ def batch_arrays(cfg: ModelConfig, batch: int, seq: int) -> dict[str, np.ndarray
 
 def cpmjax_step(name: str, batch: int, seq: int, dtype: str = "float32",
                 **step_kw: Any) -> Callable[[], None]:
-    """One blocking cpmjax train step per call (state carried between calls)."""
+    """One blocking cpmjax train step per call (state carried between calls), with the
+    experiment config's defaults (remat among them) unless ``step_kw`` overrides them."""
     exp = experiment_config(getattr(presets, name)(), name)
     exp.train.compute_dtype = dtype
     cfg = ModelConfig.from_hf_config(exp.model.to_dict())
@@ -50,6 +51,7 @@ def cpmjax_step(name: str, batch: int, seq: int, dtype: str = "float32",
     init = lambda k: init_state(cfg, tx, k)
     sh = state_shardings(cfg, jax.eval_shape(init, jax.random.key(0)), mesh)
     state = [jax.jit(init, out_shardings=sh)(jax.random.key(0))]
+    step_kw = {"remat": exp.train.remat, **step_kw}  # as launch/train.py runs it by default
     step = jit_train_step(make_train_step(cfg, tx, dtype=jnp.dtype(dtype), **step_kw), sh, mesh,
                           (batch, seq))
     data = {k: jnp.asarray(v) for k, v in batch_arrays(cfg, batch, seq).items()}

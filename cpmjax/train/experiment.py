@@ -32,7 +32,10 @@ def experiment_config(model: Mapping[str, Any], name: str) -> ml_collections.Con
     t.b1, t.b2, t.eps = 0.9, 0.95, 1e-8
     t.clip_norm = 1.0
     t.compute_dtype = "float32"  # bfloat16 on accelerators; master weights stay float32
-    t.remat = "none"  # none | full | dots | dots_no_batch
+    # none | full | dots | dots_no_batch. full (recompute each layer in the backward pass) is
+    # what long rows need, and on CPU it is also the faster: storing every layer's activations
+    # costs more than recomputing them (README "Benchmarks")
+    t.remat = "full"
     t.on_nonfinite = "skip"  # skip | stop
     t.mtp_weight = 0.0  # lambda of the multi-token-prediction loss (MiniCPM4 report §2.3.2); 0 = no MTP head
     # a trained target (run dir or HF folder): train only the MTP/EAGLE draft head on top of it,

@@ -249,9 +249,10 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def _one_block(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, kv_pos: jax.Array,
                q_seg: jax.Array | None, kv_seg: jax.Array | None, scale: float,
                keys_are_queries: bool) -> jax.Array:
-    """Queries and keys that fit one block each: plain softmax attention, differentiated by
-    autodiff (the probabilities, at most chunk x chunk per head, are the saved residual). On
-    CPU its gradient costs less than half of the flash backward's recomputation at T=256."""
+    """Queries and keys that fit one block each: plain softmax attention differentiated by
+    autodiff, its probabilities recomputed in the backward pass (``jax.checkpoint``) rather
+    than saved: as flash attention does, and on CPU cheaper than storing them (a model's layer
+    scan zero-fills and copies a stacked ``[L, B, H, T, T]`` residual buffer every step)."""
     B, Tq, H, D = q.shape
     Tk, KV = k.shape[1], k.shape[2]
     if keys_are_queries:
@@ -260,23 +261,34 @@ def _one_block(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, kv_po
     mask = (kv_pos[:, None, :] <= q_pos[:, :, None]) & (kv_pos[:, None, :] >= 0)
     if q_seg is not None and kv_seg is not None:
         mask &= q_seg[:, :, None] == kv_seg[:, None, :]
-    # heads-major operands ([B, KV, G, T, D]): batched matmuls with leading batch dims, which
-    # XLA's CPU backend runs (and differentiates) without relayout copies of the scores
-    # (k and v broadcast over the group, so their gradients contract the queries alone and
-    # are summed over the group afterwards, again without relayout copies)
+    out = jax.checkpoint(_softmax_attention, static_argnums=(4,))(q, k, v, mask, scale)
+    if not keys_are_queries:  # a query sees at least itself otherwise
+        out = jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], out, 0.0)
+    return out.astype(q.dtype)
+
+
+def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                       scale: float) -> jax.Array:
+    """``[B, Tq, H, D]`` float32 softmax attention under ``mask [B, Tq, Tk]``.
+
+    Written for XLA's CPU backend, where passes over the ``[T, T]`` scores and relayout copies
+    are the cost: heads-major operands (batched matmuls with leading batch dims), k and v
+    broadcast over each group (their gradients contract the queries alone, then sum the group),
+    the scale on q, the normaliser dividing the ``[T, D]`` output, and the row max a constant to
+    autodiff (the softmax does not depend on it)."""
+    B, Tq, H, D = q.shape
+    Tk, KV = k.shape[1], k.shape[2]
     G = H // KV
-    qg = jnp.transpose(q.reshape(B, Tq, KV, G, D), (0, 2, 3, 1, 4))
+    qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    qg = jnp.transpose(qs.reshape(B, Tq, KV, G, D), (0, 2, 3, 1, 4))
     per_head = lambda x: jnp.broadcast_to(jnp.transpose(x, (0, 2, 1, 3))[:, :, None],
                                           (B, KV, G, Tk, D))
-    s = jnp.einsum("bkgtd,bkgsd->bkgts", qg, per_head(k),
-                   preferred_element_type=jnp.float32) * scale
+    s = jnp.einsum("bkgtd,bkgsd->bkgts", qg, per_head(k), preferred_element_type=jnp.float32)
     s = jnp.where(mask[:, None, None], s, -1e30)  # finite: no NaN in rows that see nothing
-    p = jax.nn.softmax(s, axis=-1)
+    p = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
     out = jnp.einsum("bkgts,bkgsd->bkgtd", p.astype(v.dtype), per_head(v),
-                     preferred_element_type=jnp.float32)
-    if not keys_are_queries:  # a query sees at least itself otherwise
-        out = jnp.where(jnp.any(mask, axis=-1)[:, None, None, :, None], out, 0.0)
-    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, Tq, H, D).astype(q.dtype)
+                     preferred_element_type=jnp.float32) / jnp.sum(p, axis=-1)[..., None]
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, Tq, H, D)
 
 
 def attention_xla_chunked(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Array,
