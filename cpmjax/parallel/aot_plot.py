@@ -15,15 +15,17 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
 
 
 def series(rows: list[dict[str, Any]], step: str, preset: str, topology: str, sparse: bool,
-           tag: str | None = None) -> tuple[list[int], list[float]]:
-    """(seq_lens, arguments + temporaries GiB) of the newest row per length that matches."""
+           tag: str | None = None) -> tuple[list[int], list[float], list[int]]:
+    """(seq_lens, arguments + temporaries GiB, seq_lens that did not fit) of the newest row per
+    length that matches."""
     newest: dict[int, dict[str, Any]] = {}
     for r in rows:
         if (r.get("step", "train") == step and r["preset"] == preset and r["topology"] == topology
                 and r.get("sparse") == sparse and r.get("sweep") == tag):
             newest[r["seq_len"]] = r
-    lens = sorted(newest)
-    return lens, [newest[n]["per_device_gib"]["arguments_plus_temporaries"] for n in lens]
+    fit = sorted(n for n, r in newest.items() if r.get("fits", True))
+    return (fit, [newest[n]["per_device_gib"]["arguments_plus_temporaries"] for n in fit],
+            sorted(n for n, r in newest.items() if not r.get("fits", True)))
 
 
 def plot_memory(rows: list[dict[str, Any]], panels: list[dict[str, str]], path: str | Path,
@@ -35,14 +37,16 @@ def plot_memory(rows: list[dict[str, Any]], panels: list[dict[str, str]], path: 
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2))
     for ax, panel in zip(list(getattr(axes, "flat", [axes])), panels):
-        hbm = None
+        hbm = next((r["hbm_gib"] for r in rows if r["topology"] == panel["topology"]
+                    and "hbm_gib" in r), None)
         for sparse, label in ((False, "dense (flash)"), (True, "InfLLM v2 sparse")):
-            lens, gib = series(rows, panel["step"], panel["preset"], panel["topology"], sparse,
-                               tag)
-            if lens:
-                ax.plot(lens, gib, marker="o", label=label)
-            hbm = hbm or next((r["hbm_gib"] for r in rows if r["topology"] == panel["topology"]
-                               and "hbm_gib" in r), None)
+            lens, gib, too_big = series(rows, panel["step"], panel["preset"], panel["topology"],
+                                        sparse, tag)
+            line = ax.plot(lens, gib, marker="o", label=label)[0] if lens else None
+            if too_big and hbm:  # the compiler refused: drawn on the HBM line
+                ax.plot(too_big, [hbm] * len(too_big), marker="x", linestyle="none",
+                        markersize=10, color=line.get_color() if line else None,
+                        label=f"{label}: does not fit")
         if hbm:
             ax.axhline(hbm, color="grey", linestyle="--", label=f"HBM {hbm:.0f} GiB")
             ax.axhline(0.9 * hbm, color="grey", linestyle=":", label="90% of HBM")
