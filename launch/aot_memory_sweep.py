@@ -7,7 +7,9 @@ compile frees its memory), rows appended to ``--out``, then the plot.
 
 Train: the 0.5B preset, v5p:2x2x1, fsdp 4, one row per chip. Prefill: the last 2048-token
 chunk of a prompt of that length through the engine, 8B with the 128K factors, one v5p chip.
-Points that do not fit are recorded with ``fits: false`` (the compiler's message).
+Points that do not fit are recorded with ``fits: false`` (the compiler's message). Points that
+already have a row with this ``--tag`` in ``--out`` are not compiled again (a stopped sweep
+resumes; ``launch/aot_compile.py --tag=memory_vs_length`` rows count).
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ PANELS = [dict(step="train", preset=TRAIN["preset"], topology=TRAIN["topology"],
                title="8B (128K factors) prefill chunk, 1 v5p chip")]
 
 
+def _done(rows: list[dict], spec: dict, seq_len: int, sparse: str) -> bool:
+    return any(r.get("sweep") == _TAG.value and r.get("step") == spec["step"]
+               and r["preset"] == spec["preset"] and r["topology"] == spec["topology"]
+               and r["seq_len"] == seq_len and r["sparse"] == (sparse == "on") for r in rows)
+
+
 def _point(spec: dict, seq_len: int, sparse: str) -> None:
     args = [sys.executable, str(Path(__file__).with_name("aot_compile.py")),
             f"--seq_len={seq_len}", f"--sparse={sparse}", f"--out={_OUT.value}",
@@ -47,10 +55,12 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _PLOT_ONLY.value:
+        rows = read_rows(_OUT.value) if Path(_OUT.value).exists() else []
         for spec in (TRAIN, PREFILL):
             for n in _LENGTHS.value:
                 for sparse in ("off", "on"):
-                    _point(spec, int(n), sparse)
+                    if not _done(rows, spec, int(n), sparse):
+                        _point(spec, int(n), sparse)
     plot_memory(read_rows(_OUT.value), PANELS, _PNG.value, tag=_TAG.value)
     print(f"wrote {_PNG.value}")
 
