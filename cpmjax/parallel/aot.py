@@ -170,7 +170,7 @@ def compile_prefill_chunk(cfg: ModelConfig, mesh: Any, seq_len: int, chunk: int,
     seen = jax.ShapeDtypeStruct((cfg.vocab_size,), jnp.bool_, sharding=rep)
     fn = InMesh(engine._prefill_chunk, mesh)
     return fn.lower(_serving_params(cfg, rep), None, cache, seen, None, tok, tok, scalar, tok,
-                    seq_len).compile()
+                    seq_len, False).compile()
 
 
 def compile_decode_step(cfg: ModelConfig, mesh: Any, seq_len: int, slots: int,
@@ -179,8 +179,9 @@ def compile_decode_step(cfg: ModelConfig, mesh: Any, seq_len: int, slots: int,
     rep = NamedSharding(mesh, PartitionSpec())
     engine = _engine(cfg, seq_len, slots, 64, attn_impl, sparse_impl)
     state = _abstract(jax.eval_shape(engine.init_decode_state), rep)
+    mask = jax.ShapeDtypeStruct((slots, engine.mask_words), jnp.uint32, sharding=rep)
     fn = InMesh(engine._generate, mesh)
-    return fn.lower(_serving_params(cfg, rep), None, state, seq_len).compile()
+    return fn.lower(_serving_params(cfg, rep), None, state, seq_len, mask).compile()
 
 
 def mesh_label(mesh: Any) -> str:
