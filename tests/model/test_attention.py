@@ -13,7 +13,7 @@ from cpmjax.config import ConfigError, ModelConfig
 from cpmjax.model import init_params
 from cpmjax.model.rope import rope_frequencies
 from cpmjax.presets import MINICPM4_128K_FACTORS, model_config
-from cpmjax.train.experiment import experiment_config, kernel_names
+from cpmjax.train.experiment import check_experiment, experiment_config, kernel_names
 from cpmjax.train.step import token_loss_sums
 from tests.conftest import tiny_hf_config
 
@@ -38,6 +38,8 @@ def test_kernel_names_come_from_the_config_and_bad_ones_name_the_field():
     exp.kernels.attention_impl, exp.kernels.sparse_attention_impl = "auto", "nope"
     with pytest.raises(ConfigError, match="'kernels.sparse_attention_impl'"):
         kernel_names(exp)
+    with pytest.raises(ConfigError, match="'kernels.sparse_attention_impl'"):
+        check_experiment(exp)  # what launch/train.py validates before anything runs
     with pytest.raises(ConfigError, match="argument attn_impl"):
         Model(ModelConfig.from_hf_config(tiny_hf_config()), {}, attn_impl="bad")
 
