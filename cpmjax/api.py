@@ -14,6 +14,7 @@ import numpy as np
 
 from cpmjax.config import ModelConfig
 from cpmjax.model import forward
+from cpmjax.model.attention import check_kernel_names
 from cpmjax.model.params import Params
 from cpmjax.tokens import check_token_ids
 
@@ -21,22 +22,28 @@ from cpmjax.tokens import check_token_ids
 class Model:
     """A loaded model: its config, its parameters and (when the folder has one) its tokenizer.
     ``path`` and ``tokenizer_path`` say where they were loaded from (None when built in memory);
-    exports carry that tokenizer along and never write into ``path``."""
+    exports carry that tokenizer along and never write into ``path``. ``attn_impl`` /
+    ``sparse_impl`` name the attention kernels every forward pass uses
+    (``cpmjax.model.attention``; ``"auto"`` is the platform default)."""
 
     def __init__(self, config: ModelConfig, params: Params, tokenizer: Any = None,
                  dtype: Any = jnp.float32, path: Path | None = None,
-                 tokenizer_path: Path | None = None) -> None:
+                 tokenizer_path: Path | None = None, attn_impl: str = "auto",
+                 sparse_impl: str = "auto") -> None:
+        check_kernel_names(attn_impl, sparse_impl)
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
         self.dtype = dtype
         self.path = path
         self.tokenizer_path = tokenizer_path
+        self.kernels = {"attn_impl": attn_impl, "sparse_impl": sparse_impl}
 
     @functools.cached_property
     def _logits_fn(self):
-        cfg, dtype = self.config, self.dtype
-        return jax.jit(lambda params, tokens: forward(params, cfg, tokens, dtype=dtype).logits)
+        cfg, dtype, kernels = self.config, self.dtype, self.kernels
+        return jax.jit(lambda params, tokens: forward(params, cfg, tokens, dtype=dtype,
+                                                      **kernels).logits)
 
     def check_tokens(self, tokens: Any) -> np.ndarray:
         """Token ids as an int32 ``[B, T]`` array; a clear error for anything else."""
@@ -57,7 +64,7 @@ class Model:
             self.check_tokens([list(p)])
         return generate(self.config, self.params, [list(p) for p in prompts],
                         max_new_tokens=max_new_tokens, temperature=temperature,
-                        speculative=speculative, **sampling)
+                        speculative=speculative, **self.kernels, **sampling)
 
 
 def tokenizer_file(folder: str | os.PathLike, vocab_size: int) -> Path | None:
@@ -94,9 +101,12 @@ def _load_tokenizer(path: Path | None) -> Any:
     return Tokenizer.from_file(str(path))
 
 
-def load(path: str | os.PathLike, dtype: Any = jnp.float32) -> Model:
+def load(path: str | os.PathLike, dtype: Any = jnp.float32, attn_impl: str = "auto",
+         sparse_impl: str = "auto") -> Model:
     """Load an HF MiniCPM folder (config.json + safetensors), a cpmjax checkpoint or a packed
-    ternary folder (``cpmjax.quant.ternary``; its params stay packed, the engine unpacks them)."""
+    ternary folder (``cpmjax.quant.ternary``; its params stay packed, the engine unpacks them);
+    the model runs attention with the named kernels (``cpmjax.model.attention``)."""
+    check_kernel_names(attn_impl, sparse_impl)
     folder = Path(path)
     if not folder.exists():
         raise FileNotFoundError(f"no checkpoint at {folder}")
@@ -114,7 +124,8 @@ def load(path: str | os.PathLike, dtype: Any = jnp.float32) -> Model:
         cfg, params = load_model(folder, dtype=dtype)
     tok = tokenizer_file(folder, cfg.vocab_size)
     return Model(cfg, params, tokenizer=_load_tokenizer(tok), dtype=dtype,
-                 path=folder.absolute(), tokenizer_path=tok)
+                 path=folder.absolute(), tokenizer_path=tok, attn_impl=attn_impl,
+                 sparse_impl=sparse_impl)
 
 
 def save_hf(model: Model, out_dir: str | os.PathLike, format: str = "minicpm",

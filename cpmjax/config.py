@@ -200,6 +200,9 @@ class ModelConfig:
         if not isinstance(orig, int) or orig <= 0:
             _fail("rope_scaling.original_max_position_embeddings", "must be a positive integer",
                   orig)
+        factor = rs.get("attention_factor", 1.0)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            _fail("rope_scaling.attention_factor", "must be a positive number", factor)
 
     # ---- HF mapping ---------------------------------------------------------------------
     @classmethod

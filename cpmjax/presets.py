@@ -47,6 +47,23 @@ MINICPM41_FACTORS = [
     125.76256945356558, 125.86360463815589, 125.94749252260765, 126.01712561287873,
 ]
 
+# MiniCPM4-8B's 128K ("YaRN") factors, 64 values (CPM.cu examples/minicpm4/config.py,
+# get_minicpm4_yarn_factors / apply_minicpm4_yarn_config, which swaps them in for long_factor and
+# short_factor; the MiniCPM4-8B model card gives the same list for contexts past 32K).
+MINICPM4_128K_FACTORS = MINICPM4_32K_FACTORS[:21] + [  # the first 21 are the 32K list's
+    4.752651957515948, 5.590913044973868, 6.584005926629993,
+    7.7532214876576155, 9.119754865903639, 10.704443927019176, 12.524994176518703,
+    14.59739595363613, 16.93214476166354, 19.53823297353041, 22.417131025031697,
+    25.568260840911098, 28.991144156566317, 32.68408069090375, 36.65174474170465,
+    40.90396065611201, 45.4664008671033, 50.37147343433591, 55.6804490772103,
+    61.470816952306556, 67.8622707390618, 75.00516023410414, 83.11898235973767,
+    92.50044360202462, 103.57086856690864, 116.9492274587385, 118.16074567836519,
+    119.18497548708795, 120.04810876261652, 120.77352815196981, 121.38182790207875,
+    121.89094985353891, 122.31638758099915, 122.6714244963338, 122.9673822552567,
+    123.21386397019609, 123.41898278254268, 123.58957065488238, 123.73136519024158,
+    123.84917421274221, 123.94701903496814, 124.02825801299717, 124.09569231686116,
+]
+
 MINICPM4_SPARSE = {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64,
                    "window_size": 2048, "topk": 64, "use_nope": False, "dense_len": 8192}
 
@@ -97,6 +114,27 @@ def minicpm41_8b() -> dict[str, Any]:
             "rope_scaling": _longrope(MINICPM41_FACTORS, 65536)}
 
 
+def _context_128k(preset: dict[str, Any], factors: list[float]) -> dict[str, Any]:
+    """A preset run at 131072 tokens with ``factors``, as CPM.cu does it: the factor lists
+    swapped (``original_max_position_embeddings`` kept) and no LongRoPE attention scaling
+    (CPM.cu ignores it; with max_position_embeddings 32768, as the model card leaves it, HF's
+    code computes 1 too). max_position_embeddings says 131072 so the engine accepts the length,
+    and ``attention_factor: 1.0`` keeps the scaling at 1 with it."""
+    original = preset["rope_scaling"]["original_max_position_embeddings"]
+    return {**preset, "max_position_embeddings": 131072,
+            "rope_scaling": {**_longrope(factors, original), "attention_factor": 1.0}}
+
+
+def minicpm4_8b_128k() -> dict[str, Any]:
+    """MiniCPM4-8B with its 128K YaRN factors (sparse_config on, as for 128K inference)."""
+    return _context_128k(minicpm4_8b(), MINICPM4_128K_FACTORS)
+
+
+def minicpm41_8b_128k() -> dict[str, Any]:
+    """MiniCPM4.1-8B at 131072 tokens with the README's factor list (original 65536)."""
+    return _context_128k(minicpm41_8b(), MINICPM41_FACTORS)
+
+
 def tiny() -> dict[str, Any]:
     """A MiniCPM-shaped model that trains in minutes on a laptop CPU (vocab of the project's own
     4096-token tokenizer; scales kept non-trivial so every muP site is exercised)."""
@@ -113,4 +151,27 @@ def small() -> dict[str, Any]:
 
 
 PRESETS = {"tiny": tiny, "small": small, "minicpm4_0p5b": minicpm4_0p5b,
-           "minicpm4_8b": minicpm4_8b, "minicpm41_8b": minicpm41_8b}
+           "minicpm4_8b": minicpm4_8b, "minicpm41_8b": minicpm41_8b,
+           "minicpm4_8b_128k": minicpm4_8b_128k, "minicpm41_8b_128k": minicpm41_8b_128k}
+
+
+def model_config(name: str, sparse: str = "preset", dense_len: int | None = None) -> Any:
+    """The ``ModelConfig`` of preset ``name`` with InfLLM v2 as the preset has it
+    (``sparse="preset"``), switched on with MiniCPM4's sparse_config (``"on"``) or off
+    (``"off"``); ``dense_len`` overrides the sparse switch length."""
+    from cpmjax.config import ModelConfig
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    if sparse not in ("preset", "on", "off"):
+        raise ValueError(f"sparse must be 'preset', 'on' or 'off', got {sparse!r}")
+    hf = PRESETS[name]()
+    if sparse == "on":
+        hf["sparse_config"] = {**MINICPM4_SPARSE, **hf.get("sparse_config", {})}
+    elif sparse == "off":
+        hf.pop("sparse_config", None)
+    if dense_len is not None:
+        if "sparse_config" not in hf:
+            raise ValueError("dense_len needs sparse_config (sparse='on' or a sparse preset)")
+        hf["sparse_config"] = {**hf["sparse_config"], "dense_len": dense_len}
+    return ModelConfig.from_hf_config(hf)

@@ -5,6 +5,10 @@ Each op folder under ``kernels/`` keeps one :class:`Registry`. Callers ask for a
 by name (``"auto"`` picks the platform's default), so adding a backend touches only the op's
 folder: the model and the configs pass names through. Backends whose import needs platform bits
 (Pallas Mosaic GPU, Triton) register a *loader* that is only called when the backend is chosen.
+
+``"auto"`` resolves against :func:`current_platform`: the platform of the context mesh's devices
+(``jax.set_mesh``) when there is one, so a step compiled ahead of time for a TPU topology on a
+CPU host picks the TPU kernels, else ``jax.default_backend()``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,15 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import jax
+
+
+def current_platform() -> str:
+    """Platform the code being traced will run on: the context mesh's, else the default one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = getattr(mesh, "abstract_device", None)
+    if not mesh.empty and device is not None:
+        return device.platform
+    return jax.default_backend()
 
 
 class Registry:
@@ -37,7 +50,7 @@ class Registry:
     def resolve(self, name: str = "auto", platform: str | None = None) -> str:
         """The concrete name ``name`` stands for (``"auto"``: the platform default)."""
         if name == "auto":
-            platform = platform or jax.default_backend()
+            platform = platform or current_platform()
             name = self._defaults.get(platform, self._fallback)
         if name not in self._loaders:
             raise ValueError(f"{self.op}: unknown implementation {name!r}; known: "

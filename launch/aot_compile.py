@@ -1,53 +1,61 @@
-"""Compile the sharded train step for a TPU topology on a CPU machine; print per-device memory.
+"""Compile a step for a TPU topology on a CPU machine; print per-device memory, Pallas kernels,
+FLOPs and bytes, and optionally append the row to a JSON-lines file.
 
-``python launch/aot_compile.py --preset=minicpm4_0p5b --topology=v5e:2x2 --mesh=1,4,1
---seq_len=4096 --batch=8`` needs ``libtpu`` installed (it provides the TPU compiler); nothing is
-allocated: state and batch are ShapeDtypeStructs (approach: MaxText's train_compile.py with
-libtpu's topologies in ``jax.experimental.topologies``).
+    python launch/aot_compile.py --preset=minicpm4_0p5b --topology=v5p:2x2x1 --mesh=1,4,1 \\
+        --seq_len=32768 --batch=4 --sparse=on --out=bench/results/aot_compile_tpu.jsonl
+    python launch/aot_compile.py --step=prefill --preset=minicpm4_8b_128k --topology=v5p:2x2x1 \\
+        --seq_len=131072 --chunk=2048
+    python launch/aot_compile.py --step=decode --preset=minicpm4_8b_128k --seq_len=131072
+
+``--step``: ``train`` (the sharded train step on the whole mesh), ``prefill`` (the serving
+engine's last prefill chunk of a ``seq_len``-token prompt) or ``decode`` (one engine decode step
+over a ``seq_len``-token cache); the serving steps run on ``--num_devices`` chips (default 1).
+Needs ``libtpu`` (the TPU compiler); the library is ``cpmjax.parallel.aot``.
 """
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
+import json
+import os
+import shutil
 from typing import Any
 
 import jax
 from absl import app, flags
 
 from cpmjax.config import ModelConfig
-from cpmjax.parallel.mesh import make_mesh
-from cpmjax.presets import PRESETS
+from cpmjax.parallel import aot
+from cpmjax.presets import model_config
 from cpmjax.train.experiment import experiment_config
-from cpmjax.train.optimizer import make_optimizer
-from cpmjax.train.step import init_state, jit_train_step, make_train_step, state_shardings
 
-_PRESET = flags.DEFINE_enum("preset", "minicpm4_0p5b", list(PRESETS), "model preset")
-_TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU topology name, e.g. v5p:2x2x1")
-_MESH = flags.DEFINE_list("mesh", ["1", "-1", "1"], "data,fsdp,tensor (-1 fills)")
-_SEQ = flags.DEFINE_integer("seq_len", 4096, "sequence length")
-_BATCH = flags.DEFINE_integer("batch", 0, "global batch (0 = one row per device)")
+_PRESET = flags.DEFINE_string("preset", "minicpm4_0p5b", "model preset (cpmjax.presets)")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology name, e.g. v5p:2x2x1")
+_STEP = flags.DEFINE_enum("step", "train", ["train", "prefill", "decode"], "what to compile")
+_MESH = flags.DEFINE_list("mesh", ["1", "-1", "1"], "data,fsdp,tensor (-1 fills; train)")
+_SEQ = flags.DEFINE_integer("seq_len", 4096, "sequence / prompt / cache length")
+_BATCH = flags.DEFINE_integer("batch", 0, "global batch (train; 0 = one row per device) or "
+                              "decode slots (decode; 0 = 1)")
+_CHUNK = flags.DEFINE_integer("chunk", 2048, "prefill chunk (CPM.cu's default chunk_length)")
+_DEVICES = flags.DEFINE_integer("num_devices", 1, "chips for the serving steps")
 _REMAT = flags.DEFINE_enum("remat", "full", ["none", "full", "dots", "dots_no_batch"], "remat")
+_SPARSE = flags.DEFINE_enum("sparse", "preset", ["preset", "on", "off"],
+                            "InfLLM v2: as the preset has it, on (MiniCPM4's sparse_config) or off")
+_DENSE_LEN = flags.DEFINE_integer("dense_len", None, "override sparse_config.dense_len")
+_ATTN = flags.DEFINE_string("attention_impl", "auto", "dense attention kernel")
+_SPARSE_IMPL = flags.DEFINE_string("sparse_attention_impl", "auto", "InfLLM v2 kernel")
+_OUT = flags.DEFINE_string("out", "", "append the result as one JSON line to this file")
+_TAG = flags.DEFINE_string("tag", None,
+                           "recorded as the row's 'sweep' (launch/aot_memory_sweep.py)")
 
 
-def compile_train_step(preset: str, topology: str, mesh_axes: tuple[int, int, int], seq_len: int,
-                       batch: int = 0, remat: str = "full") -> Any:
-    """The compiled (not run) bf16-compute train step for ``topology``; raises if it cannot fit
-    the mesh or the compiler rejects it."""
-    from jax.experimental import topologies
-
-    devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
-    mesh = make_mesh(*mesh_axes, devices=devices)
-    cfg = ModelConfig.from_hf_config(PRESETS[preset]())
-    t = experiment_config({}, preset).train
-    tx = make_optimizer(t, cfg)
-    abstract = jax.eval_shape(lambda: init_state(cfg, tx, jax.random.PRNGKey(0)))
-    state_sh = state_shardings(cfg, abstract, mesh)
-    shape = (batch or len(devices), seq_len)
-    step = make_train_step(cfg, tx, dtype=jax.numpy.bfloat16, remat=remat)
-    fn = jit_train_step(step, state_sh, mesh, shape)
-    tok = jax.ShapeDtypeStruct(shape, jax.numpy.int32)
-    batch_abs = {"inputs": tok, "targets": tok, "segment_ids": tok, "positions": tok,
-                 "loss_mask": jax.ShapeDtypeStruct(shape, jax.numpy.float32)}
-    return fn.lower(abstract, batch_abs).compile()
+def _append(row: dict) -> None:
+    print(json.dumps(row))
+    if _OUT.value:
+        os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+        with open(_OUT.value, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def main(argv: list[str]) -> None:
@@ -55,14 +63,53 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if len(_MESH.value) != 3:
         raise app.UsageError(f"--mesh needs data,fsdp,tensor, got {_MESH.value}")
-    mesh = tuple(int(x) for x in _MESH.value)
-    compiled = compile_train_step(_PRESET.value, _TOPOLOGY.value, mesh, _SEQ.value, _BATCH.value,
-                                  _REMAT.value)
-    mem = compiled.memory_analysis()
-    gib = lambda b: f"{b / 2**30:.2f} GiB"
-    print(f"{_PRESET.value} on {_TOPOLOGY.value} mesh {mesh} seq {_SEQ.value}: per device "
-          f"arguments {gib(mem.argument_size_in_bytes)}, outputs {gib(mem.output_size_in_bytes)}, "
-          f"temporaries {gib(mem.temp_size_in_bytes)}, code {gib(mem.generated_code_size_in_bytes)}")
+    dump_dir = aot.enable_hlo_dump()  # before any backend starts
+    cfg = model_config(_PRESET.value, sparse=_SPARSE.value, dense_len=_DENSE_LEN.value)
+    kernels = dict(attn_impl=_ATTN.value, sparse_impl=_SPARSE_IMPL.value)
+    row = {"tool": "launch/aot_compile.py", "step": _STEP.value, "preset": _PRESET.value,
+           "sparse": cfg.sparse_config is not None, "topology": _TOPOLOGY.value,
+           "seq_len": _SEQ.value, "attention_impl": _ATTN.value,
+           "sparse_attention_impl": _SPARSE_IMPL.value}
+    if cfg.sparse_config is not None:
+        row["dense_len"] = cfg.sparse_config.dense_len
+    if _TAG.value:
+        row["sweep"] = _TAG.value
+    row.update(host=f"cpu (libtpu {importlib.metadata.version('libtpu')}, jax {jax.__version__})",
+               time=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    try:
+        compiled = _compile(cfg, row, kernels)
+    except Exception as e:  # the compiler's refusal is a result: record it
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        shutil.rmtree(dump_dir, ignore_errors=True)
+        row.update(fits=False, error=str(e).strip().splitlines()[0][:500])
+        _append(row)
+        raise SystemExit(1)
+    row.update(fits=True, **aot.report(compiled, _TOPOLOGY.value, dump_dir))
+    _append(row)
+
+
+def _compile(cfg: ModelConfig, row: dict[str, Any], kernels: dict[str, str]) -> Any:
+    """Compile the chosen step; fills in the row's shape fields."""
+    if _STEP.value == "train":
+        mesh = aot.tpu_mesh(_TOPOLOGY.value, tuple(int(x) for x in _MESH.value))
+        batch = _BATCH.value or aot.devices_used(mesh)
+        row.update(batch=batch, remat=_REMAT.value, compute_dtype="bfloat16",
+                   mesh=aot.mesh_label(mesh))
+        compiled = aot.compile_train_step(cfg, experiment_config({}, _PRESET.value).train, mesh,
+                                          _SEQ.value, batch, _REMAT.value, **kernels)
+    else:
+        mesh = aot.tpu_mesh(_TOPOLOGY.value, (1, -1, 1), _DEVICES.value)
+        row["mesh"] = aot.mesh_label(mesh)
+        if _STEP.value == "prefill":
+            compiled = aot.compile_prefill_chunk(cfg, mesh, _SEQ.value, _CHUNK.value, **kernels)
+            row.update(batch=1, chunk=_CHUNK.value)
+        else:
+            batch = _BATCH.value or 1
+            compiled = aot.compile_decode_step(cfg, mesh, _SEQ.value, batch, **kernels)
+            row.update(batch=batch)
+        row["dtype"] = "bfloat16"
+    return compiled
 
 
 if __name__ == "__main__":

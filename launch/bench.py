@@ -1,17 +1,19 @@
-"""Benchmarks: ``python launch/bench.py train|attention|decode|decode_constrained|qat``.
+"""Benchmarks: ``python launch/bench.py train|attention|decode|decode_constrained|qat|gpu``.
 
 Each suite measures cpmjax and its baseline side by side in one process, prints a table and
 appends JSON lines (device, config, metric, value, baseline, ratio) under ``bench/results/``.
+``train``, ``attention`` and ``gpu`` live in ``cpmjax.bench``; ``gpu`` needs a CUDA GPU.
+``decode`` and ``decode_constrained`` are ``launch/bench_decode.py``, next to this script.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
 
 from absl import app
 
-SUITES = {"train": "bench_train", "attention": "bench_attention", "decode": "bench_decode",
+SUITES = {"train": "cpmjax.bench.train", "attention": "cpmjax.bench.attention",
+          "gpu": "cpmjax.bench.gpu", "decode": "bench_decode",
           "decode_constrained": "bench_decode", "qat": "bench_qat"}
 
 
@@ -23,5 +25,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
     app.run(main)

@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+
+
+def linear(x: jax.Array, w: jax.Array, n_in: int = 1, preferred_element_type: Any = None
+           ) -> jax.Array:
+    """``x [..., *in] @ w [*in, *out] -> [..., *out]`` as one 2-D matmul.
+
+    Same result as the einsum; written as a 2-D dot because XLA's CPU backend ran dots with
+    leading batch-like operand dims, and above all their gradients, about 2x slower (the
+    backward's elementwise fusions wrote transposed layouts; measured on the tiny model's MLP:
+    gradient 23.8 vs 12.5 ms). Accelerators compile both forms alike.
+    """
+    lead, ins, outs = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:], w.shape[n_in:]
+    k = math.prod(ins)
+    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred_element_type)
+    return y.reshape(*lead, *outs)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -26,8 +42,8 @@ def swiglu_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Arr
     dt = x.dtype
     act = act_transform or (lambda a: a)
     xa = act(x)
-    gate = jax.nn.silu(xa @ w_gate.astype(dt))
-    inner = gate * (xa @ w_up.astype(dt))
+    gate = jax.nn.silu(linear(xa, w_gate.astype(dt)))
+    inner = gate * linear(xa, w_up.astype(dt))
     if taps is not None:
         taps["down_in"] = inner
-    return act(inner) @ w_down.astype(dt)
+    return linear(act(inner), w_down.astype(dt))

@@ -5,6 +5,8 @@ per-frequency factor and multiplies cos/sin by ``scaling_factor = sqrt(1 + ln(s)
 s = max_position_embeddings / original_max_position_embeddings. Which factor list applies follows
 the HF code: its cos/sin cache is built for ``max_position_embeddings``, so the long factors are
 used iff max_position_embeddings > original_max_position_embeddings (a static choice, not per call).
+``rope_scaling["attention_factor"]`` (transformers' name) replaces the computed scaling factor:
+MiniCPM4's 128K configs (``cpmjax.presets``) set it to 1, as CPM.cu runs them.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     use_long = cfg.max_position_embeddings > orig
     factors = np.asarray(rs["long_factor"] if use_long else rs["short_factor"], np.float32)
     scale = cfg.max_position_embeddings / orig
-    scaling_factor = math.sqrt(1 + math.log(scale) / math.log(orig))
+    scaling_factor = rs.get("attention_factor", math.sqrt(1 + math.log(scale) / math.log(orig)))
     return (inv_freq / factors).astype(np.float32), scaling_factor
 
 

@@ -17,10 +17,14 @@ import jax.numpy as jnp
 from cpmjax.config import ModelConfig
 from cpmjax.model import attention as attn_lib
 from cpmjax.model.cache import CACHE_FIELDS, KVCache, write_kv
-from cpmjax.model.layers import rms_norm, swiglu_mlp
+from cpmjax.model.layers import linear, rms_norm, swiglu_mlp
 from cpmjax.model.params import Params
 from cpmjax.model.rope import apply_rope, rope_cos_sin
+from cpmjax.parallel.sharding import constrain
 from cpmjax.sparse.cache import update_compressed
+
+HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")
+LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")
 
 REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "none": None,
@@ -55,13 +59,14 @@ def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array,
     w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     if vocab_ids is not None:
         w = jnp.take(w, vocab_ids, axis=1)
-    return jnp.einsum("btd,dv->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    logits = linear(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    return constrain(logits, LOGITS_AXES)
 
 
 def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Array,
                   sin: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
                   cache_kv: tuple[jax.Array, ...] | None,
-                  attn_impl: attn_lib.Implementation = "auto",
+                  attn_impl: str = "auto", sparse_impl: str = "auto",
                   residual_scale: float | None = None, taps: dict[str, jax.Array] | None = None,
                   kv_len: int | None = None,
                   act_transform: Callable[[jax.Array], jax.Array] | None = None,
@@ -80,7 +85,9 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
     length buckets: a short request in a long-context cache does not read the whole cache).
     ``act_transform`` maps the input of every linear before its matmul (int8 activations of
     quantization-aware training, ``cpmjax.quant.ternary``); taps see the untransformed input.
+    ``attn_impl`` / ``sparse_impl``: dense and InfLLM v2 kernel names (``attention.attend``).
     """
+    h = constrain(h, HIDDEN_AXES)
     dt = h.dtype
     act = act_transform or (lambda a: a)
     scale = jnp.asarray(cfg.residual_scale if residual_scale is None else residual_scale, dt)
@@ -88,9 +95,9 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
     if taps is not None:
         taps["attn_in"] = x
     xa = act(x)
-    q = jnp.einsum("btd,dhk->bthk", xa, layer["wq"].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", xa, layer["wk"].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", xa, layer["wv"].astype(dt))
+    q = linear(xa, layer["wq"].astype(dt))
+    k = linear(xa, layer["wk"].astype(dt))
+    v = linear(xa, layer["wv"].astype(dt))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache_kv is None:
         keys, values, kv_pos, kv_seg = k, v, positions, segment_ids
@@ -110,24 +117,24 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
         new_cache = new_cache + compressed
     out = attn_lib.attend(q, keys.astype(dt), values.astype(dt), q_pos=positions, kv_pos=kv_pos,
                           q_seg=segment_ids if cache_kv is None else None, kv_seg=kv_seg, cfg=cfg,
-                          implementation=attn_impl, kv_is_query=cache_kv is None,
-                          compressed=compressed)
+                          implementation=attn_impl, sparse_implementation=sparse_impl,
+                          kv_is_query=cache_kv is None, compressed=compressed)
     if taps is not None:
         taps["wo_in"] = out
-    attn_out = jnp.einsum("bthk,hkd->btd", act(out), layer["wo"].astype(dt))
+    attn_out = linear(act(out), layer["wo"].astype(dt), n_in=2)
     h = h + attn_out * scale
     x = rms_norm(h, layer["post_norm"], cfg.rms_norm_eps)
     if taps is not None:
         taps["mlp_in"] = x
     mlp_out = swiglu_mlp(x, layer["w_gate"], layer["w_up"], layer["w_down"], taps, act_transform)
     h = h + mlp_out * scale
-    return h, new_cache
+    return constrain(h, HIDDEN_AXES), new_cache
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
             positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
             cache: KVCache | None = None, dtype: Any = jnp.float32, return_logits: bool = True,
-            remat: str = "none", attn_impl: attn_lib.Implementation = "auto",
+            remat: str = "none", attn_impl: str = "auto", sparse_impl: str = "auto",
             layer_transform: Callable[[Params], Params] | None = None,
             kv_len: int | None = None,
             act_transform: Callable[[jax.Array], jax.Array] | None = None) -> ModelOutput:
@@ -146,6 +153,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
         dequantizes packed weights there, so only one layer is ever dequantized at a time).
       kv_len: with a cache, attend only to its first ``kv_len`` positions (see `decoder_layer`).
       act_transform: maps every decoder linear's input (see `decoder_layer`).
+      attn_impl, sparse_impl: names in the dense attention registry (``kernels.attention``) and
+        InfLLM v2's (``kernels.infllmv2``); ``"auto"`` is the platform default.
     """
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
@@ -163,7 +172,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
             layer = layer_transform(layer)
         return decoder_layer(carry, layer, cfg, cos=cos, sin=sin, positions=positions,
                              segment_ids=segment_ids, cache_kv=cache_kv, attn_impl=attn_impl,
-                             kv_len=kv_len, act_transform=act_transform)
+                             sparse_impl=sparse_impl, kv_len=kv_len,
+                             act_transform=act_transform)
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)

@@ -1,8 +1,15 @@
 """The ONE logical-axis rules table: logical axis name -> mesh axes.
 
 Parameters, optimizer state, activations, batches and KV caches all carry logical axis names
-(see ``cpmjax.model.params.param_specs`` and ``cpmjax.model.cache.CACHE_AXES``); this table alone
-decides how they are laid out on a mesh of axes ``(data, fsdp, tensor)``.
+(see ``cpmjax.model.params.param_specs``, ``cpmjax.model.cache.CACHE_AXES`` and the
+``activation_*`` names used by ``cpmjax.model.transformer`` and ``cpmjax.model.attention``);
+this table alone decides how they are laid out on a mesh of axes ``(data, fsdp, tensor)``.
+
+Activations have names of their own because they split differently from the weights they meet:
+the embedding dimension of a weight is split over ``fsdp`` (ZeRO-3 style: gathered per layer),
+while an activation is split over the batch on ``data`` and ``fsdp`` and keeps its embedding
+dimension whole. Heads and the MLP dimension go over ``tensor`` on both. There is no sequence
+axis: README "Sharding and scale" says why MiniCPM4's shapes do not need one.
 """
 
 from __future__ import annotations
@@ -26,6 +33,16 @@ LOGICAL_AXIS_RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "layers": None,
     "norm": None,
+    "activation_batch": ("data", "fsdp"),
+    "activation_length": None,
+    "activation_embed": None,
+    "activation_heads": "tensor",
+    "activation_kv_heads": "tensor",
+    # the query heads sharing one KV head: split over tensor when the KV heads cannot be
+    # (MiniCPM4 has 2 KV heads; tensor=4 splits each group of 16 query heads 4 ways instead)
+    "activation_q_per_kv": "tensor",
+    "activation_mlp": "tensor",
+    "activation_vocab": "tensor",
 }
 
 

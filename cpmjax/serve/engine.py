@@ -40,6 +40,7 @@ import numpy as np
 
 from cpmjax.config import ModelConfig
 from cpmjax.model import forward, init_cache, lm_head
+from cpmjax.model.attention import check_kernel_names
 from cpmjax.model.cache import KVCache
 from cpmjax.model.params import Params
 from cpmjax.quant.qforward import layer_transform_for
@@ -119,7 +120,9 @@ class DecodeEngine:
 
     def __init__(self, cfg: ModelConfig, *, max_slots: int = 8, max_len: int | None = None,
                  chunk: int = 64, dtype: Any = jnp.float32, kv_bucket: int | None = 128,
-                 logprobs_mode: str = "raw") -> None:
+                 logprobs_mode: str = "raw", attn_impl: str = "auto",
+                 sparse_impl: str = "auto") -> None:
+        check_kernel_names(attn_impl, sparse_impl)
         max_len = cfg.max_position_embeddings if max_len is None else max_len
         if max_slots < 1 or chunk < 1:
             raise ValueError(f"max_slots and chunk must be >= 1, got {max_slots}, {chunk}")
@@ -133,6 +136,8 @@ class DecodeEngine:
                              f"{cfg.max_position_embeddings}], got {max_len}")
         self.cfg, self.max_slots, self.max_len, self.chunk = cfg, max_slots, max_len, chunk
         self.dtype, self.kv_bucket, self.logprobs_mode = dtype, kv_bucket, logprobs_mode
+        # attention kernels by name for the plain forward passes (cpmjax.model.attention)
+        self.kernels = {"attn_impl": attn_impl, "sparse_impl": sparse_impl}
         self.mask_words = -(-cfg.vocab_size // 32)
         self._no_mask: jax.Array | None = None  # all-ones mask, made once on first use
         self.compilations: collections.Counter[str] = collections.Counter()
@@ -168,7 +173,7 @@ class DecodeEngine:
                             prompt_logprobs: bool
                             ) -> tuple[KVCache, jax.Array, jax.Array, Any, Any]:
         out = forward(params, self.cfg, tokens, positions=positions, cache=cache, dtype=self.dtype,
-                      return_logits=False, kv_len=kv_len,
+                      return_logits=False, kv_len=kv_len, **self.kernels,
                       layer_transform=layer_transform_for(params, self.cfg, self.dtype))
         logits = lm_head(params, self.cfg, out.hidden[:, last][:, None])[0, 0]
         V = seen.shape[0]
@@ -368,7 +373,7 @@ class DecodeEngine:
         del draft_args
         active = state.lengths >= 0
         out = forward(params, self.cfg, state.tokens[:, None], positions=state.lengths[:, None],
-                      cache=state.cache, dtype=self.dtype, kv_len=kv_len,
+                      cache=state.cache, dtype=self.dtype, kv_len=kv_len, **self.kernels,
                       layer_transform=layer_transform_for(params, self.cfg, self.dtype))
         raw = out.logits[:, 0].astype(jnp.float32)
         kw = _sampling_kwargs(state, mask)

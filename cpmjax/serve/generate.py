@@ -20,10 +20,12 @@ from cpmjax.serve.spec_engine import SpeculativeEngine
 
 @functools.lru_cache(maxsize=8)
 def engine_for(cfg: ModelConfig, max_slots: int, max_len: int, chunk: int, dtype_name: str,
-               speculative_k: int | None = None) -> DecodeEngine:
+               speculative_k: int | None = None, attn_impl: str = "auto",
+               sparse_impl: str = "auto") -> DecodeEngine:
     """One engine (and its compiled steps) per static shape, reused across calls; a speculative
     engine is created without a draft, which :func:`generate` sets before each use."""
-    kw = dict(max_slots=max_slots, max_len=max_len, chunk=chunk, dtype=jnp.dtype(dtype_name))
+    kw = dict(max_slots=max_slots, max_len=max_len, chunk=chunk, dtype=jnp.dtype(dtype_name),
+              attn_impl=attn_impl, sparse_impl=sparse_impl)
     if speculative_k is None:
         return DecodeEngine(cfg, **kw)
     return SpeculativeEngine(cfg, None, k=speculative_k, **kw)
@@ -58,8 +60,10 @@ def run_requests(cfg: ModelConfig, params: Params, prompts: list[list[int]],
                  max_new_tokens: int, sampling: list[SamplingParams],
                  stop_token_ids: Sequence[int] | None = None, speculative: Any = None, *,
                  max_slots: int = 8, chunk: int = 64, dtype: Any = jnp.float32,
-                 ignore_eos: bool = False) -> list[Request]:
-    """Run every prompt through the scheduler over a cached engine; the finished requests."""
+                 ignore_eos: bool = False, attn_impl: str = "auto",
+                 sparse_impl: str = "auto") -> list[Request]:
+    """Run every prompt through the scheduler over a cached engine; the finished requests.
+    ``attn_impl`` / ``sparse_impl``: attention kernel names (``cpmjax.model.attention``)."""
     if speculative is not None and not isinstance(speculative, Speculative):
         raise TypeError(f"speculative must be a cpmjax.serve.generate.Speculative, got "
                         f"{type(speculative).__name__}")
@@ -69,7 +73,8 @@ def run_requests(cfg: ModelConfig, params: Params, prompts: list[list[int]],
     max_len = min(pow2_bucket(longest + extra, 128), cfg.max_position_embeddings)
     slots = min(pow2_bucket(len(prompts), 1), max_slots)
     engine = engine_for(cfg, slots, max_len, chunk, jnp.dtype(dtype).name,
-                        None if speculative is None else int(speculative.k))
+                        None if speculative is None else int(speculative.k), attn_impl,
+                        sparse_impl)
     if speculative is not None:
         check_spec_quant(is_quantized(params), is_quantized_draft(speculative.draft_params))
         engine.set_draft(speculative.draft_params, speculative.frspec_ids)
@@ -84,7 +89,8 @@ def generate(cfg: ModelConfig, params: Params, prompts: list[list[int]], max_new
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, seed: int = 0,
              stop_token_ids: Sequence[int] | None = None, speculative: Any = None, *,
-             max_slots: int = 8, chunk: int = 64, dtype: Any = jnp.float32) -> list[list[int]]:
+             max_slots: int = 8, chunk: int = 64, dtype: Any = jnp.float32,
+             attn_impl: str = "auto", sparse_impl: str = "auto") -> list[list[int]]:
     """Generated ids per prompt (without the prompt; a final stop/eos token is kept, as in HF).
 
     Prompt ``i`` uses seed ``seed + i`` so that equal prompts in one call still sample
@@ -97,7 +103,8 @@ def generate(cfg: ModelConfig, params: Params, prompts: list[list[int]], max_new
     sampling = [SamplingParams(temperature, top_k, top_p, repetition_penalty, seed + i)
                 for i in range(len(prompts))]
     reqs = run_requests(cfg, params, prompts, max_new_tokens, sampling, stop_token_ids,
-                        speculative, max_slots=max_slots, chunk=chunk, dtype=dtype)
+                        speculative, max_slots=max_slots, chunk=chunk, dtype=dtype,
+                        attn_impl=attn_impl, sparse_impl=sparse_impl)
     return [r.output for r in reqs]
 
 

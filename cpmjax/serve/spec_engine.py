@@ -95,7 +95,8 @@ class SpeculativeEngine(DecodeEngine):
         r = speculative_round(params, draft_args["params"], self.cfg, self.speculative_k,
                               state.cache, state.draft, state.tokens, state.lengths, keys,
                               RowSampling(state.temperature, state.top_k, state.top_p),
-                              draft_args["vocab_ids"], self.dtype, all_greedy, kv_len)
+                              draft_args["vocab_ids"], self.dtype, all_greedy, kv_len,
+                              self.kernels)
         active = state.lengths >= 0
         new = state._replace(cache=r.cache, draft=r.draft, tokens=r.last,
                              lengths=jnp.where(active, state.lengths + r.count, -1),

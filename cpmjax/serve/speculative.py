@@ -133,7 +133,8 @@ def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k:
                       cache: KVCache, draft: DraftCache, last: jax.Array, lengths: jax.Array,
                       keys: jax.Array, sampling: RowSampling, vocab_ids: jax.Array | None,
                       dtype: Any = jnp.float32, all_greedy: bool = False,
-                      kv_len: int | None = None) -> RoundOut:
+                      kv_len: int | None = None, kernels: dict[str, str] | None = None
+                      ) -> RoundOut:
     """Draft k tokens, verify them in one target step and accept (see the module docstring).
 
     ``lengths [B]`` is where ``last`` goes in the target cache (-1: idle row); ``keys [B]`` one
@@ -141,6 +142,7 @@ def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k:
     drafts and acceptance then use argmaxes only (same tokens, no vocabulary-sized sampling work,
     which dominates a small model's round). ``kv_len`` (static) bounds the cache positions both
     models' attention reads; it must exceed every position the round writes (lengths + k).
+    ``kernels`` (static): ``attn_impl``/``sparse_impl`` for the verification forward pass.
     """
     B = last.shape[0]
     active = lengths >= 0
@@ -168,7 +170,7 @@ def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k:
     out = forward(params, cfg, jnp.concatenate([last[:, None], drafted], 1),
                   positions=jnp.where(active[:, None], lengths[:, None] + ar, -1), cache=cache,
                   dtype=dtype, layer_transform=layer_transform_for(params, cfg, dtype),
-                  kv_len=kv_len)
+                  kv_len=kv_len, **(kernels or {}))
     if all_greedy:
         n, nxt = accept_greedy(out.logits, drafted)
     else:

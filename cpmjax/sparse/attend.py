@@ -33,7 +33,7 @@ from cpmjax.sparse.cache import Compressed, kernel_ends, kernel_shapes
 from kernels import infllmv2
 from kernels.infllmv2.selection import pooled_kernels
 
-DenseFn = Callable[[jax.Array], jax.Array]  # mask [B, Tq, Tk] or [B, KV, Tq, Tk] -> output
+DenseFn = Callable[..., jax.Array]  # () -> flash output; (mask [B,(KV,)Tq,Tk]) -> masked output
 
 
 def check_supported(sc: SparseConfig) -> None:
@@ -46,10 +46,13 @@ def check_supported(sc: SparseConfig) -> None:
 def sparse_attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Array,
                   kv_pos: jax.Array, q_seg: jax.Array | None, kv_seg: jax.Array | None,
                   base_mask: jax.Array, cfg: ModelConfig, dense: DenseFn, kv_is_query: bool,
-                  compressed: Compressed | None = None) -> jax.Array:
+                  compressed: Compressed | None = None,
+                  implementation: str = "auto") -> jax.Array:
     """InfLLM v2 attention of one layer with HF's dense/sparse switch; ``[B, Tq, H, D]``.
 
-    ``dense(mask)`` is the caller's dense attention; ``base_mask`` its causal/document mask.
+    ``dense()`` is the caller's dense (flash) attention, ``dense(mask)`` dense attention under
+    an explicit mask; ``base_mask`` is the causal/document mask. ``implementation`` names the
+    stage-2 kernel (``kernels.infllmv2.sparse_attention``).
     Without segment ids and with ``kv_is_query`` false, ``k``/``v`` are a position-addressed
     cache (``kv_pos`` = 0..S-1, as the model builds it). ``compressed`` are the layer's cached
     kernels (decode); without them kernels are pooled from ``k``.
@@ -59,7 +62,7 @@ def sparse_attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Array,
 
     def sparse() -> jax.Array:
         if kv_is_query and q_seg is None:
-            return _fast(q, k, v, sc, cfg.head_dim ** -0.5)
+            return _fast(q, k, v, sc, cfg.head_dim ** -0.5, implementation)
         if q_seg is None and kv_seg is None:
             return _cached(q, k, v, q_pos, compressed, sc, cfg.head_dim ** -0.5)
         n_blocks = -(-k.shape[1] // sc.block_size)
@@ -70,15 +73,17 @@ def sparse_attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Array,
     if sc.dense_len in (-1, 0):
         return sparse()
     if k.shape[1] < sc.dense_len:
-        return dense(base_mask)
-    return jax.lax.cond(jnp.max(q_pos) + 1 < sc.dense_len, lambda: dense(base_mask), sparse)
+        return dense()
+    return jax.lax.cond(jnp.max(q_pos) + 1 < sc.dense_len, lambda: dense(), sparse)
 
 
-def _fast(q: jax.Array, k: jax.Array, v: jax.Array, sc: SparseConfig, scale: float) -> jax.Array:
+def _fast(q: jax.Array, k: jax.Array, v: jax.Array, sc: SparseConfig, scale: float,
+          implementation: str = "auto") -> jax.Array:
     idx = infllmv2.select_blocks(q, k, kernel_size=sc.kernel_size, kernel_stride=sc.kernel_stride,
                                  block_size=sc.block_size, topk=sc.total_topk,
                                  init_blocks=sc.init_blocks, local_blocks=sc.local_blocks)
-    return infllmv2.sparse_attention(q, k, v, idx, block_size=sc.block_size, softmax_scale=scale)
+    return infllmv2.sparse_attention(q, k, v, idx, block_size=sc.block_size, softmax_scale=scale,
+                                     implementation=implementation)
 
 
 def _cached(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,

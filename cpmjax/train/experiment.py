@@ -37,7 +37,10 @@ def experiment_config(model: Mapping[str, Any], name: str) -> ml_collections.Con
     t.b1, t.b2, t.eps = 0.9, 0.95, 1e-8
     t.clip_norm = 1.0
     t.compute_dtype = "float32"  # bfloat16 on accelerators; master weights stay float32
-    t.remat = "none"  # none | full | dots | dots_no_batch
+    # none | full | dots | dots_no_batch. full (recompute each layer in the backward pass) is
+    # what long rows need, and on CPU it is also the faster: storing every layer's activations
+    # costs more than recomputing them (README "Benchmarks")
+    t.remat = "full"
     t.on_nonfinite = "skip"  # skip | stop
     # skip budget: stop (non-zero exit) once this many consecutive steps were skipped, or more
     # than this fraction of the last nonfinite_window steps
@@ -76,6 +79,13 @@ def experiment_config(model: Mapping[str, Any], name: str) -> ml_collections.Con
     q.targets = "wq,wk,wv,wo,w_gate,w_up,w_down"  # may add embed, lm_head
     q.act_bits = 0  # 8: int8 per-token activations (BitNet b1.58); 0: compute dtype
 
+    # attention kernels by name (cpmjax.model.attention; "auto" = the platform default):
+    # dense: auto | xla | splash | splash_interpret | cudnn | reference (kernels/attention)
+    # sparse (InfLLM v2 stage 2): auto | xla | pallas_tpu | pallas_gpu | ... (kernels/infllmv2)
+    cfg.kernels = k = ml_collections.ConfigDict()
+    k.attention_impl = "auto"
+    k.sparse_attention_impl = "auto"
+
     cfg.mesh = m = ml_collections.ConfigDict()
     m.data, m.fsdp, m.tensor = 1, -1, 1
 
@@ -84,6 +94,18 @@ def experiment_config(model: Mapping[str, Any], name: str) -> ml_collections.Con
     c.keep = 3
     c.async_save = True
     return cfg
+
+
+def kernel_names(cfg: ml_collections.ConfigDict) -> dict[str, str]:
+    """``{"attn_impl", "sparse_impl"}`` from the config's ``kernels`` section (``"auto"`` for
+    configs written before it existed), validated by name."""
+    from cpmjax.model.attention import CONFIG_FIELDS, check_kernel_names
+
+    k = cfg.get("kernels") or {}
+    names = {"attn_impl": k.get("attention_impl", "auto"),
+             "sparse_impl": k.get("sparse_attention_impl", "auto")}
+    check_kernel_names(names["attn_impl"], names["sparse_impl"], CONFIG_FIELDS)
+    return names
 
 
 _CHOICES = {
@@ -174,6 +196,7 @@ def check_experiment(cfg: ml_collections.ConfigDict) -> ModelConfig:
         if not ok(value):
             raise ConfigError(f"config field '{field}': {rule} (got {value!r})")
     model = model_config(cfg)
+    kernel_names(cfg)
     t, d = cfg.train, cfg.data
     if t.seq_len > model.max_position_embeddings:
         raise ConfigError(f"config field 'train.seq_len': {t.seq_len} exceeds "

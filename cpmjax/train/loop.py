@@ -23,9 +23,10 @@ import ml_collections
 from cpmjax.config import ModelConfig
 from cpmjax.model.mtp import save_mtp
 from cpmjax.parallel import make_mesh
+from cpmjax.parallel.sharding import InMesh
 from cpmjax.quant.ternary import transforms_for_run
 from cpmjax.train import checkpoint as ckpt
-from cpmjax.train.experiment import check_experiment
+from cpmjax.train.experiment import check_experiment, kernel_names
 from cpmjax.train.init_from import load_matching_params
 from cpmjax.train.inputs import TrainInputs, make_inputs
 from cpmjax.train.metrics import MetricsWriter, device_peak_flops, flops_per_token
@@ -98,6 +99,7 @@ def _run(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, run: RunDir,
          inputs: TrainInputs) -> dict[str, Any]:
     t = cfg.train
     iterator, evals, baseline = inputs.iterator, inputs.evals, inputs.baseline
+    kernels = kernel_names(cfg)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     dtype = jnp.dtype(t.compute_dtype)
     tx = make_optimizer(t, model_cfg)
@@ -112,9 +114,9 @@ def _run(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, run: RunDir,
                                              remat=t.remat, mtp_weight=t.mtp_weight,
                                              freeze_model=bool(t.get("freeze_target")),
                                              mtp_distill=bool(t.get("mtp_distill")),
-                                             transforms=transforms),
+                                             transforms=transforms, **kernels),
                              state_sh, mesh, batch_shape)
-    eval_fn = jax.jit(make_eval_step(model_cfg, dtype, transforms))
+    eval_fn = InMesh(jax.jit(make_eval_step(model_cfg, dtype, transforms, **kernels)), mesh)
 
     checkpointer = ckpt.TrainCheckpointer(run.path, cfg.checkpoint.keep,
                                           cfg.checkpoint.async_save)

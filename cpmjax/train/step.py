@@ -24,7 +24,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cpmjax.config import ModelConfig
 from cpmjax.model import forward, init_params, param_axes
 from cpmjax.model.mtp import init_mtp_params, mtp_loss, mtp_param_axes
+from cpmjax.model.transformer import lm_head
 from cpmjax.parallel.rules import logical_to_spec
+from cpmjax.parallel.sharding import InMesh
 
 State = dict[str, Any]
 
@@ -45,23 +47,53 @@ def transformed_forward(params: Any, cfg: ModelConfig, tokens: jax.Array,
         params = t.params(params)
     return forward(params, cfg, tokens, act_transform=t.activation, **kwargs)
 BATCH_AXES = ("batch", "length")
+# tokens whose float32 logits are alive at once in the loss: a 32K row of MiniCPM4's 73448-token
+# vocabulary would otherwise hold 9.6 GB of logits, and as much again for their gradient
+LOSS_CHUNK = 2048
 
 
 def nll_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
     """Sum of the next-token negative log-likelihood over the targets where ``mask`` is 1."""
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * mask)
+    # logsumexp minus the target logit: no [B, T, V] log-softmax array next to the logits; the
+    # target logit by a one-hot select, whose gradient fuses into the softmax's (a gather's is a
+    # scatter: the tiny model's loss gradient took 67 instead of 53 ms on CPU)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    hit = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
+    target = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+    return jnp.sum((lse - target) * mask)
+
+
+def nll_sum_from_hidden(params: Any, cfg: ModelConfig, hidden: jax.Array, targets: jax.Array,
+                        mask: jax.Array, chunk: int = LOSS_CHUNK) -> jax.Array:
+    """Sum of next-token NLL from the last hidden state, the output head run over ``chunk``
+    tokens at a time and rematerialised in the backward pass (memory O(chunk x vocab))."""
+    B, T, _ = hidden.shape
+    if T <= chunk:
+        return nll_sum(lm_head(params, cfg, hidden), targets, mask)
+    n = -(-T // chunk)
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, n * chunk - T)] + [(0, 0)] * (x.ndim - 2))
+    split = lambda x: jnp.moveaxis(pad(x).reshape(B, n, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def part(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
+        h, t, m = xs
+        return total + nll_sum(lm_head(params, cfg, h), t, m), None
+
+    total, _ = jax.lax.scan(part, jnp.zeros((), jnp.float32),
+                            (split(hidden), split(targets), split(mask)))
+    return total
 
 
 def token_loss_sums(params: Any, cfg: ModelConfig, batch: dict[str, jax.Array], dtype: Any,
-                    remat: str, transforms: Transforms | None = None
-                    ) -> tuple[jax.Array, jax.Array]:
+                    remat: str, transforms: Transforms | None = None, attn_impl: str = "auto",
+                    sparse_impl: str = "auto") -> tuple[jax.Array, jax.Array]:
     """(sum of next-token NLL over unmasked targets, number of such targets)."""
     out = transformed_forward(params, cfg, batch["inputs"], transforms,
                               positions=batch["positions"], segment_ids=batch["segment_ids"],
-                              dtype=dtype, remat=remat)
-    return nll_sum(out.logits, batch["targets"], batch["loss_mask"]), jnp.sum(batch["loss_mask"])
+                              dtype=dtype, remat=remat, return_logits=False,
+                              attn_impl=attn_impl, sparse_impl=sparse_impl)
+    nll = nll_sum_from_hidden(params, cfg, out.hidden, batch["targets"], batch["loss_mask"])
+    return nll, jnp.sum(batch["loss_mask"])
 
 
 def mtp_mask(batch: dict[str, jax.Array]) -> jax.Array:
@@ -134,13 +166,16 @@ def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
 def make_grad_fn(cfg: ModelConfig, *, grad_accum: int = 1, dtype: Any = jnp.float32,
                  remat: str = "none", mtp_weight: float = 0.0,
                  freeze_model: bool = False, mtp_distill: bool = False,
-                 transforms: Transforms | None = None) -> Callable[..., Any]:
+                 transforms: Transforms | None = None, attn_impl: str = "auto",
+                 sparse_impl: str = "auto") -> Callable[..., Any]:
     """``grads(tree, batch) -> (grads, metrics)`` of the mean-token objective over the whole batch,
     accumulated over ``grad_accum`` microbatches (scan); ``tree`` is what the optimizer sees.
     ``freeze_model``: the model is a constant (zero gradients, no backward pass through it).
     ``mtp_distill``: the MTP head learns the model's own next-next-token distribution.
-    ``transforms``: maps inside the forward pass (:class:`Transforms`)."""
+    ``transforms``: maps inside the forward pass (:class:`Transforms`).
+    ``attn_impl`` / ``sparse_impl``: attention kernel names (``cpmjax.model.attention``)."""
     with_mtp = mtp_weight > 0
+    full_logits = with_mtp and mtp_distill  # the teacher needs every position's logits
 
     def objective(tree: Any, micro: dict[str, jax.Array], counts: jax.Array
                   ) -> tuple[jax.Array, jax.Array]:
@@ -149,8 +184,14 @@ def make_grad_fn(cfg: ModelConfig, *, grad_accum: int = 1, dtype: Any = jnp.floa
             params = jax.lax.stop_gradient(params)
         out = transformed_forward(params, cfg, micro["inputs"], transforms,
                                   positions=micro["positions"],
-                                  segment_ids=micro["segment_ids"], dtype=dtype, remat=remat)
-        sums = [nll_sum(out.logits, micro["targets"], micro["loss_mask"])]
+                                  segment_ids=micro["segment_ids"], dtype=dtype, remat=remat,
+                                  return_logits=full_logits, attn_impl=attn_impl,
+                                  sparse_impl=sparse_impl)
+        if full_logits:
+            sums = [nll_sum(out.logits, micro["targets"], micro["loss_mask"])]
+        else:
+            sums = [nll_sum_from_hidden(params, cfg, out.hidden, micro["targets"],
+                                        micro["loss_mask"])]
         if with_mtp:
             teacher = out.logits if mtp_distill else None
             sums.append(mtp_loss(mtp_params, params, cfg, out.hidden, micro, teacher)[0])
@@ -185,15 +226,16 @@ def make_grad_fn(cfg: ModelConfig, *, grad_accum: int = 1, dtype: Any = jnp.floa
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, *, grad_accum: int = 1,
                     dtype: Any = jnp.float32, remat: str = "none",
                     mtp_weight: float = 0.0, freeze_model: bool = False,
-                    mtp_distill: bool = False,
-                    transforms: Transforms | None = None) -> Callable[..., Any]:
+                    mtp_distill: bool = False, transforms: Transforms | None = None,
+                    attn_impl: str = "auto", sparse_impl: str = "auto") -> Callable[..., Any]:
     """``step(state, batch) -> (state, metrics)``; batch leaves are ``[global_batch, T]``.
     ``freeze_model``: only the MTP head learns (draft training on a frozen target);
     ``mtp_distill``: its labels are the model's own predictions (see ``mtp_loss``);
     ``transforms``: see :class:`Transforms`."""
     grad_fn = make_grad_fn(cfg, grad_accum=grad_accum, dtype=dtype, remat=remat,
                            mtp_weight=mtp_weight, freeze_model=freeze_model,
-                           mtp_distill=mtp_distill, transforms=transforms)
+                           mtp_distill=mtp_distill, transforms=transforms,
+                           attn_impl=attn_impl, sparse_impl=sparse_impl)
 
     def step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
         tree = trainable(state)
@@ -218,16 +260,20 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, *, grad_
 
 
 def make_eval_step(cfg: ModelConfig, dtype: Any = jnp.float32,
-                   transforms: Transforms | None = None) -> Callable[..., Any]:
+                   transforms: Transforms | None = None, attn_impl: str = "auto",
+                   sparse_impl: str = "auto") -> Callable[..., Any]:
     def eval_step(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        return token_loss_sums(params, cfg, batch, dtype, "none", transforms)
+        return token_loss_sums(params, cfg, batch, dtype, "none", transforms, attn_impl,
+                               sparse_impl)
 
     return eval_step
 
 
 def jit_train_step(step: Callable[..., Any], state_sh: State, mesh: Mesh,
                    batch_shape: tuple[int, ...]) -> Callable[..., Any]:
+    """The jitted step, traced and run under ``mesh`` as the context mesh (activation
+    constraints and the shard_map of Pallas kernels read it; see ``cpmjax.parallel.sharding``)."""
     bsh = batch_sharding(mesh, batch_shape)
-    return jax.jit(step, in_shardings=(state_sh, bsh), out_shardings=(state_sh, None),
-                   donate_argnums=0)
+    return InMesh(jax.jit(step, in_shardings=(state_sh, bsh), out_shardings=(state_sh, None),
+                           donate_argnums=0), mesh)
 

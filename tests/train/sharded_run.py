@@ -13,9 +13,9 @@ from cpmjax.parallel import make_mesh  # noqa: E402
 from tests.train.helpers import batch, setup, step_fn  # noqa: E402
 
 
-def losses(mesh) -> tuple[list[float], dict[str, str]]:
+def losses(mesh, **step_kw) -> tuple[list[float], dict[str, str]]:
     cfg, mesh, sh, tx, state = setup(mesh=mesh)
-    step = step_fn(cfg, tx, sh, mesh, (8, 32))
+    step = step_fn(cfg, tx, sh, mesh, (8, 32), **step_kw)
     out = []
     for i in range(3):
         state, m = step(state, batch(i, b=8))
@@ -32,4 +32,8 @@ if __name__ == "__main__":
     for name, kw in {"single": dict(devices=devs[:1]), "fsdp4_tensor2": dict(fsdp=4, tensor=2),
                      "data2_tensor4": dict(data=2, fsdp=1, tensor=4)}.items():
         result[name] = losses(make_mesh(**kw))
+    # the Pallas attention kernel (interpret mode) per shard under shard_map: batch over fsdp,
+    # KV heads over tensor
+    result["fsdp4_tensor2_splash"] = losses(make_mesh(fsdp=4, tensor=2),
+                                            attn_impl="splash_interpret")
     json.dump(result, sys.stdout)

@@ -52,6 +52,8 @@ def test_sharded_losses_equal_single_device(sharded: dict) -> None:
     assert single[-1] < single[0]
     for name in ("fsdp4_tensor2", "data2_tensor4"):
         np.testing.assert_allclose(sharded[name][0], single, rtol=2e-6, err_msg=name)
+    # splash attention per shard (shard_map with specs from the rules table)
+    np.testing.assert_allclose(sharded["fsdp4_tensor2_splash"][0], single, rtol=1e-5)
 
 
 def test_partition_spec_golden(sharded: dict) -> None:

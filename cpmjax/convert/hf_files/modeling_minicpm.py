@@ -56,7 +56,8 @@ class MiniCPMRotaryEmbedding(nn.Module):
             use_long = config.max_position_embeddings > orig
             self.factors = list(rs["long_factor"] if use_long else rs["short_factor"])
             scale = config.max_position_embeddings / orig
-            self.scaling = math.sqrt(1 + math.log(scale) / math.log(orig))
+            self.scaling = rs.get("attention_factor",
+                                  math.sqrt(1 + math.log(scale) / math.log(orig)))
 
     def forward(self, position_ids):
         device = position_ids.device
