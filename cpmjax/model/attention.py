@@ -69,15 +69,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Array, kv_pos
     layer's cached InfLLM v2 kernels (``cpmjax.sparse.cache``), used by sparse decode.
     """
     scale = cfg.head_dim ** -0.5
-    if cfg.sparse_config is not None:
-        def dense(mask: jax.Array) -> jax.Array:
-            return _dense_or_cudnn(q, k, v, mask, scale, q_seg, kv_is_query, implementation)
 
-        return sparse_attend(q, k, v, q_pos=q_pos, kv_pos=kv_pos, q_seg=q_seg, kv_seg=kv_seg,
-                             base_mask=attention_mask(q_pos, kv_pos, q_seg, kv_seg), cfg=cfg,
-                             dense=dense, kv_is_query=kv_is_query, compressed=compressed)
-    return _dense_or_cudnn(q, k, v, attention_mask(q_pos, kv_pos, q_seg, kv_seg), scale, q_seg,
-                           kv_is_query, implementation)
+    def dense() -> jax.Array:
+        return _dense_or_cudnn(q, k, v, attention_mask(q_pos, kv_pos, q_seg, kv_seg), scale,
+                               q_seg, kv_is_query, implementation)
+
+    if cfg.sparse_config is not None:
+        return sparse_attend(q, k, v, q_pos=q_pos, q_seg=q_seg, cfg=cfg, dense=dense,
+                             kv_is_query=kv_is_query, compressed=compressed)
+    return dense()
 
 
 def _dense_or_cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
