@@ -12,7 +12,8 @@ automatically); whole-model, multi-chip figures come from ``launch/aot_compile.p
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import re
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,16 +45,22 @@ def packed_segments(seq_len: int, n_docs: int) -> np.ndarray:
     return np.searchsorted(cuts, np.arange(seq_len), side="right").astype(np.int32)
 
 
-def _compile(fn: Callable[..., Any], topology: str, *args: Any) -> Any:
+class Compiled(NamedTuple):
+    lowered: Any
+    compiled: Any
+
+
+def _compile(fn: Callable[..., Any], topology: str, *args: Any) -> Compiled:
     from jax.sharding import PartitionSpec as P
 
     step = jax.shard_map(fn, mesh=_chip(topology), in_specs=(P(),) * len(args), out_specs=P(),
                          check_vma=False)
-    return jax.jit(step).lower(*args).compile()
+    lowered = jax.jit(step).lower(*args)
+    return Compiled(lowered, lowered.compile())
 
 
 def compile_train_layer(cfg: ModelConfig, topology: str, seq_len: int, n_docs: int,
-                        remat: bool = True) -> Any:
+                        remat: bool = True) -> Compiled:
     """One layer's forward and backward (gradients of all its weights and its input) on a
     packed bf16 row ``[1, seq_len]`` of ``n_docs`` documents, as ``launch/train.py`` runs it."""
     seg = packed_segments(seq_len, n_docs)
@@ -76,7 +83,8 @@ def compile_train_layer(cfg: ModelConfig, topology: str, seq_len: int, n_docs: i
     return _compile(jax.grad(loss, argnums=(0, 1)), topology, *args)
 
 
-def compile_decode_layer(cfg: ModelConfig, topology: str, cache_len: int, batch: int) -> Any:
+def compile_decode_layer(cfg: ModelConfig, topology: str, cache_len: int,
+                         batch: int) -> Compiled:
     """One layer's decode step (one token per row at the cache's last position) reading a bf16
     KV cache of ``cache_len`` positions and its compressed keys."""
     cache = jax.eval_shape(lambda: init_cache(cfg, batch, cache_len, jnp.bfloat16))
@@ -95,15 +103,54 @@ def compile_decode_layer(cfg: ModelConfig, topology: str, cache_len: int, batch:
     return _compile(step, topology, *args)
 
 
-def figures(compiled: Any) -> dict[str, Any]:
-    """Per-chip memory (GiB), cost analysis and Pallas kernel count of a compiled program."""
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
+def compiled_hlo(c: Compiled) -> str:
+    """The optimized HLO text. On v5p it can fail to print (the SparseCore gather offload's
+    async ops do not round-trip through HloModule protos in this jax/libtpu): then the
+    pre-optimization module, which holds the same Pallas calls, is returned."""
+    try:
+        return c.compiled.as_text()
+    except jax.errors.JaxRuntimeError:  # printing only; the program did compile
+        return c.lowered.as_text()
+
+
+_INSTR = re.compile(r"= \w+\[([\d,]*)\]\S* (\S+?)\(")
+
+
+def materialized(hlo: str, size: int) -> list[str]:
+    """Non-parameter values of at least ``size`` elements that XLA writes to memory in an
+    optimized HLO text, i.e. those outside fusion bodies (a relayout fused into a gather reads
+    only the gathered elements)."""
+    fused = set(re.findall(r"calls=(%[\w.\-]+)", hlo))
+    out, skip = [], False
+    for line in hlo.splitlines():
+        if line and not line[0].isspace():  # a computation header (or its closing brace)
+            skip = line.split(" ")[0] in fused
+        elif not skip and (m := _INSTR.search(line)) and m.group(2) != "parameter":
+            if m.group(1) and np.prod([int(x) for x in m.group(1).split(",")]) >= size:
+                out.append(line.strip())
+    return out
+
+
+def copies(hlo: str, size: int) -> list[str]:
+    """The `materialized` values of at least ``size`` elements that are layout copies or
+    transposes: a decode step that relaid out its KV cache would show them."""
+    return [line for line in materialized(hlo, size)
+            if _INSTR.search(line).group(2) in ("copy", "transpose", "copy-start")]
+
+
+def figures(c: Compiled, cache_elements: int | None = None) -> dict[str, Any]:
+    """Per-chip memory (GiB), cost analysis and Pallas kernel count of a compiled program;
+    with ``cache_elements`` (one layer's K cache) also its cache-sized layout copies."""
+    mem = c.compiled.memory_analysis()
+    cost = c.compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     gib = lambda b: round(b / 2**30, 3)  # noqa: E731
+    hlo = compiled_hlo(c)
     return {"arguments_gib": gib(mem.argument_size_in_bytes),
             "outputs_gib": gib(mem.output_size_in_bytes),
             "temporaries_gib": gib(mem.temp_size_in_bytes),
             "flops": float(cost.get("flops", 0.0)),
             "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-            "pallas_kernels": compiled.as_text().count("tpu_custom_call")}
+            "pallas_kernels": hlo.count("tpu_custom_call"),
+            **({} if cache_elements is None else
+               {"cache_sized_copies": len(copies(hlo, cache_elements))})}

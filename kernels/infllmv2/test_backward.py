@@ -125,8 +125,11 @@ def test_tpu_backward_under_interpret_params():
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 def test_tpu_backward_aot_compiles_for_v5e():
+    """The gradient on a packed row (3 documents, none block-aligned: the two-range slots)."""
+    seg = jnp.asarray(np.repeat([0, 1, 2], [100, 57, 99]))[None]
+
     def grads(q, k, v, i):
-        return jax.grad(lambda *a: sparse_attention(*a, i, block_size=64).astype(
+        return jax.grad(lambda *a: sparse_attention(*a, i, block_size=64, segment_ids=seg).astype(
             jnp.float32).sum(), (0, 1, 2))(q, k, v)
 
     compiled = compile_for_v5e(grads)

@@ -20,6 +20,7 @@ from cpmjax.serve.engine import DecodeEngine
 from cpmjax.serve.scheduler import Scheduler
 from cpmjax.sparse import sparse_attend
 from cpmjax.sparse.cache import init_compressed, update_compressed
+from cpmjax.sparse.scale_check import materialized
 from kernels import infllmv2
 from kernels.infllmv2.selection import pooled_kernels
 from tests.sparse.test_sparse_model import T, logits_fn, make_cfg
@@ -95,15 +96,15 @@ def _per_row_oracle(cfg, q, k, v, q_pos):
 STAGE2_HERE = [n for n in infllmv2.ATTENTION.names if n not in ("pallas_tpu", "pallas_gpu")]
 
 
-@pytest.mark.parametrize("heads,kv", [(4, 2), (8, 1)])
-def test_cached_path_equals_each_row_alone(heads, kv):
+@pytest.mark.parametrize("heads,kv,impls", [(4, 2, STAGE2_HERE), (8, 1, ["xla"])])
+def test_cached_path_equals_each_row_alone(heads, kv, impls):
     """k+1 = 4 queries per row at different positions of a 300-key cache with junk after them:
-    every stage-2 implementation equals the reference on each row's prefix alone."""
+    the stage-2 implementations equal the reference on each row's prefix alone."""
     cfg = make_cfg(heads=heads, kv=kv)
     q_pos = jnp.asarray([[20, 21, 22, 23], [131, 132, 133, 134], [290, 291, 292, 293]])
     q, k, v, comp = _layer_inputs(cfg, 300, q_pos)
     want = _per_row_oracle(cfg, q, k, v, q_pos)
-    for impl in STAGE2_HERE:
+    for impl in impls:
         got = jax.jit(lambda *a: _attend(cfg, comp, *a, implementation=impl))(q, k, v, q_pos)
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=impl)
     dense = infllmv2.sparse_attention_at(q, k, v, jnp.broadcast_to(
@@ -119,20 +120,6 @@ def _cache_wide(hlo: str, s: int) -> list[str]:
     return [line.strip() for line in hlo.splitlines()
             if (m := _INSTR.search(line)) and str(s) in m.group(1).split(",")
             and m.group(2) != "parameter"]
-
-
-def _materialized_at_least(hlo: str, size: int) -> list[str]:
-    """Non-parameter values of at least ``size`` elements that XLA writes to memory, i.e. those
-    outside fusion bodies (a relayout fused into a gather reads only the gathered elements)."""
-    fused = set(re.findall(r"calls=(%[\w.\-]+)", hlo))
-    out, skip = [], False
-    for line in hlo.splitlines():
-        if line and not line[0].isspace():  # a computation header (or its closing brace)
-            skip = line.split(" ")[0] in fused
-        elif not skip and (m := _INSTR.search(line)) and m.group(2) != "parameter":
-            if m.group(1) and np.prod([int(x) for x in m.group(1).split(",")]) >= size:
-                out.append(line.strip())
-    return out
 
 
 @pytest.mark.parametrize("tq", [1, 4])
@@ -152,9 +139,9 @@ def test_cached_attention_computes_nothing_cache_wide(tq):
 
     cached, masked = hlo("xla"), hlo("reference")
     assert _cache_wide(cached, s) == []
-    assert _materialized_at_least(cached, cache_size) == []
+    assert materialized(cached, cache_size) == []
     assert len(_cache_wide(masked, s)) > 0
-    assert len(_materialized_at_least(masked, cache_size)) > 0
+    assert len(materialized(masked, cache_size)) > 0
 
 
 def test_model_decode_step_takes_the_cached_path(model):
@@ -214,13 +201,45 @@ def test_dense_or_sparse_is_decided_per_slot():
                                                        parametrization="standard"))
     short, long = list(range(3, 43)), [int(t) % 90 + 3 for t in range(7, 107)]
 
-    def run(cfg, *prompts):
-        sched = Scheduler(DecodeEngine(cfg, max_slots=2, max_len=128, chunk=16), params)
-        reqs = [sched.submit(p, 12, stop_token_ids=[]) for p in prompts]
+    def run(engine, *prompts):
+        sched = Scheduler(engine, params)
+        reqs = [sched.submit(p, 10, stop_token_ids=[]) for p in prompts]
         sched.run_until_done()
         return [r.output for r in reqs]
 
-    together = run(cfg, short, long)
-    assert together == [run(cfg, short)[0], run(cfg, long)[0]]
-    assert together[0] == run(off, short)[0] != run(always, short)[0]
+    engine = DecodeEngine(cfg, max_slots=2, max_len=128, chunk=16)
+    together = run(engine, short, long)
+    assert together == [run(engine, short)[0], run(engine, long)[0]]
+    dense, sparse = (DecodeEngine(c, max_slots=1, max_len=128, chunk=16) for c in (off, always))
+    assert together[0] == run(dense, short)[0] != run(sparse, short)[0]
 
+
+
+def test_speculative_decoding_keeps_both_kernel_caches():
+    """A sparse model with its MTP draft (k=3): greedy outputs equal plain decoding (lossless),
+    and the kernels of the target's and the draft's caches, kept through verification and
+    catch-up writes, equal pooling the keys each cache holds."""
+    from cpmjax.model.mtp import init_mtp_params
+    from cpmjax.serve.spec_engine import SpeculativeEngine
+    from cpmjax.sparse.cache import n_kernels
+
+    cfg = make_cfg()
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    prompt = list(range(5, 75))
+    plain = DecodeEngine(cfg, max_slots=1, max_len=128, chunk=16)
+    spec = SpeculativeEngine(cfg, init_mtp_params(cfg, jax.random.PRNGKey(1)), k=3, max_slots=1,
+                             max_len=128, chunk=16)
+    outs = []
+    for eng in (plain, spec):
+        state, first = eng.insert(params, eng.prefill(params, prompt), eng.init_decode_state(), 0)
+        toks = [int(first)]
+        while len(toks) < 20:
+            state, new, count = eng.generate(params, state, all_greedy=True)
+            toks += np.asarray(new[0, :int(count[0])]).tolist()
+        outs.append(toks[:20])
+    assert outs[0] == outs[1]
+    n = int(state.lengths[0])  # both caches hold positions 0..n-1 (speculative.py)
+    for keys, kc1 in ((state.cache["k"][0], state.cache["kc1"][0]),  # layer 0 of the target
+                      (state.draft["k"], state.draft["kc1"])):
+        want = jnp.transpose(pooled_kernels(keys[:, :n], 8, 4), (0, 2, 1, 3))
+        np.testing.assert_allclose(kc1[:, :n_kernels(n, 8, 4)], want, atol=1e-6)

@@ -122,11 +122,11 @@ def test_model_gradients_flow_and_paths_agree(setup):
     assert float(jnp.abs(g_fast["layers"]["wk"]).max()) > 0
 
 
-@pytest.mark.parametrize("heads", [4, 8])
-def test_packed_row_equals_documents_alone(heads):
-    """Three documents at offsets that are not block or kernel aligned (70 + 90 + 43 tokens):
-    logits and parameter gradients of the packed row equal those of each document alone."""
-    cfg = make_cfg(heads=heads, kv=1 if heads == 8 else 2)
+def test_packed_row_equals_documents_alone():
+    """Three documents at offsets that are not block or kernel aligned (70 + 90 + 43 tokens),
+    G = 4 with 2 KV heads: logits and parameter gradients of the packed row equal those of each
+    document alone."""
+    cfg = make_cfg(heads=8, kv=2)
     params = init_params(cfg, jax.random.PRNGKey(0))
     lens = (70, 90, 43)
     docs = [jax.random.randint(jax.random.PRNGKey(10 + i), (1, n), 0, cfg.vocab_size)
@@ -153,8 +153,7 @@ def test_packed_row_equals_documents_alone(heads):
     logits = logits_fn(cfg)(params, tokens, pos, seg)
     np.testing.assert_allclose(logits[:, 70:160], logits_fn(cfg)(params, docs[1]), atol=2e-5)
     # the second document alone is really sparse (90 tokens = 6 blocks > 4 selected)
-    dense = logits_fn(make_cfg(heads=heads, kv=cfg.num_key_value_heads, off=True))(params,
-                                                                                 docs[1])
+    dense = logits_fn(make_cfg(heads=8, kv=2, off=True))(params, docs[1])
     assert float(jnp.abs(logits[:, 70:160] - dense).max()) > 1e-3
 
 
@@ -222,3 +221,42 @@ def test_use_nope_rejected(setup):
     _, params, tokens = setup
     with pytest.raises(ConfigError, match="use_nope"):
         forward(params, make_cfg(use_nope=True), tokens)
+
+
+def _shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Shapes of every value a jaxpr computes, inside scans, conds, remat and custom rules."""
+    out = []
+    for eqn in jaxpr.eqns:
+        out += [tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")]
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    out += _shapes(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    out += _shapes(sub)
+    return out
+
+
+def test_train_step_on_packed_rows_holds_no_t_by_t_value():
+    """launch/train.py's step (`make_train_step`, full remat) on a row packed by the data
+    pipeline (`row_example`): no value in its jaxpr has two axes of the row's length, with
+    dense_len off and with per-document switching; the dense model's step has them."""
+    import optax
+
+    from cpmjax.data.pipeline import pack_rows, row_example
+    from cpmjax.train.step import init_state, make_train_step
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, 97, n) for n in (50, 17, 120, 33)]
+    tokens, doc_ids = pack_rows(docs, T)
+    batch = {k: jnp.asarray(v)[None] for k, v in row_example(tokens[0], doc_ids[0]).items()}
+    assert int(batch["segment_ids"].max()) >= 3  # several documents in the row
+    tx = optax.adamw(1e-3)
+
+    def t_by_t(cfg):
+        state = init_state(cfg, tx, jax.random.PRNGKey(0))
+        jaxpr = jax.make_jaxpr(make_train_step(cfg, tx, remat="full"))(state, batch).jaxpr
+        return [s for s in _shapes(jaxpr) if s.count(T) >= 2]
+
+    assert t_by_t(make_cfg()) == [] and t_by_t(make_cfg(dense_len=64)) == []
+    assert t_by_t(make_cfg(off=True))  # the dense step's [B, T, T] mask and scores
