@@ -16,7 +16,7 @@ import jax
 from absl import app, flags
 
 from cpmjax.config import ModelConfig
-from cpmjax.presets import PRESETS
+from cpmjax.presets import MINICPM4_SPARSE, PRESETS
 from cpmjax.sparse import scale_check
 
 _PRESET = flags.DEFINE_enum("preset", "minicpm4_8b", list(PRESETS), "model preset")
@@ -26,14 +26,19 @@ _SEQ = flags.DEFINE_integer("seq_len", 32768, "row length (train) or cache lengt
 _DOCS = flags.DEFINE_integer("docs", 5, "documents packed in the training row")
 _BATCH = flags.DEFINE_integer("batch", 1, "decode slots")
 _OUT = flags.DEFINE_string("out", None, "JSON-lines file to append the row to")
+_ADD = flags.DEFINE_bool("add_sparse", True, "give a preset without a sparse_config MiniCPM4's "
+                         "(the MiniCPM README's, presets.MINICPM4_SPARSE)")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cfg = ModelConfig.from_hf_config(PRESETS[_PRESET.value]())
-    if cfg.sparse_config is None:
-        raise app.UsageError(f"--preset={_PRESET.value} has no sparse_config")
+    hf = PRESETS[_PRESET.value]()
+    added = hf.get("sparse_config") is None
+    if added and not _ADD.value:
+        raise app.UsageError(f"--preset={_PRESET.value} has no sparse_config (--add_sparse adds one)")
+    cfg = ModelConfig.from_hf_config({**hf, "sparse_config": hf.get("sparse_config")
+                                      or dict(MINICPM4_SPARSE)})
     t0 = time.time()
     if _MODE.value == "train":
         compiled = scale_check.compile_train_layer(cfg, _TOPOLOGY.value, _SEQ.value, _DOCS.value)
@@ -47,6 +52,7 @@ def main(argv: list[str]) -> None:
            "preset": _PRESET.value, "topology": _TOPOLOGY.value, "chips": 1, "mode": _MODE.value,
            "seq_len": _SEQ.value, **({"docs": _DOCS.value} if cache is None
                                      else {"batch": _BATCH.value}),
+           "sparse_config": "MINICPM4_SPARSE (added)" if added else "preset's",
            "dense_len": cfg.sparse_config.dense_len, "compute_dtype": "bfloat16",
            "compile_s": round(time.time() - t0, 1), **scale_check.figures(compiled, cache)}
     line = json.dumps(row)

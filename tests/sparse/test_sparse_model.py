@@ -159,7 +159,8 @@ def test_packed_row_equals_documents_alone():
 
 def test_dense_len_applies_to_each_document():
     """dense_len = 80 in a 203-token packed row: the 70- and 43-token documents are dense (as
-    each is alone, where fewer keys than dense_len make the layer dense), the 90-token one sparse."""
+    each is alone, where fewer keys than dense_len make the layer dense), the 90-token one is
+    sparse."""
     cfg = make_cfg(dense_len=80)
     params = init_params(cfg, jax.random.PRNGKey(0))
     lens = (70, 90, 43)
