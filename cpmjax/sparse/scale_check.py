@@ -50,12 +50,13 @@ class Compiled(NamedTuple):
     compiled: Any
 
 
-def _compile(fn: Callable[..., Any], topology: str, *args: Any) -> Compiled:
+def _compile(fn: Callable[..., Any], topology: str, *args: Any,
+             donate: tuple[int, ...] = ()) -> Compiled:
     from jax.sharding import PartitionSpec as P
 
     step = jax.shard_map(fn, mesh=_chip(topology), in_specs=(P(),) * len(args), out_specs=P(),
                          check_vma=False)
-    lowered = jax.jit(step).lower(*args)
+    lowered = jax.jit(step, donate_argnums=donate).lower(*args)
     return Compiled(lowered, lowered.compile())
 
 
@@ -86,7 +87,8 @@ def compile_train_layer(cfg: ModelConfig, topology: str, seq_len: int, n_docs: i
 def compile_decode_layer(cfg: ModelConfig, topology: str, cache_len: int,
                          batch: int) -> Compiled:
     """One layer's decode step (one token per row at the cache's last position) reading a bf16
-    KV cache of ``cache_len`` positions and its compressed keys."""
+    KV cache of ``cache_len`` positions and its compressed keys, donated as the serving
+    engine's generate step donates its state (so the write is in place, not a cache copy)."""
     cache = jax.eval_shape(lambda: init_cache(cfg, batch, cache_len, jnp.bfloat16))
     layer_cache = tuple(jax.ShapeDtypeStruct(cache[n].shape[1:], cache[n].dtype)
                         for n in ("k", "v", "kc1", "kc2"))
@@ -100,7 +102,7 @@ def compile_decode_layer(cfg: ModelConfig, topology: str, cache_len: int,
     args = (_one_layer(cfg, jnp.bfloat16),
             jax.ShapeDtypeStruct((batch, 1, cfg.hidden_size), jnp.bfloat16),
             jax.ShapeDtypeStruct((batch, 1), jnp.int32), *layer_cache)
-    return _compile(step, topology, *args)
+    return _compile(step, topology, *args, donate=tuple(range(3, 3 + len(layer_cache))))
 
 
 def compiled_hlo(c: Compiled) -> str:

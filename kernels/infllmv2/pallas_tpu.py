@@ -10,11 +10,13 @@ read them, so only selected blocks are DMA'd, and the causal mask uses the token
 across the slot axis; unused slots are skipped with `pl.when` and name the block the slot
 before them read, so the pipeline fetches nothing for them.
 
-K and V are read in their own layout ``[B, Tk, KV, D]`` (viewed as ``[B, Tk, KV * D]``, a free
-reshape): a decode step reads the selected blocks of the KV cache in place, never a relayout of
-the cache. Mosaic needs the lane width of a block to be a multiple of 128 or the whole row; with
-``D % 128 != 0`` (e.g. MiniCPM4-0.5B's D = 64) a block holds all KV heads' lanes and the step
-slices its head's statically (`head_tiles`).
+K and V are passed in their own shape ``[B, Tk, KV, D]``, so a decode step DMAs the selected
+blocks of the KV cache in place. Mosaic needs the last two block dims to be (8, 128)-divisible
+or whole, so a block is ``[block_size, KV, D]`` (every KV head of those keys, one contiguous
+DMA) and the step reads its head's ``[block_size, D]`` slice (`head_tiles`). An earlier
+version viewed K/V as ``[B, Tk, KV * D]`` for per-head lane blocks; libtpu implements that
+reshape of a cache in its tiled layout as a copy of the whole cache each step (seen in the
+compiled HLO of a decode step, ``cpmjax.sparse.scale_check``).
 """
 from __future__ import annotations
 
@@ -31,32 +33,20 @@ from .documents import decode_slot
 _MASKED = -1e30  # finite "minus infinity" keeps the online softmax NaN-free
 
 
-def lane_width(kv_heads: int, head_dim: int) -> int:
-    """Lanes of one K/V block: one head's D, or all heads' when D is not a multiple of 128."""
-    return head_dim if kv_heads == 1 or head_dim % 128 == 0 else kv_heads * head_dim
-
-
 def kv_spec(block_size: int, kv_heads: int, head_dim: int,
             block_of: Callable[..., jax.Array]) -> pl.BlockSpec:
-    """BlockSpec of K/V viewed as [B, Tk, KV * D]: aligned block ``block_of(*grid, *refs)`` of
-    head ``grid[1]`` (all heads' lanes when `lane_width` says so)."""
-    width = lane_width(kv_heads, head_dim)
-
-    def index(bi, hi, *rest):
-        return bi, block_of(bi, hi, *rest), hi if width == head_dim else 0
-
-    return pl.BlockSpec((None, block_size, width), index)
+    """BlockSpec of K/V ``[B, Tk, KV, D]``: aligned block ``block_of(*grid, *refs)``, all heads
+    (the grid's head axis picks one in the kernel, `head_tiles`)."""
+    return pl.BlockSpec((None, block_size, kv_heads, head_dim),
+                        lambda bi, hi, *rest: (bi, block_of(bi, hi, *rest), 0, 0))
 
 
-def head_tiles(refs: tuple[Any, ...], head: jax.Array, kv_heads: int, head_dim: int,
+def head_tiles(refs: tuple[Any, ...], head: jax.Array, kv_heads: int,
                fn: Callable[..., None]) -> None:
-    """Call ``fn`` with head ``head``'s ``[block_size, D]`` tiles of K/V-like refs."""
-    if refs[0].shape[-1] == head_dim:
-        fn(*(r[...] for r in refs))
-        return
-    for i in range(kv_heads):  # static lane slices; the grid's head picks one
-        pl.when(head == i)(lambda i=i: fn(*(r[:, i * head_dim:(i + 1) * head_dim]
-                                            for r in refs)))
+    """Call ``fn`` with head ``head``'s ``[block_size, D]`` tiles of ``[block_size, KV, D]``
+    K/V-like refs (static sublane slices; the grid's head picks one)."""
+    for i in range(kv_heads):
+        pl.when(head == i)(lambda i=i: fn(*(r[:, i, :] for r in refs)))
 
 
 def slot_mask(shape: tuple[int, int], code: jax.Array, q_pos: jax.Array, *, block_size: int,
@@ -73,7 +63,7 @@ def slot_mask(shape: tuple[int, int], code: jax.Array, q_pos: jax.Array, *, bloc
 
 
 def _fwd_kernel(code_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *rest, scale: float,
-                block_size: int, n_slots: int, n_keys: int, kv_heads: int, head_dim: int,
+                block_size: int, n_slots: int, n_keys: int, kv_heads: int,
                 with_lse: bool) -> None:
     lse_ref = rest[0] if with_lse else None
     m_sc, l_sc, acc_sc = rest[-3:]
@@ -107,7 +97,7 @@ def _fwd_kernel(code_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *rest, scale: flo
         acc_sc[...] = alpha * acc_sc[...] + pv
         m_sc[...] = m_new
 
-    pl.when(code >= 0)(lambda: head_tiles((k_ref, v_ref), h, kv_heads, head_dim, step))
+    pl.when(code >= 0)(lambda: head_tiles((k_ref, v_ref), h, kv_heads, step))
 
     @pl.when(s == n_slots - 1)
     def _finish() -> None:
@@ -146,7 +136,7 @@ def sparse_attention_fwd(qg: jax.Array, k: jax.Array, v: jax.Array, codes: jax.A
                         pltpu.VMEM((g, d), jnp.float32)],
     )
     kernel = functools.partial(_fwd_kernel, scale=scale, block_size=block_size,
-                               n_slots=n_slots, n_keys=tk, kv_heads=kvh, head_dim=d,
+                               n_slots=n_slots, n_keys=tk, kv_heads=kvh,
                                with_lse=return_lse)
     o_shape = jax.ShapeDtypeStruct(qg.shape, qg.dtype)
     lse_shape = jax.ShapeDtypeStruct((*qg.shape[:-1], 1), jnp.float32)
@@ -157,5 +147,4 @@ def sparse_attention_fwd(qg: jax.Array, k: jax.Array, v: jax.Array, codes: jax.A
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
-    )(codes.reshape(-1), q_pos.astype(jnp.int32).reshape(-1), qg, k.reshape(b, tk, kvh * d),
-      v.reshape(b, tk, kvh * d))
+    )(codes.reshape(-1), q_pos.astype(jnp.int32).reshape(-1), qg, k, v)

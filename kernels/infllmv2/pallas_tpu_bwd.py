@@ -45,7 +45,7 @@ def score_grad(p, do, v, delta):
 
 def _dq_kernel(code_ref, pos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
                acc_sc, *, scale: float, block_size: int, n_slots: int, n_keys: int,
-               kv_heads: int, head_dim: int) -> None:
+               kv_heads: int) -> None:
     b, h, t, s = (pl.program_id(i) for i in range(4))
     n_t = pl.num_programs(2)
 
@@ -64,7 +64,7 @@ def _dq_kernel(code_ref, pos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
         acc_sc[...] += jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
                                            preferred_element_type=jnp.float32) * scale
 
-    pl.when(code >= 0)(lambda: head_tiles((k_ref, v_ref), h, kv_heads, head_dim, step))
+    pl.when(code >= 0)(lambda: head_tiles((k_ref, v_ref), h, kv_heads, step))
 
     @pl.when(s == n_slots - 1)
     def _finish() -> None:
@@ -73,8 +73,7 @@ def _dq_kernel(code_ref, pos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
 
 def _dkv_kernel(raw_ref, blk_ref, tok_ref, pos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                 delta_ref, dk_in_ref, dv_in_ref, dk_ref, dv_ref, *, scale: float,
-                block_size: int, n_keys: int, n_tokens: int, kv_heads: int,
-                head_dim: int) -> None:
+                block_size: int, n_keys: int, n_tokens: int, kv_heads: int) -> None:
     b, h, j = (pl.program_id(i) for i in range(3))
     base = (b * kv_heads + h) * pl.num_programs(2)
     blk = blk_ref[base + j]
@@ -101,7 +100,7 @@ def _dkv_kernel(raw_ref, blk_ref, tok_ref, pos_ref, q_ref, k_ref, v_ref, do_ref,
         dk_ref[...] += jax.lax.dot_general(ds.astype(q.dtype), q, tn,
                                            preferred_element_type=jnp.float32) * scale
 
-    pl.when(code >= 0)(lambda: head_tiles((k_ref, v_ref), h, kv_heads, head_dim, step))
+    pl.when(code >= 0)(lambda: head_tiles((k_ref, v_ref), h, kv_heads, step))
 
 
 def inverse_index(codes: jax.Array, block_size: int
@@ -137,9 +136,8 @@ def sparse_attention_bwd(qg: jax.Array, k: jax.Array, v: jax.Array, codes: jax.A
     """
     b, kvh, tq, g, d = qg.shape
     tk, n_slots = k.shape[1], codes.shape[-1]
-    kw = dict(scale=scale, block_size=block_size, n_keys=tk, kv_heads=kvh, head_dim=d)
+    kw = dict(scale=scale, block_size=block_size, n_keys=tk, kv_heads=kvh)
     pos = q_pos.astype(jnp.int32).reshape(-1)
-    k2, v2 = k.reshape(b, tk, kvh * d), v.reshape(b, tk, kvh * d)
 
     # dQ: the forward's grid.
     def slot_block(bi, hi, ti, si, code_ref, pos_ref):
@@ -159,7 +157,7 @@ def sparse_attention_bwd(qg: jax.Array, k: jax.Array, v: jax.Array, codes: jax.A
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
-    )(codes.reshape(-1), pos, qg, k2, v2, dog, lse, delta)
+    )(codes.reshape(-1), pos, qg, k, v, dog, lse, delta)
 
     # dK/dV: grid over the sorted (token, slot) pairs of each (b, KV head).
     raw, blocks, tok = inverse_index(codes, block_size)
@@ -186,5 +184,5 @@ def sparse_attention_bwd(qg: jax.Array, k: jax.Array, v: jax.Array, codes: jax.A
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
-    )(raw, blocks, tok, pos, qg, k2, v2, dog, lse, delta, dk_acc, dv_acc)
+    )(raw, blocks, tok, pos, qg, k, v, dog, lse, delta, dk_acc, dv_acc)
     return dq, dk, dv
