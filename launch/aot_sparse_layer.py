@@ -36,7 +36,8 @@ def main(argv: list[str]) -> None:
     hf = PRESETS[_PRESET.value]()
     added = hf.get("sparse_config") is None
     if added and not _ADD.value:
-        raise app.UsageError(f"--preset={_PRESET.value} has no sparse_config (--add_sparse adds one)")
+        raise app.UsageError(f"--preset={_PRESET.value} has no sparse_config "
+                             "(--add_sparse adds MiniCPM4's)")
     cfg = ModelConfig.from_hf_config({**hf, "sparse_config": hf.get("sparse_config")
                                       or dict(MINICPM4_SPARSE)})
     t0 = time.time()

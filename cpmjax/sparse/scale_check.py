@@ -12,7 +12,9 @@ automatically); whole-model, multi-chip figures come from ``launch/aot_compile.p
 """
 from __future__ import annotations
 
+import pathlib
 import re
+import tempfile
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -106,13 +108,20 @@ def compile_decode_layer(cfg: ModelConfig, topology: str, cache_len: int,
 
 
 def compiled_hlo(c: Compiled) -> str:
-    """The optimized HLO text. On v5p it can fail to print (the SparseCore gather offload's
-    async ops do not round-trip through HloModule protos in this jax/libtpu): then the
-    pre-optimization module, which holds the same Pallas calls, is returned."""
+    """The optimized HLO text. On v5p ``compiled.as_text()`` can fail (libtpu's SparseCore
+    gather offload emits async ops that do not round-trip through HloModule protos in this
+    jax/libtpu); then the program is compiled again with XLA's text dump on and the dumped
+    after-optimizations module is read back."""
     try:
         return c.compiled.as_text()
     except jax.errors.JaxRuntimeError:  # printing only; the program did compile
-        return c.lowered.as_text()
+        pass
+    with tempfile.TemporaryDirectory() as tmp:
+        c.lowered.compile(compiler_options={"xla_dump_to": tmp, "xla_dump_hlo_as_text": True})
+        dumps = sorted(pathlib.Path(tmp).glob("*after_optimizations.txt"))
+        if not dumps:
+            raise RuntimeError(f"XLA wrote no after-optimizations dump to {tmp}")
+        return dumps[-1].read_text()
 
 
 _INSTR = re.compile(r"= \w+\[([\d,]*)\]\S* (\S+?)\(")
