@@ -16,7 +16,6 @@ KV cache are stored at their absolute position, so the same rule covers prefill 
 
 from __future__ import annotations
 
-import typing
 from typing import Any, Callable
 
 import jax
@@ -43,7 +42,7 @@ ARGUMENTS = ("argument attn_impl", "argument sparse_impl")
 def check_kernel_names(attn_impl: str, sparse_impl: str,
                        fields: tuple[str, str] = ARGUMENTS) -> None:
     """Refuse unknown implementation names before anything compiles, naming the field."""
-    known = (("auto", *dense_op.REGISTRY.names), typing.get_args(sparse_op.Implementation))
+    known = (("auto", *dense_op.REGISTRY.names), ("auto", *sparse_op.ATTENTION.names))
     for field, names, value in zip(fields, known, (attn_impl, sparse_impl)):
         if value not in names:
             raise ConfigError(f"{field}: unknown implementation {value!r}; known: {list(names)}")
@@ -119,22 +118,18 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Array, kv_pos
         return dense_attend(q, k, v, q_pos=q_pos, kv_pos=kv_pos, q_seg=q_seg, kv_seg=kv_seg,
                             scale=scale, kv_is_query=kv_is_query, implementation=implementation)
 
-    def sparse(q, k, v, q_pos, kv_pos, q_seg, kv_seg, base_mask, compressed):
+    def sparse(q, k, v, q_pos, kv_pos, q_seg, kv_seg, compressed):
         # inside a shard the dense callback runs its kernel directly (kernel_map is a no-op)
-        def dense(mask: jax.Array | None = None) -> jax.Array:
-            if mask is not None:  # the sparse masked path's block mask: the oracle
-                return dense_op.masked_attention(q, k, v, mask, scale)
+        def dense() -> jax.Array:
             return dense_attend(q, k, v, q_pos=q_pos, kv_pos=kv_pos, q_seg=q_seg, kv_seg=kv_seg,
                                 scale=scale, kv_is_query=kv_is_query,
                                 implementation=implementation)
 
-        return sparse_attend(q, k, v, q_pos=q_pos, kv_pos=kv_pos, q_seg=q_seg, kv_seg=kv_seg,
-                             base_mask=base_mask, cfg=cfg, dense=dense, kv_is_query=kv_is_query,
-                             compressed=compressed, implementation=sparse_implementation)
+        return sparse_attend(q, k, v, q_pos=q_pos, q_seg=q_seg, cfg=cfg, dense=dense,
+                             kv_is_query=kv_is_query, compressed=compressed,
+                             implementation=sparse_implementation)
 
-    base_mask = attention_mask(q_pos, kv_pos, q_seg, kv_seg)
     if not _sparse_is_mosaic(sparse_implementation):
-        return sparse(q, k, v, q_pos, kv_pos, q_seg, kv_seg, base_mask, compressed)
+        return sparse(q, k, v, q_pos, kv_pos, q_seg, kv_seg, compressed)
     comp_axes = None if compressed is None else (_KV_AXES,) * len(compressed)
-    return _per_shard(sparse, q, k, v, q_pos, kv_pos, q_seg, kv_seg,
-                      ((base_mask, ("activation_batch", None, None)), (compressed, comp_axes)))
+    return _per_shard(sparse, q, k, v, q_pos, kv_pos, q_seg, kv_seg, ((compressed, comp_axes),))

@@ -90,12 +90,13 @@ def draft_residual_scale(cfg: ModelConfig) -> float:
 
 def mtp_block(mtp_params: Params, params: Params, cfg: ModelConfig, hidden: jax.Array,
               next_tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-              cache_kv: tuple[jax.Array, jax.Array] | None = None, kv_len: int | None = None,
-              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """(h^MTP [B,T,d], updated draft-layer (k, v) cache or None) from h_t and x_{t+1}.
+              cache_kv: tuple[jax.Array, ...] | None = None, kv_len: int | None = None,
+              ) -> tuple[jax.Array, tuple[jax.Array, ...] | None]:
+    """(h^MTP [B,T,d], updated draft-layer cache tuple or None) from h_t and x_{t+1}.
 
-    ``positions`` are those of h_t; with ``cache_kv`` (``[B,S,KV,hd]`` each) keys are written at
-    them, so a rejected draft's entries are overwritten by the next step (position-addressed);
+    ``positions`` are those of h_t; with ``cache_kv`` ((k, v) ``[B,S,KV,hd]``, plus the
+    compressed keys for a sparse model, as `decoder_layer`) keys are written at them, so a
+    rejected draft's entries are overwritten by the next step (position-addressed);
     ``kv_len`` limits the attention read as in `decoder_layer`.
     """
     dt = hidden.dtype
@@ -110,7 +111,7 @@ def mtp_block(mtp_params: Params, params: Params, cfg: ModelConfig, hidden: jax.
 
 def mtp_forward(mtp_params: Params, params: Params, cfg: ModelConfig, hidden: jax.Array,
                 next_tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-                cache_kv: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+                cache_kv: tuple[jax.Array, ...] | None = None) -> jax.Array:
     """h^MTP only (training path); see :func:`mtp_block` for the cached variant."""
     return mtp_block(mtp_params, params, cfg, hidden, next_tokens, positions, segment_ids,
                      cache_kv)[0]

@@ -21,7 +21,7 @@ from cpmjax.model.layers import linear, rms_norm, swiglu_mlp
 from cpmjax.model.params import Params
 from cpmjax.model.rope import apply_rope, rope_cos_sin
 from cpmjax.parallel.sharding import constrain
-from cpmjax.sparse.cache import update_compressed
+from cpmjax.sparse.cache import truncate_compressed, update_compressed
 
 HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")
 LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")
@@ -80,9 +80,10 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
     scale_depth/sqrt(L+1) because it counts as layer L+1 (CPM.cu ``speculative/eagle.py``).
     ``taps``, when given, receives the input of every linear (``attn_in``, ``wo_in``, ``mlp_in``,
     ``down_in``) so GPTQ calibration (``cpmjax.quant``) reads the exact activations of this code.
-    ``kv_len`` (static; dense models with a cache): attention reads only cache positions below it,
-    which the caller guarantees hold every position a query may see (the serving engine's
-    length buckets: a short request in a long-context cache does not read the whole cache).
+    ``kv_len`` (static; with a cache): attention reads only cache positions (and compressed
+    keys) below it, which the caller guarantees hold every position a query may see (the
+    serving engine's length buckets: a short request in a long-context cache does not read the
+    whole cache).
     ``act_transform`` maps the input of every linear before its matmul (int8 activations of
     quantization-aware training, ``cpmjax.quant.ternary``); taps see the untransformed input.
     ``attn_impl`` / ``sparse_impl``: dense and InfLLM v2 kernel names (``attention.attend``).
@@ -99,6 +100,7 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
     k = linear(xa, layer["wk"].astype(dt))
     v = linear(xa, layer["wv"].astype(dt))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    compressed = None
     if cache_kv is None:
         keys, values, kv_pos, kv_seg = k, v, positions, segment_ids
         new_cache = None
@@ -106,15 +108,17 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
         keys = write_kv(cache_kv[0], k, positions)
         values = write_kv(cache_kv[1], v, positions)
         new_cache = (keys, values)
-        if kv_len is not None and cfg.sparse_config is None:
+        if len(cache_kv) == 4 and cfg.sparse_config is not None:
+            # the kernels whose last key was just written (O(new tokens))
+            compressed = update_compressed(cache_kv[2:], keys, positions, cfg.sparse_config)
+            new_cache = new_cache + compressed
+        if kv_len is not None:
             keys, values = keys[:, :kv_len], values[:, :kv_len]
+            if compressed is not None:
+                compressed = truncate_compressed(compressed, kv_len, cfg.sparse_config)
         B, S = keys.shape[:2]
         kv_pos = jnp.broadcast_to(jnp.arange(S, dtype=positions.dtype), (B, S))
         kv_seg = None
-    compressed = None
-    if cache_kv is not None and len(cache_kv) == 4 and cfg.sparse_config is not None:
-        compressed = update_compressed(cache_kv[2:], keys, positions, cfg.sparse_config)
-        new_cache = new_cache + compressed
     out = attn_lib.attend(q, keys.astype(dt), values.astype(dt), q_pos=positions, kv_pos=kv_pos,
                           q_seg=segment_ids if cache_kv is None else None, kv_seg=kv_seg, cfg=cfg,
                           implementation=attn_impl, sparse_implementation=sparse_impl,

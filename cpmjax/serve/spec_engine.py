@@ -24,7 +24,8 @@ from cpmjax.quant.qforward import dense_draft
 from cpmjax.serve.engine import DecodeEngine, DecodeState
 from cpmjax.serve.sampling import SamplingParams
 from cpmjax.serve.frspec import check_frspec_ids
-from cpmjax.serve.speculative import RowSampling, init_draft_cache, speculative_round
+from cpmjax.serve.speculative import (RowSampling, draft_kv, init_draft_cache, speculative_round,
+                                      with_kv)
 
 
 class SpeculativeEngine(DecodeEngine):
@@ -68,20 +69,20 @@ class SpeculativeEngine(DecodeEngine):
         prompt's last (its next token, -1 here, is not sampled yet); remembers the hidden state
         at the chunk's last token (the prompt's last, once the final chunk ran)."""
         pos = jnp.where(next_tokens >= 0, positions, -1)
-        _, (k, v) = mtp_block(dense_draft(draft_args["params"], self.cfg, self.dtype), params,
-                              self.cfg, hidden, jnp.maximum(next_tokens, 0), pos,
-                              cache_kv=(draft["k"], draft["v"]), kv_len=kv_len)
-        return {"k": k, "v": v, "h": hidden[:, last].astype(jnp.float32)}
+        _, kv = mtp_block(dense_draft(draft_args["params"], self.cfg, self.dtype), params,
+                          self.cfg, hidden, jnp.maximum(next_tokens, 0), pos,
+                          cache_kv=draft_kv(draft), kv_len=kv_len)
+        return with_kv(draft, kv, hidden[:, last].astype(jnp.float32))
 
     def _draft_insert(self, params: Params, draft_args: Any, prefix_draft: Any, first: jax.Array,
                       length: jax.Array) -> dict[str, jax.Array]:
         """The draft reads the prompt's last pair (its hidden state, the first sampled token);
         its output is the feature the first round's first proposal comes from."""
-        h, (k, v) = mtp_block(dense_draft(draft_args["params"], self.cfg, self.dtype), params,
-                              self.cfg, prefix_draft["h"][:, None].astype(self.dtype),
-                              first[None, None], (length - 1)[None, None],
-                              cache_kv=(prefix_draft["k"], prefix_draft["v"]))
-        return {"k": k, "v": v, "h": h[:, 0].astype(jnp.float32)}
+        h, kv = mtp_block(dense_draft(draft_args["params"], self.cfg, self.dtype), params,
+                          self.cfg, prefix_draft["h"][:, None].astype(self.dtype),
+                          first[None, None], (length - 1)[None, None],
+                          cache_kv=draft_kv(prefix_draft))
+        return with_kv(prefix_draft, kv, h[:, 0].astype(jnp.float32))
 
     def init_decode_state(self) -> DecodeState:
         return super().init_decode_state()._replace(

@@ -40,13 +40,16 @@ import jax.numpy as jnp
 
 from cpmjax.config import ModelConfig
 from cpmjax.model import forward, lm_head
-from cpmjax.model.cache import KVCache
+from cpmjax.model.cache import CACHE_FIELDS, KVCache
 from cpmjax.model.mtp import mtp_block
 from cpmjax.model.params import Params
 from cpmjax.quant.qforward import dense_draft, layer_transform_for
 from cpmjax.serve.sampling import argmax_last, top_k_mask, top_p_mask
+from cpmjax.sparse.cache import init_compressed
 
-DraftCache = dict[str, jax.Array]  # "k", "v": [B, S, KV, hd]; "h": [B, d] draft feature of d_0
+# "k", "v": [B, S, KV, hd]; sparse models also "kc1", "kc2" (compressed keys, [B, N, KV, hd]);
+# "h": [B, d] draft feature of d_0
+DraftCache = dict[str, jax.Array]
 
 
 def accept_chain(p: jax.Array, q: jax.Array, draft: jax.Array, keys: jax.Array
@@ -148,7 +151,7 @@ def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k:
     active = lengths >= 0
     draft_params = dense_draft(draft_params, cfg, dtype)
     step_keys = jax.vmap(lambda key: jax.random.split(key, k + 1))(keys)  # [B, k+1]
-    h, kv = draft["h"], (draft["k"], draft["v"])
+    h, kv = draft["h"], draft_kv(draft)
     drafts, qs = [], []
     for j in range(k):
         if j > 0:  # the draft reads its own previous proposal
@@ -181,14 +184,29 @@ def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k:
     hc, kv = mtp_block(draft_params, params, cfg, out.hidden, new, catch_up, cache_kv=kv,
                        kv_len=kv_len)
     h_next = jnp.where(active[:, None], hc[jnp.arange(B), n], draft["h"])
-    return RoundOut(out.cache, {"k": kv[0], "v": kv[1], "h": h_next.astype(draft["h"].dtype)},
+    return RoundOut(out.cache, with_kv(draft, kv, h_next.astype(draft["h"].dtype)),
                     new, jnp.where(active, n + 1, 0), jnp.where(active, nxt, last))
 
 
 def init_draft_cache(cfg: ModelConfig, batch: int, max_len: int,
                      dtype: Any = jnp.float32) -> DraftCache:
-    """The draft layer's own KV cache ``[B, S, KV, hd]`` and its per-row output feature ``[B, d]``
-    (during prefill: the target's hidden state at the prompt's last token)."""
+    """The draft layer's own KV cache ``[B, S, KV, D]`` (with the compressed keys of a sparse
+    model, so its multi-token writes update them in O(new tokens)) and its per-row output
+    feature ``[B, d]`` (during prefill: the target's hidden state at the prompt's last token)."""
     shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "h": jnp.zeros((batch, cfg.hidden_size), jnp.float32)}
+    cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+             "h": jnp.zeros((batch, cfg.hidden_size), jnp.float32)}
+    if cfg.sparse_config is not None:
+        cache["kc1"], cache["kc2"] = init_compressed(cfg.sparse_config, batch, max_len,
+                                                     cfg.num_key_value_heads, cfg.head_dim)
+    return cache
+
+
+def draft_kv(draft: DraftCache) -> tuple[jax.Array, ...]:
+    """The draft layer's cache tuple as `mtp_block` takes it (the model's cache field order)."""
+    return tuple(draft[n] for n in CACHE_FIELDS if n in draft)
+
+
+def with_kv(draft: DraftCache, kv: tuple[jax.Array, ...], h: jax.Array) -> DraftCache:
+    """``draft`` with the cache tuple ``kv`` (from `mtp_block`) and the feature ``h``."""
+    return {**dict(zip([n for n in CACHE_FIELDS if n in draft], kv)), "h": h}

@@ -2,10 +2,16 @@
 
 HF keeps the fine (kernel_size/stride) and coarse (4x) mean-pooled keys plus a buffer of the
 keys not yet compressed. Our KV cache is preallocated and holds every key at its absolute
-position, so the "not yet compressed" tail is simply the cache itself: when a key completes a
-kernel (its position is ``stride*j + size - 1``) kernel j is the mean of the ``size`` cached keys
-ending there, written at index j. A step of one token does O(size) work per layer; a longer
-write (prefill into the cache) re-pools the whole row once.
+position, so the "not yet compressed" tail is simply the cache itself: kernel j (keys
+``stride*j .. stride*j + size - 1``) is written at index j when the key at its last position is
+written. A write of T tokens (a decode step, a prefill chunk, a verification or draft step)
+recomputes only the kernels ending inside the written positions, at most ``ceil(T / stride)``
+per row: O(new tokens), whatever the cache length.
+
+Rows write a run of consecutive positions per step (negative positions are padding), as every
+caller does; positions may go back (speculative decoding rewrites rejected drafts), which
+rewrites the kernels ending there. Kernels past a row's length hold stale or zero values;
+selection never sees them because a kernel is visible only once the query has reached its end.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from cpmjax.config import SparseConfig
-from kernels.infllmv2.selection import pooled_kernels
+from kernels.infllmv2.documents import window_means
 
 Compressed = tuple[jax.Array, jax.Array]  # fine, coarse: [B, N, KV, D] float32
 
@@ -35,40 +41,46 @@ def init_compressed(sc: SparseConfig, batch: int, max_len: int, kv_heads: int,
                            jnp.float32) for size, stride in kernel_shapes(sc))
 
 
-def kernel_ends(n: int, size: int, stride: int, batch: int) -> jax.Array:
-    """Absolute end position of kernel j = ``stride*j + size - 1``, ``[B, n]``."""
-    return jnp.broadcast_to(stride * jnp.arange(n, dtype=jnp.int32) + size - 1, (batch, n))
+def truncate_compressed(compressed: Compressed, kv_len: int, sc: SparseConfig) -> Compressed:
+    """The kernels a read of the first ``kv_len`` cache positions can see."""
+    return tuple(c[:, :n_kernels(kv_len, size, stride)]
+                 for c, (size, stride) in zip(compressed, kernel_shapes(sc)))
 
 
 def update_compressed(compressed: Compressed, keys: jax.Array, positions: jax.Array,
                       sc: SparseConfig) -> Compressed:
     """Kernel caches after ``keys [B, S, KV, D]`` (already holding the new tokens) were written
-    at ``positions [B, T]`` (negative = padding, not written).
-
-    Kernels past the written length hold stale or zero values; selection never sees them
-    because a kernel is visible only once the query has reached its end position.
-    """
-    out = []
-    for cache, (size, stride) in zip(compressed, kernel_shapes(sc)):
-        if cache.shape[1] == 0:
-            out.append(cache)
-        elif positions.shape[1] == 1:
-            out.append(_append_one(cache, keys, positions[:, 0], size, stride))
-        else:
-            out.append(jnp.transpose(pooled_kernels(keys, size, stride), (0, 2, 1, 3)))
-    return tuple(out)
+    at ``positions [B, T]`` (negative = padding, not written)."""
+    return tuple(cache if cache.shape[1] == 0 else _write_completed(cache, keys, positions, size,
+                                                                    stride)
+                 for cache, (size, stride) in zip(compressed, kernel_shapes(sc)))
 
 
-def _append_one(cache: jax.Array, keys: jax.Array, pos: jax.Array, size: int,
-                stride: int) -> jax.Array:
-    """Write the kernel that the key at ``pos`` completes, if any (one decode step)."""
+def _write_completed(cache: jax.Array, keys: jax.Array, positions: jax.Array, size: int,
+                     stride: int) -> jax.Array:
+    """Recompute the kernels whose end position is among ``positions`` (one run per row)."""
+    b, t = positions.shape
     n = cache.shape[1]
-    first = pos - size + 1
-    done = (first >= 0) & (first % stride == 0)
-    j = jnp.where(done, first // stride, n)  # out of range: dropped
+    written = positions >= 0
+    lo = jnp.min(jnp.where(written, positions, jnp.iinfo(jnp.int32).max), axis=1)  # [B]
+    lo = jnp.where(written.any(axis=1), lo, 0)  # a row writing nothing matches no end below
+    first = jnp.maximum(-((size - 1 - lo) // stride), 0)  # the first kernel ending at >= lo
+    j = first[:, None] + jnp.arange(-(-t // stride))  # [B, m]: every kernel ending in the run
+    end = stride * j + size - 1
+    done = (end[:, :, None] == jnp.where(written, positions, -1)[:, None, :]).any(-1)
+    j = jnp.where(done & (j < n), j, n)  # n: dropped
 
-    def window(row: jax.Array, start: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_slice_in_dim(row, jnp.maximum(start, 0), size, axis=0)
-
-    mean = jax.vmap(window)(keys.astype(jnp.float32), first).mean(axis=1)  # [B, KV, D]
-    return cache.at[jnp.arange(cache.shape[0]), j].set(mean, mode="drop")
+    # Each row's kernels span one run of keys: cut it with a per-row dynamic slice (a batched
+    # gather of the windows straight from the cache made libtpu relayout the whole cache, seen
+    # in the compiled HLO of a batch-8 decode step), then take the windows from that run.
+    s = keys.shape[1]
+    span = min(stride * (j.shape[1] - 1) + size, s)
+    start = jnp.clip(end[:, 0] - size + 1, 0, s - span)  # [B]
+    run = jnp.concatenate([jax.lax.dynamic_slice(keys, (i, start[i], 0, 0),
+                                                 (1, span, *keys.shape[2:]))
+                           for i in range(b)])  # [B, span, KV, D]
+    offsets = jnp.clip(end - size + 1 - start[:, None], 0, span - size)  # [B, m]
+    windows = jnp.take_along_axis(
+        run[:, None], (offsets[:, :, None] + jnp.arange(size))[:, :, :, None, None], axis=2)
+    means = window_means(windows, stride)
+    return cache.at[jnp.arange(b)[:, None], j].set(means, mode="drop")

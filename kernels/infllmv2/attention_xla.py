@@ -8,7 +8,9 @@ Query positions are an array ``[B or 1, Tq]``, so the same code serves the stati
 `api.sparse_attention` (``cache_len + t``) and queries at per-row dynamic positions in a
 position-addressed KV cache (`api.sparse_attention_at`: decode, speculative verification,
 prefill chunks). XLA fuses the `kv_blocks` relayout into the gather, so only the selected
-blocks of the cache are read.
+blocks of the cache are read. Packed rows give each query its document's first row position
+(``key_offset``): block b is then the window of keys ``key_offset + block_size * b ..``, which
+the gather reads at any offset.
 """
 from __future__ import annotations
 
@@ -28,21 +30,28 @@ def kv_blocks(x: jax.Array, block_size: int) -> jax.Array:
 
 
 def sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax.Array,
-                         q_pos: jax.Array, *, block_size: int, softmax_scale: float | None = None,
+                         q_pos: jax.Array, key_offset: jax.Array | None = None, *,
+                         block_size: int, softmax_scale: float | None = None,
                          query_chunk: int = 128) -> jax.Array:
     """q [B, Tq, H, D], k/v [B, Tk, KV, D], block_idx int32 [B, KV, Tq, topk], q_pos int
-    [B or 1, Tq] -> [B, Tq, H, D]. Key s is visible iff its block is selected and
-    ``s <= q_pos`` (s < Tk); a query with none (e.g. q_pos < 0, padding) gives zeros."""
+    [B or 1, Tq] -> [B, Tq, H, D]. Key s is visible iff it lies in a selected block (block b
+    spans ``key_offset + block_size * b + [0, block_size)``, ``key_offset [B, Tq]`` default 0)
+    and ``s <= q_pos`` (s < Tk); a query with none (e.g. q_pos < 0, padding) gives zeros."""
     b, tq, h, d = q.shape
     tk, kvh = k.shape[1], k.shape[2]
     n_blocks = -(-tk // block_size)
-    if block_idx.shape[-1] > n_blocks:
+    if key_offset is None and block_idx.shape[-1] > n_blocks:
         # a row holds at most n_blocks distinct blocks: keep its n_blocks largest entries (every
         # valid id, in any order) so a short cache with a large topk gathers no empty slots
         block_idx = jax.lax.top_k(block_idx, n_blocks)[0]
     g, topk = h // kvh, block_idx.shape[-1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    kb, vb = kv_blocks(k, block_size), kv_blocks(v, block_size)
+    if key_offset is None:
+        kb, vb = kv_blocks(k, block_size), kv_blocks(v, block_size)
+    else:  # head-major rows with one spare block, so every window lies inside
+        kb, vb = (jnp.pad(x, ((0, 0), (0, block_size), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+                  for x in (k, v))
+        key_offset = jnp.broadcast_to(key_offset, (b, tq))
     chunk = min(query_chunk, tq)
     n_chunks = -(-tq // chunk)
     tp = n_chunks * chunk
@@ -52,20 +61,33 @@ def sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: ja
     ic = ic.reshape(b, kvh, n_chunks, chunk, topk).transpose(2, 0, 1, 3, 4)  # [n,B,KV,c,topk]
     pos = jnp.pad(q_pos, ((0, 0), (0, tp - tq)), constant_values=-1)
     pos = pos.reshape(pos.shape[0], n_chunks, chunk).transpose(1, 0, 2)  # [n, B or 1, c]
+    off = jnp.zeros((1, tp), jnp.int32) if key_offset is None else jnp.pad(
+        key_offset, ((0, 0), (0, tp - tq)))
+    off = off.reshape(off.shape[0], n_chunks, chunk).transpose(1, 0, 2)  # [n, B or 1, c]
 
-    gather = jax.vmap(jax.vmap(lambda xb, i: xb[i]))  # over B, KV: [nb,bs,D][c,topk] -> [c,topk,bs,D]
+    window = jax.vmap(jax.vmap(lambda x, s0: jax.lax.dynamic_slice_in_dim(
+        x, s0, block_size, axis=0), in_axes=(None, 0)), in_axes=(None, 0))
+
+    def gather(x: jax.Array, idx: jax.Array, qoff: jax.Array) -> jax.Array:
+        """Over B, KV: the selected blocks ``[c, topk, bs, D]`` of each query."""
+        if key_offset is None:  # [nb, bs, D][c, topk]
+            return jax.vmap(jax.vmap(lambda xb, i: xb[i]))(x, idx)
+        # windows of bs keys at any start: [Tk + bs, D][c, topk]
+        return jax.vmap(jax.vmap(lambda xh, i, o: window(xh, i * block_size + o[:, None]),
+                                 in_axes=(0, 0, None)))(x, idx, qoff)
 
     @jax.checkpoint
     def one_chunk(kb: jax.Array, vb: jax.Array, qch: jax.Array, idx: jax.Array,
-                  qpos: jax.Array) -> jax.Array:
+                  qpos: jax.Array, qoff: jax.Array) -> jax.Array:
         safe = jnp.maximum(idx, 0)
+        qoff = jnp.broadcast_to(qoff, (b, chunk))
         n_keys = topk * block_size  # the selected blocks' keys, flat: one reduction axis
-        ks = gather(kb, safe).reshape(b, kvh, chunk, n_keys, d)
-        vs = gather(vb, safe).reshape(b, kvh, chunk, n_keys, d)
+        ks = gather(kb, safe, qoff).reshape(b, kvh, chunk, n_keys, d)
+        vs = gather(vb, safe, qoff).reshape(b, kvh, chunk, n_keys, d)
         s = jnp.einsum("bkcgd,bkcsd->bkcgs", qch, ks,
                        preferred_element_type=jnp.float32) * scale
-        key_pos = (idx[..., None] * block_size + jnp.arange(block_size)).reshape(
-            b, kvh, chunk, n_keys)
+        key_pos = (idx[..., None] * block_size + jnp.arange(block_size)
+                   + qoff[:, None, :, None, None]).reshape(b, kvh, chunk, n_keys)
         mask = ((jnp.repeat(idx, block_size, axis=-1) >= 0)
                 & (key_pos <= qpos[:, None, :, None]) & (key_pos < tk))
         mask = mask[:, :, :, None]  # broadcast over G
@@ -78,5 +100,5 @@ def sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: ja
                        preferred_element_type=jnp.float32)
         return o.astype(q.dtype)
 
-    out = jax.lax.map(lambda a: one_chunk(kb, vb, *a), (qc, ic, pos))  # [n, B, KV, c, G, D]
+    out = jax.lax.map(lambda a: one_chunk(kb, vb, *a), (qc, ic, pos, off))  # [n,B,KV,c,G,D]
     return out.transpose(1, 0, 3, 2, 4, 5).reshape(b, tp, h, d)[:, :tq]

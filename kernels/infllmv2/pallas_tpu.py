@@ -1,33 +1,74 @@
 """Stage-2 forward of InfLLM v2 as a Pallas TPU (Mosaic) kernel.
 
-Layout: one grid step = (batch, KV head, query token, selected-block slot). The query tile is
-the G query heads of one token and one KV group, [G, D], so every KV block read from HBM serves
-all G heads (the same grouping the CUDA kernel uses for its MMA, infllmv2_cuda_impl). Per-token
-block lists arrive through `PrefetchScalarGridSpec` (scalar memory), and the K/V index maps
-read them, so only selected blocks are DMA'd. Online softmax across the `topk` axis; unused
-(-1) slots are skipped with `pl.when` and map to block 0 (no extra DMA after the first).
+Layout: one grid step = (batch, KV head, query token, slot). The query tile is the G query
+heads of one token and one KV group, [G, D], so every KV block read from HBM serves all G heads
+(the same grouping the CUDA kernel uses for its MMA, infllmv2_cuda_impl). Each token's slots
+(`documents.kernel_slots` codes: an aligned block and the key range to read in it) and each
+token's position arrive through `PrefetchScalarGridSpec` (scalar memory); the K/V index maps
+read them, so only selected blocks are DMA'd, and the causal mask uses the token's own position
+(static prefill, per-row positions in a KV cache, padding at position -1). Online softmax
+across the slot axis; unused slots are skipped with `pl.when` and name the block the slot
+before them read, so the pipeline fetches nothing for them.
+
+K and V are passed in their own shape ``[B, Tk, KV, D]``, so a decode step DMAs the selected
+blocks of the KV cache in place. Mosaic needs the last two block dims to be (8, 128)-divisible
+or whole, so a block is ``[block_size, KV, D]`` (every KV head of those keys, one contiguous
+DMA) and the step reads its head's ``[block_size, D]`` slice (`head_tiles`). An earlier
+version viewed K/V as ``[B, Tk, KV * D]`` for per-head lane blocks; libtpu implements that
+reshape of a cache in its tiled layout as a copy of the whole cache each step (seen in the
+compiled HLO of a decode step, ``cpmjax.sparse.scale_check``).
 """
 from __future__ import annotations
 
 import functools
-import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .attention_xla import kv_blocks
+from .documents import decode_slot
 
 _MASKED = -1e30  # finite "minus infinity" keeps the online softmax NaN-free
 
 
-def _fwd_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, *rest, scale: float, block_size: int,
-                cache_len: int, topk: int, with_lse: bool) -> None:
+def kv_spec(block_size: int, kv_heads: int, head_dim: int,
+            block_of: Callable[..., jax.Array]) -> pl.BlockSpec:
+    """BlockSpec of K/V ``[B, Tk, KV, D]``: aligned block ``block_of(*grid, *refs)``, all heads
+    (the grid's head axis picks one in the kernel, `head_tiles`)."""
+    return pl.BlockSpec((None, block_size, kv_heads, head_dim),
+                        lambda bi, hi, *rest: (bi, block_of(bi, hi, *rest), 0, 0))
+
+
+def head_tiles(refs: tuple[Any, ...], head: jax.Array, kv_heads: int,
+               fn: Callable[..., None]) -> None:
+    """Call ``fn`` with head ``head``'s ``[block_size, D]`` tiles of ``[block_size, KV, D]``
+    K/V-like refs (static sublane slices; the grid's head picks one)."""
+    for i in range(kv_heads):
+        pl.when(head == i)(lambda i=i: fn(*(r[:, i, :] for r in refs)))
+
+
+def slot_mask(shape: tuple[int, int], code: jax.Array, q_pos: jax.Array, *, block_size: int,
+              n_keys: int) -> tuple[jax.Array, jax.Array]:
+    """(mask [G, bs] of keys visible to the query in this slot, key validity [bs, 1]).
+
+    A key is visible iff it is in the slot's range, at or before the query, and exists."""
+    blk, lo, hi = decode_slot(code, block_size)
+    off = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+    key_pos = blk * block_size + off
+    mask = (off >= lo) & (off < hi) & (key_pos <= q_pos) & (key_pos < n_keys)
+    rows = blk * block_size + jax.lax.broadcasted_iota(jnp.int32, (block_size, 1), 0)
+    return mask, rows < n_keys
+
+
+def _fwd_kernel(code_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *rest, scale: float,
+                block_size: int, n_slots: int, n_keys: int, kv_heads: int,
+                with_lse: bool) -> None:
     lse_ref = rest[0] if with_lse else None
     m_sc, l_sc, acc_sc = rest[-3:]
     b, h, t, s = (pl.program_id(i) for i in range(4))
+    n_t = pl.num_programs(2)
 
     @pl.when(s == 0)
     def _init() -> None:
@@ -35,29 +76,30 @@ def _fwd_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, *rest, scale: float, block_
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-    n_h, n_t = pl.num_programs(1), pl.num_programs(2)
-    blk = idx_ref[((b * n_h + h) * n_t + t) * topk + s]
+    code = code_ref[((b * kv_heads + h) * n_t + t) * n_slots + s]
 
-    @pl.when(blk >= 0)
-    def _step() -> None:
+    def step(k: jax.Array, v: jax.Array) -> None:
         q = q_ref[...]
-        k = k_ref[...]
         sc = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                  preferred_element_type=jnp.float32) * scale  # [G, bs]
-        key_pos = blk * block_size + jax.lax.broadcasted_iota(jnp.int32, sc.shape, 1)
-        mask = key_pos <= cache_len + t
+        mask, rows = slot_mask(sc.shape, code, pos_ref[b * n_t + t], block_size=block_size,
+                               n_keys=n_keys)
+        if n_keys % block_size:  # the last block's tail is not part of K/V
+            v = jnp.where(rows, v, jnp.zeros_like(v))
         sc = jnp.where(mask, sc, _MASKED)
         m_prev = m_sc[...]
         m_new = jnp.maximum(m_prev, sc.max(axis=1, keepdims=True))
         p = jnp.where(mask, jnp.exp(sc - m_new), 0.0)
         alpha = jnp.exp(m_prev - m_new)
         l_sc[...] = alpha * l_sc[...] + p.sum(axis=1, keepdims=True)
-        pv = jax.lax.dot_general(p.astype(v_ref.dtype), v_ref[...], (((1,), (0,)), ((), ())),
+        pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32)
         acc_sc[...] = alpha * acc_sc[...] + pv
         m_sc[...] = m_new
 
-    @pl.when(s == topk - 1)
+    pl.when(code >= 0)(lambda: head_tiles((k_ref, v_ref), h, kv_heads, step))
+
+    @pl.when(s == n_slots - 1)
     def _finish() -> None:
         l = l_sc[...]
         o_ref[...] = jnp.where(l > 0, acc_sc[...] / jnp.where(l > 0, l, 1.0), 0.0).astype(o_ref.dtype)
@@ -65,47 +107,44 @@ def _fwd_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, *rest, scale: float, block_
             lse_ref[...] = jnp.where(l > 0, m_sc[...] + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
 
 
-def sparse_attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax.Array, *,
-                         block_size: int, cache_len: int = 0, softmax_scale: float | None = None,
+def sparse_attention_fwd(qg: jax.Array, k: jax.Array, v: jax.Array, codes: jax.Array,
+                         q_pos: jax.Array, *, block_size: int, scale: float,
                          interpret: Any = False, return_lse: bool = False):
-    """Forward; q [B, Tq, H, D], k/v [B, Tk, KV, D], block_idx [B, KV, Tq, topk].
+    """Forward; qg [B, KV, Tq, G, D] (queries grouped by KV head), k/v [B, Tk, KV, D], codes
+    [B, KV, Tq, S] from `documents.kernel_slots`, q_pos [B, Tq] -> out [B, KV, Tq, G, D].
 
     `interpret`: False on TPU, True or `pltpu.InterpretParams()` on CPU. With `return_lse`
     also returns the float32 log-sum-exp [B, KV, Tq, G, 1] of the scaled scores (the backward's
     residual); without it the kernel writes no extra output.
     """
-    b, tq, h, d = q.shape
-    kvh = k.shape[2]
-    g, topk = h // kvh, block_idx.shape[-1]
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    qg = q.reshape(b, tq, kvh, g, d).transpose(0, 2, 1, 3, 4)  # [B, KV, Tq, G, D]
-    flat_idx = block_idx.astype(jnp.int32).reshape(-1)
+    b, kvh, tq, g, d = qg.shape
+    tk, n_slots = k.shape[1], codes.shape[-1]
 
-    def kv_map(bi, hi, ti, si, idx_ref):
-        blk = idx_ref[((bi * kvh + hi) * tq + ti) * topk + si]
-        return bi, hi, jnp.maximum(blk, 0), 0, 0
+    def block_of(bi, hi, ti, si, code_ref, pos_ref):
+        return decode_slot(code_ref[((bi * kvh + hi) * tq + ti) * n_slots + si], block_size)[0]
 
-    kv_spec = pl.BlockSpec((None, None, None, block_size, d), kv_map)
-    token_map = lambda bi, hi, ti, si, idx_ref: (bi, hi, ti, 0, 0)  # noqa: E731
+    kv = kv_spec(block_size, kvh, d, block_of)
+    token_map = lambda bi, hi, ti, si, *_: (bi, hi, ti, 0, 0)  # noqa: E731
     qo_spec = pl.BlockSpec((None, None, None, g, d), token_map)
     lse_spec = pl.BlockSpec((None, None, None, g, 1), token_map)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=1,
-        grid=(b, kvh, tq, topk),
-        in_specs=[qo_spec, kv_spec, kv_spec],
+        num_scalar_prefetch=2,
+        grid=(b, kvh, tq, n_slots),
+        in_specs=[qo_spec, kv, kv],
         out_specs=[qo_spec, lse_spec] if return_lse else qo_spec,
         scratch_shapes=[pltpu.VMEM((g, 1), jnp.float32), pltpu.VMEM((g, 1), jnp.float32),
                         pltpu.VMEM((g, d), jnp.float32)],
     )
     kernel = functools.partial(_fwd_kernel, scale=scale, block_size=block_size,
-                               cache_len=cache_len, topk=topk, with_lse=return_lse)
-    o_shape = jax.ShapeDtypeStruct(qg.shape, q.dtype)
+                               n_slots=n_slots, n_keys=tk, kv_heads=kvh,
+                               with_lse=return_lse)
+    o_shape = jax.ShapeDtypeStruct(qg.shape, qg.dtype)
     lse_shape = jax.ShapeDtypeStruct((*qg.shape[:-1], 1), jnp.float32)
-    res = pl.pallas_call(
+    return pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
         out_shape=[o_shape, lse_shape] if return_lse else o_shape,
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
-    )(flat_idx, qg, kv_blocks(k, block_size), kv_blocks(v, block_size))
-    out = (res[0] if return_lse else res).transpose(0, 2, 1, 3, 4).reshape(b, tq, h, d)
-    return (out, res[1]) if return_lse else out
+    )(codes.reshape(-1), q_pos.astype(jnp.int32).reshape(-1), qg, k, v)

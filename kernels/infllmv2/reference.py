@@ -77,19 +77,26 @@ def select_blocks_reference(q: jax.Array, k: jax.Array, *, kernel_size: int, ker
 
 def sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax.Array, *,
                                block_size: int, cache_len: int = 0,
-                               softmax_scale: float | None = None) -> jax.Array:
-    """Step H with a dense token-level mask: key s visible to query t iff block(s) is in
-    block_idx[b, kv, t] and s <= cache_len + t. Rows with no visible key give zeros. f32 math."""
+                               softmax_scale: float | None = None, q_pos: jax.Array | None = None,
+                               key_offset: jax.Array | None = None) -> jax.Array:
+    """Step H with a dense token-level mask: key s visible to query t iff it lies in a block of
+    block_idx[b, kv, t] (block j spans ``key_offset + block_size * j ..``, key_offset [B, Tq]
+    default 0) and s <= q_pos (default ``cache_len + t``). Rows with no visible key give zeros.
+    f32 math."""
     b, tq, h, d = q.shape
     tk, kvh = k.shape[1], k.shape[2]
     g = h // kvh
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    n_blocks = -(-tk // block_size)
+    q_pos = (cache_len + jnp.arange(tq))[None] if q_pos is None else q_pos
+    off = jnp.zeros((1, tq), jnp.int32) if key_offset is None else key_offset
+    n_blocks = -(-tk // block_size) + 1
     one_hot = jax.nn.one_hot(jnp.where(block_idx < 0, n_blocks, block_idx), n_blocks + 1,
                              dtype=bool).any(axis=-2)[..., :n_blocks]  # [B, KV, Tq, n_blocks]
-    key_block = jnp.arange(tk) // block_size
-    mask = one_hot[..., key_block]  # [B, KV, Tq, Tk]
-    mask &= jnp.arange(tk)[None, :] <= (cache_len + jnp.arange(tq))[:, None]
+    rel = jnp.arange(tk)[None, None, :] - off[:, :, None]  # [B or 1, Tq, Tk]
+    key_block = jnp.where(rel >= 0, rel // block_size, n_blocks - 1)
+    key_block = jnp.broadcast_to(key_block, (b, tq, tk))
+    mask = jnp.take_along_axis(one_hot, key_block[:, None], axis=-1)  # [B, KV, Tq, Tk]
+    mask &= (rel >= 0)[:, None] & (jnp.arange(tk)[None, None, :] <= q_pos[:, :, None])[:, None]
     qf = q.astype(jnp.float32).reshape(b, tq, kvh, g, d)
     s = jnp.einsum("btkgd,bskd->bkgts", qf, k.astype(jnp.float32)) * scale
     s = jnp.where(mask[:, :, None], s, -jnp.inf)

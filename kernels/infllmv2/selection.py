@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .documents import DocumentKernels, Documents, document_kernels
+
 Pooled = tuple[jax.Array, jax.Array]  # kernels [B, KV, N, D] f32, visible (broadcasts to [B, KV, G, Tq, N])
 BlockMax = Callable[[jax.Array], jax.Array]  # [B, KV, Tq, N] kernel scores -> [B, KV, Tq, n_blocks]
 
@@ -60,16 +62,21 @@ def _block_kernel_windows(n_blocks: int, n1: int, size: int, stride: int,
 
 def select_from_pooled(q: jax.Array, fine: Pooled, coarse: Pooled | None, q_pos: jax.Array,
                        block_max: BlockMax, *, n_blocks: int, block_size: int, topk: int,
-                       init_blocks: int, local_blocks: int) -> jax.Array:
+                       init_blocks: int, local_blocks: int, dense: jax.Array | None = None,
+                       slots: int | None = None) -> jax.Array:
     """Steps C-G for queries ``q [B, KV, G, Tq, D]`` at positions ``q_pos [B or 1, Tq]``.
 
     ``fine`` gives the block scores; ``coarse`` (None: ``fine``) the log-sum-exp that
     normalises them (HF's LSE approximation). Kernels that are not visible score 0, blocks
-    that ``block_max`` gives no kernel score -inf, as HF. Returns int32 ``[B, KV, Tq, topk]``:
-    selected blocks ascending, -1 for unused slots and for blocks after the query's own.
+    that ``block_max`` gives no kernel score -inf, as HF. ``dense [B or 1, Tq]`` (optional)
+    marks queries of sequences in dense mode (HF's ``dense_len`` switch): they keep every block
+    up to their own, which needs ``slots`` (>= topk) entries. Returns int32
+    ``[B, KV, Tq, slots or topk]``: selected blocks ascending, -1 for unused slots and for
+    blocks after the query's own.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     qf = q.astype(jnp.float32)
+    slots = topk if slots is None else slots
 
     def scores(pooled: Pooled) -> tuple[jax.Array, jax.Array]:
         kc, vis = pooled
@@ -84,13 +91,19 @@ def select_from_pooled(q: jax.Array, fine: Pooled, coarse: Pooled | None, q_pos:
     blocks = jnp.arange(n_blocks)
     qblock = (q_pos // block_size)[:, None, :, None]
     forced = (blocks < init_blocks) | ((blocks >= qblock - local_blocks) & (blocks <= qblock))
+    if dense is not None:
+        forced |= dense[:, None, :, None] & (blocks <= qblock)
     score = jnp.where(forced, jnp.inf, score)
     kk = min(topk, n_blocks)
-    _, idx = jax.lax.top_k(score, kk)  # step G
+    wide = min(slots, n_blocks) if dense is not None else kk
+    _, idx = jax.lax.top_k(score, wide)  # step G (descending, ties to the lower block)
+    if wide > kk:  # a sparse-mode query keeps its top kk only
+        keep = jnp.arange(wide) < jnp.where(dense[:, None, :, None], wide, kk)
+        idx = jnp.where(keep, idx, n_blocks)
     # ascending order with dropped (future) blocks last, as -1
     idx = jnp.sort(jnp.where(idx > qblock, n_blocks, idx), axis=-1)
     idx = jnp.where(idx == n_blocks, -1, idx).astype(jnp.int32)
-    idx = jnp.pad(idx, ((0, 0), (0, 0), (0, 0), (0, topk - kk)), constant_values=-1)
+    idx = jnp.pad(idx, ((0, 0), (0, 0), (0, 0), (0, slots - wide)), constant_values=-1)
     return jax.lax.stop_gradient(idx)
 
 
@@ -107,52 +120,64 @@ def window_block_max(n_kernels: int, n_blocks: int, size: int, stride: int,
     return block_max
 
 
+def _over_query_chunks(q: jax.Array, kv_heads: int, per_query: tuple[jax.Array, ...],
+                       query_chunk: int, select_chunk: Callable[..., jax.Array]) -> jax.Array:
+    """Run ``select_chunk(q_chunk [B, KV, G, c, D], *per_query_chunks [B or 1, c])`` over query
+    chunks with ``lax.map`` (live scores ``[B, KV, G, c, n_kernels]``, never ``Tq x Tk``);
+    padded queries get position -1. Returns the chunks' ``[B, KV, c, S]`` joined on Tq."""
+    b, tq, h, d = q.shape
+    chunk = min(query_chunk, tq)
+    n_chunks = -(-tq // chunk)
+    pad = n_chunks * chunk - tq
+
+    def split(x: jax.Array, fill: int | bool) -> jax.Array:  # [B or 1, Tq] -> [n, B or 1, c]
+        x = jnp.pad(x, ((0, 0), (0, pad)), constant_values=fill)
+        return x.reshape(x.shape[0], n_chunks, chunk).transpose(1, 0, 2)
+
+    kvh = kv_heads
+    qc = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    qc = qc.reshape(b, n_chunks, chunk, kvh, h // kvh, d).transpose(1, 0, 3, 4, 2, 5)
+    chunks = tuple(split(x, False if x.dtype == bool else -1) for x in per_query)
+    out = jax.lax.map(lambda a: select_chunk(*a), (qc, *chunks))  # [n, B, KV, c, S]
+    return out.transpose(1, 2, 0, 3, 4).reshape(b, kvh, n_chunks * chunk, -1)[:, :, :tq]
+
+
 def select_from_kernels(q: jax.Array, fine: jax.Array, coarse: jax.Array | None,
                         q_pos: jax.Array, *, n_blocks: int, kernel_size: int, kernel_stride: int,
                         block_size: int, topk: int, init_blocks: int, local_blocks: int,
-                        query_chunk: int = 256) -> jax.Array:
+                        query_chunk: int = 256, dense: jax.Array | None = None,
+                        slots: int | None = None) -> jax.Array:
     """Stage 1 from pooled keys ``[B, KV, N, D]`` at their fixed positions, over query chunks.
 
     ``q [B, Tq, H, D]`` at positions ``q_pos [B or 1, Tq]`` (per row and dynamic in decode from
     a position-addressed cache); a kernel is visible once the query has reached its last key.
-    ``coarse`` (4x kernels) gives the LSE approximation, None uses ``fine``. Returns int32
-    ``[B, KV, Tq, topk]`` as `select_from_pooled`.
+    ``coarse`` (4x kernels) gives the LSE approximation, None uses ``fine``. ``dense`` and
+    ``slots`` as `select_from_pooled`. Returns int32 ``[B, KV, Tq, slots or topk]``.
     """
-    b, tq, h, d = q.shape
-    kvh = fine.shape[1]
-    g = h // kvh
     end1 = kernel_stride * jnp.arange(fine.shape[2]) + kernel_size - 1
     end2 = 4 * kernel_stride * jnp.arange(coarse.shape[2]) + 4 * kernel_size - 1 if (
         coarse is not None) else None
     block_max = window_block_max(fine.shape[2], n_blocks, kernel_size, kernel_stride, block_size)
+    kw = dict(n_blocks=n_blocks, block_size=block_size, topk=topk, init_blocks=init_blocks,
+              local_blocks=local_blocks, slots=slots)
 
-    chunk = min(query_chunk, tq)
-    n_chunks = -(-tq // chunk)
-    qp = jnp.pad(q, ((0, 0), (0, n_chunks * chunk - tq), (0, 0), (0, 0)))
-    qc = qp.reshape(b, n_chunks, chunk, kvh, g, d).transpose(1, 0, 3, 4, 2, 5)  # [n, B, KV, G, c, D]
-    pos = jnp.pad(q_pos, ((0, 0), (0, n_chunks * chunk - tq)), constant_values=-1)
-    pos = pos.reshape(pos.shape[0], n_chunks, chunk).transpose(1, 0, 2)  # [n, B or 1, c]
-
-    def one_chunk(args: tuple[jax.Array, jax.Array]) -> jax.Array:
-        qch, qpos = args
-
+    def one_chunk(qch: jax.Array, qpos: jax.Array, *rest: jax.Array) -> jax.Array:
         def visible(ends: jax.Array) -> jax.Array:
             return ends <= qpos[:, None, None, :, None]
 
         return select_from_pooled(
             qch, (fine, visible(end1)), None if coarse is None else (coarse, visible(end2)),
-            qpos, block_max, n_blocks=n_blocks, block_size=block_size, topk=topk,
-            init_blocks=init_blocks, local_blocks=local_blocks)
+            qpos, block_max, dense=rest[0] if rest else None, **kw)
 
-    out = jax.lax.map(one_chunk, (qc, pos))  # [n, B, KV, c, topk]
-    return out.transpose(1, 2, 0, 3, 4).reshape(b, kvh, n_chunks * chunk, topk)[:, :, :tq]
+    per_query = (q_pos,) if dense is None else (q_pos, jnp.broadcast_to(dense, q_pos.shape))
+    return _over_query_chunks(q, fine.shape[1], per_query, query_chunk, one_chunk)
 
 
 def select_blocks_chunked(q: jax.Array, k: jax.Array, *, kernel_size: int, kernel_stride: int,
                           block_size: int, topk: int, init_blocks: int, local_blocks: int,
                           lse_approx: bool = True, cache_len: int = 0,
                           query_chunk: int = 256) -> jax.Array:
-    """Stage 1 over query chunks. Same contract as `api.select_blocks`.
+    """Stage 1 over query chunks. Same contract as `api.select_blocks` without documents.
 
     Query t sits at ``cache_len + t``; in decode (Tq == 1) every full kernel ends at or before
     it, which is HF's non-causal decode stage 1.
@@ -164,3 +189,60 @@ def select_blocks_chunked(q: jax.Array, k: jax.Array, *, kernel_size: int, kerne
                                kernel_size=kernel_size, kernel_stride=kernel_stride,
                                block_size=block_size, topk=topk, init_blocks=init_blocks,
                                local_blocks=local_blocks, query_chunk=query_chunk)
+
+
+def select_blocks_packed(q: jax.Array, k: jax.Array, docs: Documents, *, kernel_size: int,
+                         kernel_stride: int, block_size: int, topk: int, init_blocks: int,
+                         local_blocks: int, lse_approx: bool = True, cache_len: int = 0,
+                         query_chunk: int = 256, dense_len: int = -1,
+                         slots: int | None = None) -> jax.Array:
+    """Stage 1 for packed rows: each query selects among the blocks of its own document, in
+    the document's coordinates, exactly what the document alone selects.
+
+    ``docs`` describes the key rows ``k [B, Tk, KV, D]``; query t is row position
+    ``cache_len + t``. Kernels are pooled per document (`documents.document_kernels`); a query
+    sees kernels of its document that end at or before it; block b of a document covers its
+    positions ``block_size * b ..``, and a block's score pools the document's kernels there
+    (the row-wide kernel list is shifted to the query's document before the max-pool).
+    Documents shorter than ``dense_len`` (> 0) keep all their blocks (``slots`` entries).
+    Returns int32 ``[B, KV, Tq, slots or topk]`` of document-relative block ids.
+    """
+    tq = q.shape[1]
+    tk = k.shape[1]
+    at = slice(cache_len, cache_len + tq)
+    fine = document_kernels(k, docs, kernel_size, kernel_stride)
+    coarse = document_kernels(k, docs, 4 * kernel_size, 4 * kernel_stride) if lse_approx else None
+    n_blocks = -(-tk // block_size)
+    n_rel = max((tk - kernel_size) // kernel_stride + 1, 0)  # kernels of a row-long document
+    block_max = window_block_max(n_rel, n_blocks, kernel_size, kernel_stride, block_size)
+    kw = dict(n_blocks=n_blocks, block_size=block_size, topk=topk, init_blocks=init_blocks,
+              local_blocks=local_blocks, slots=slots)
+    dense = docs.length[:, at] < dense_len if dense_len > 0 else None
+
+    def one_chunk(qch: jax.Array, qpos: jax.Array, qdoc: jax.Array, qfirst: jax.Array,
+                  *rest: jax.Array) -> jax.Array:
+        def pooled(kern: DocumentKernels) -> Pooled:
+            vis = (kern.doc[:, None, :] == qdoc[:, :, None]) & (kern.end[:, None, :] <= qpos[
+                :, :, None]) & (kern.end[:, None, :] >= 0)
+            return kern.keys, vis[:, None, None]
+
+        def doc_block_max(shared: jax.Array) -> jax.Array:
+            # the query's document's kernels, counted from its first; other documents' kernels
+            # do not exist for it (-inf, like kernels past a document's end)
+            if n_rel == 0:
+                return block_max(shared[..., :0])
+            rel = qfirst[:, :, None] + jnp.arange(n_rel)  # [B, c, n_rel]
+            safe = jnp.clip(rel, 0, fine.doc.shape[1] - 1)
+            mine = (rel < fine.doc.shape[1]) & (
+                jax.vmap(lambda d, i: d[i])(fine.doc, safe) == qdoc[:, :, None])
+            got = jnp.take_along_axis(
+                shared, jnp.broadcast_to(safe[:, None], shared.shape[:3] + (n_rel,)), axis=-1)
+            return block_max(jnp.where(mine[:, None], got, -jnp.inf))
+
+        return select_from_pooled(qch, pooled(fine), None if coarse is None else pooled(coarse),
+                                  qpos, doc_block_max, dense=rest[0] if rest else None, **kw)
+
+    per_query = (docs.pos[:, at], docs.start[:, at], fine.first[:, at])
+    if dense is not None:
+        per_query += (dense,)
+    return _over_query_chunks(q, k.shape[2], per_query, query_chunk, one_chunk)

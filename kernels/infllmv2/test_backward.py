@@ -10,6 +10,8 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.infllmv2 import sparse_attention
+from kernels.infllmv2.documents import kernel_slots
+from kernels.infllmv2.pallas_op import group_queries, ungroup_queries
 from kernels.infllmv2.pallas_tpu import sparse_attention_fwd as tpu_fwd
 from kernels.infllmv2.pallas_tpu_bwd import sparse_attention_bwd as tpu_bwd
 from kernels.infllmv2.reference import sparse_attention_reference
@@ -80,7 +82,7 @@ def test_query_chunks_give_the_unchunked_forward_and_grads(impl):
 
 
 def test_default_query_chunk_fits_scalar_memory():
-    from kernels.infllmv2.api import SMEM_INDEX_ENTRIES, query_chunk_for
+    from kernels.infllmv2.pallas_op import SMEM_INDEX_ENTRIES, query_chunk_for
 
     assert query_chunk_for(1, 2, 96, 4096) == 256  # MiniCPM4-8B shapes: 2 KV heads, topk 96
     assert query_chunk_for(1, 2, 96, 100) == 100  # small calls stay whole
@@ -104,31 +106,41 @@ def test_grads_bf16(impl):
 
 
 def test_tpu_backward_under_interpret_params():
-    """InterpretParams raises on out-of-range block DMAs, e.g. from a bad inverse index."""
+    """InterpretParams raises on out-of-range block DMAs, e.g. from a bad inverse index; the
+    dK/dV kernel adds into the accumulators it is given (query chunks rely on it)."""
     q, k, v, do, idx = _case(2, 10, 1, 4, 2, 8, 3, jnp.float32)
-    out, lse = tpu_fwd(q, k, v, idx, block_size=BS, cache_len=1, return_lse=True,
-                       interpret=pltpu.InterpretParams())
-    got = tpu_bwd(q, k, v, idx, out, lse, do, block_size=BS, cache_len=1,
-                  interpret=pltpu.InterpretParams())
+    pos = (1 + jnp.arange(10, dtype=jnp.int32))[None]
+    codes, qg, dog = kernel_slots(idx, None, pos, BS), group_queries(q, 2), group_queries(do, 2)
+    kw = dict(block_size=BS, scale=8 ** -0.5, interpret=pltpu.InterpretParams())
+    out, lse = tpu_fwd(qg, k, v, codes, pos, return_lse=True, **kw)
+    delta = (dog * out).sum(-1, keepdims=True)
+    acc = jnp.ones((1, 2, 3, BS, 8), jnp.float32)
+    dq, dk, dv = tpu_bwd(qg, k, v, codes, pos, lse, delta, dog, acc, acc, **kw)
     want = _grads("reference", q, k, v, do, idx, 1)
-    for a, b in zip(got, want):
-        np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(ungroup_queries(dq), want[0], atol=2e-5, rtol=2e-5)
+    for got, w in zip((dk, dv), want[1:]):  # [B, KV, nb, bs, D] -> [B, Tk, KV, D]
+        rows = (got - 1).transpose(0, 2, 3, 1, 4).reshape(1, 12, 2, 8)[:, :11]
+        np.testing.assert_allclose(rows, w, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 def test_tpu_backward_aot_compiles_for_v5e():
-    def train_like(q, k, v, i):
-        o, lse = tpu_fwd(q, k, v, i, block_size=64, return_lse=True)
-        return tpu_bwd(q, k, v, i, o, lse, o, block_size=64)
+    """The gradient on a packed row (3 documents, none block-aligned: the two-range slots)."""
+    seg = jnp.asarray(np.repeat([0, 1, 2], [100, 57, 99]))[None]
 
-    compiled = compile_for_v5e(train_like)
-    assert compiled.as_text().count("tpu_custom_call") >= 3  # forward, dQ, dK/dV
+    def grads(q, k, v, i):
+        return jax.grad(lambda *a: sparse_attention(*a, i, block_size=64, segment_ids=seg).astype(
+            jnp.float32).sum(), (0, 1, 2))(q, k, v)
+
+    compiled = compile_for_v5e(grads)
+    assert compiled.as_text().count("tpu_custom_call") == 3  # forward, dQ, dK/dV
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 def test_long_query_grad_compiles_for_v5e_only_in_chunks():
     """MiniCPM4-8B attention shapes (KV 2, topk 96) at 1K queries: one kernel call's block ids
-    overflow v5e's scalar memory; the default query chunks (256) compile."""
+    overflow v5e's scalar memory; the default query chunks (256) compile, as one kernel of each
+    kind under a loop over the chunks (so the kernel count does not grow with length)."""
     from jax.experimental import topologies
     from jax.sharding import Mesh, PartitionSpec as P
 
@@ -148,6 +160,6 @@ def test_long_query_grad_compiles_for_v5e_only_in_chunks():
                              check_vma=False)
         return jax.jit(step).lower(*args).compile()
 
-    assert compiled(None).as_text().count("tpu_custom_call") >= 3 * 4  # 4 chunks x 3 kernels
+    assert compiled(None).as_text().count("tpu_custom_call") == 3  # 4 chunks, 3 kernels
     with pytest.raises(Exception, match="SMEM|RESOURCE_EXHAUSTED|scalar memory"):
         compiled(t)

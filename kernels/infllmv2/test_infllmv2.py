@@ -10,7 +10,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.infllmv2 import select_blocks, sparse_attention
+from kernels.infllmv2 import ATTENTION, select_blocks, sparse_attention
+from kernels.infllmv2.documents import kernel_slots
+from kernels.infllmv2.pallas_op import group_queries, ungroup_queries
 from kernels.infllmv2.pallas_tpu import sparse_attention_fwd as tpu_fwd
 from kernels.infllmv2.reference import (select_blocks_reference, sparse_attention_reference)
 from kernels.infllmv2.selection import _block_kernel_windows, pooled_kernels
@@ -108,7 +110,20 @@ def test_sparse_equals_dense_when_all_blocks_fit(t, g, seed):
 
 # ---------------------------------------------------------------- stage 2: kernels
 
-IMPLS = ["xla", "pallas_interpret", "pallas_gpu_interpret"]
+# every registered stage-2 implementation that runs on this host (pallas_tpu / pallas_gpu need
+# their chip; the TPU kernel is compiled for TPU below, the GPU one has never run on a GPU)
+ON_HOST = [n for n in ATTENTION.names if n not in ("pallas_tpu", "pallas_gpu")]
+IMPLS = [n for n in ON_HOST if n != "reference"]
+
+
+def test_registry_names_and_defaults():
+    assert set(ATTENTION.names) == {"xla", "reference", "pallas_tpu", "pallas_interpret",
+                                    "pallas_gpu", "pallas_gpu_interpret"}
+    assert ATTENTION.resolve("auto", "tpu") == "pallas_tpu"
+    assert ATTENTION.resolve("auto", "gpu") == ATTENTION.resolve("auto", "cpu") == "xla"
+    with pytest.raises(ValueError, match="unknown implementation 'triton'"):
+        sparse_attention(*_qkv(0, 1, 4, 4, 2, 1, 8), jnp.zeros((1, 1, 4, 1), jnp.int32),
+                         block_size=4, implementation="triton")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -162,7 +177,7 @@ def test_attention_continuing_a_cache(impl):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", IMPLS + ["reference"])
+@pytest.mark.parametrize("impl", ON_HOST)
 def test_rows_without_blocks_are_zero(impl):
     q, k, v = _qkv(6, 1, 20, 20, 2, 1, 8)
     idx = jnp.full((1, 1, 20, 2), -1, jnp.int32).at[:, :, 10:, 0].set(0)
@@ -176,8 +191,10 @@ def test_tpu_kernel_under_interpret_params():
     q, k, v = _qkv(7, 1, t, t, 4, 1, 16)
     idx = select_blocks(q, k, topk=2, init_blocks=1, local_blocks=0, **SMALL)
     want = sparse_attention_reference(q, k, v, idx, block_size=16)
-    got = tpu_fwd(q, k, v, idx, block_size=16, interpret=pltpu.InterpretParams())
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    pos = jnp.arange(t, dtype=jnp.int32)[None]
+    got = tpu_fwd(group_queries(q, 1), k, v, kernel_slots(idx, None, pos, 16), pos,
+                  block_size=16, scale=0.25, interpret=pltpu.InterpretParams())
+    np.testing.assert_allclose(ungroup_queries(got), want, atol=1e-5, rtol=1e-5)
 
 
 def compile_for_v5e(fn):
@@ -199,5 +216,6 @@ def compile_for_v5e(fn):
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 def test_tpu_kernel_aot_compiles_for_v5e():
-    compiled = compile_for_v5e(lambda q, k, v, i: tpu_fwd(q, k, v, i, block_size=64))
-    assert "tpu_custom_call" in compiled.as_text()
+    """"auto" picks the TPU kernel when the program is compiled for a TPU (on this CPU host)."""
+    compiled = compile_for_v5e(lambda q, k, v, i: sparse_attention(q, k, v, i, block_size=64))
+    assert compiled.as_text().count("tpu_custom_call") == 1

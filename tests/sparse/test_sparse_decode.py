@@ -1,8 +1,10 @@
-"""InfLLM v2 decode through a KV cache: the cached path gathers only the selected blocks.
+"""InfLLM v2 decode through a KV cache: the cached path reads only the selected blocks.
 
 Rows at different lengths in one batch, token-by-token and k+1-token (speculative verification)
-steps, against the full-sequence forward and the masked (dense-cost) oracle; and a compiled-HLO
-check that no value as wide as the cache is computed.
+steps, against the full-sequence forward and the static op on each row's prefix; every stage-2
+implementation of the registry that runs here; compiled-HLO checks that no value as wide as the
+cache is computed and that compressed-key updates cost O(new tokens); the dense/sparse switch
+per slot, so a request's output does not depend on its batch companions.
 """
 from __future__ import annotations
 
@@ -14,8 +16,13 @@ import numpy as np
 import pytest
 
 from cpmjax.model import forward, init_cache, init_params
-from cpmjax.model.attention import attend
+from cpmjax.serve.engine import DecodeEngine
+from cpmjax.serve.scheduler import Scheduler
+from cpmjax.sparse import sparse_attend
 from cpmjax.sparse.cache import init_compressed, update_compressed
+from cpmjax.sparse.scale_check import materialized
+from kernels import infllmv2
+from kernels.infllmv2.selection import pooled_kernels
 from tests.sparse.test_sparse_model import T, logits_fn, make_cfg
 
 LENS = (40, 57)  # prompt lengths of the two rows
@@ -62,31 +69,47 @@ def _layer_inputs(cfg, s: int, q_pos: jax.Array, seed: int = 0):
     return q, k, v, comp
 
 
-def _attend(cfg, compressed, q, k, v, q_pos, masked: bool = False):
-    """One layer's attention into the cache; ``masked`` marks every token as one document, which
-    takes the packed-row (masked, dense-cost) path: the oracle."""
-    kv_pos = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])
-    seg = (lambda x: jnp.zeros(x.shape[:2], jnp.int32)) if masked else (lambda x: None)
-    return attend(q, k, v, q_pos=q_pos, kv_pos=kv_pos, q_seg=seg(q), kv_seg=seg(k), cfg=cfg,
-                  compressed=compressed)
+def _attend(cfg, compressed, q, k, v, q_pos, implementation: str = "auto"):
+    """One layer's sparse attention into the cache (dense_len -1 in these configs)."""
+    return sparse_attend(q, k, v, q_pos=q_pos, q_seg=None, cfg=cfg, dense=None,
+                         kv_is_query=False, compressed=compressed,
+                         implementation=implementation)
 
 
-@pytest.mark.parametrize("heads,kv", [(4, 2), (8, 1)])
-def test_cached_path_equals_masked_oracle(heads, kv):
-    """k+1 = 4 queries per row at different cache positions: the cached gather path equals the
-    masked path (selection on positions + dense attention under the block mask)."""
+def _per_row_oracle(cfg, q, k, v, q_pos):
+    """Each row alone through the static op's jnp reference on its prefix."""
+    sc = cfg.sparse_config
+    rows = []
+    for b, p in enumerate(np.asarray(q_pos[:, 0])):
+        n = p + q.shape[1]
+        idx = infllmv2.select_blocks(
+            q[b:b + 1], k[b:b + 1, :n], kernel_size=sc.kernel_size,
+            kernel_stride=sc.kernel_stride, block_size=sc.block_size, topk=sc.total_topk,
+            init_blocks=sc.init_blocks, local_blocks=sc.local_blocks, cache_len=int(p),
+            implementation="reference")
+        rows.append(infllmv2.sparse_attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], idx,
+                                              block_size=sc.block_size, cache_len=int(p),
+                                              implementation="reference"))
+    return jnp.concatenate(rows)
+
+
+STAGE2_HERE = [n for n in infllmv2.ATTENTION.names if n not in ("pallas_tpu", "pallas_gpu")]
+
+
+@pytest.mark.parametrize("heads,kv,impls", [(4, 2, STAGE2_HERE), (8, 1, ["xla"])])
+def test_cached_path_equals_each_row_alone(heads, kv, impls):
+    """k+1 = 4 queries per row at different positions of a 300-key cache with junk after them:
+    the stage-2 implementations equal the reference on each row's prefix alone."""
     cfg = make_cfg(heads=heads, kv=kv)
     q_pos = jnp.asarray([[20, 21, 22, 23], [131, 132, 133, 134], [290, 291, 292, 293]])
     q, k, v, comp = _layer_inputs(cfg, 300, q_pos)
-    got = jax.jit(lambda *a: _attend(cfg, comp, *a))(q, k, v, q_pos)
-    want = jax.jit(lambda *a: _attend(cfg, None, *a, masked=True))(q, k, v, q_pos)
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-    # a cache without kept kernels (the MTP draft layer's) pools them: same result
-    pooled = jax.jit(lambda *a: _attend(cfg, None, *a))(q, k, v, q_pos)
-    np.testing.assert_allclose(pooled, got, atol=1e-6, rtol=1e-6)
-    dense = jax.jit(lambda *a: _attend(make_cfg(heads=heads, kv=kv, off=True), None, *a))(
-        q, k, v, q_pos)
-    assert float(jnp.abs(got[2] - dense[2]).max()) > 1e-3  # 19 blocks, 4 read: really sparse
+    want = _per_row_oracle(cfg, q, k, v, q_pos)
+    for impl in impls:
+        got = jax.jit(lambda *a: _attend(cfg, comp, *a, implementation=impl))(q, k, v, q_pos)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=impl)
+    dense = infllmv2.sparse_attention_at(q, k, v, jnp.broadcast_to(
+        jnp.arange(19), (3, kv, 4, 19)), q_pos, block_size=16)  # every block: dense attention
+    assert float(jnp.abs(want[2] - dense[2]).max()) > 1e-3  # 19 blocks, 4 read: really sparse
 
 
 _INSTR = re.compile(r"= \w+\[([\d,]*)\]\S* (\S+?)\(")
@@ -99,40 +122,26 @@ def _cache_wide(hlo: str, s: int) -> list[str]:
             and m.group(2) != "parameter"]
 
 
-def _materialized_at_least(hlo: str, size: int) -> list[str]:
-    """Non-parameter values of at least ``size`` elements that XLA writes to memory, i.e. those
-    outside fusion bodies (a relayout fused into a gather reads only the gathered elements)."""
-    fused = set(re.findall(r"calls=(%[\w.\-]+)", hlo))
-    out, skip = [], False
-    for line in hlo.splitlines():
-        if line and not line[0].isspace():  # a computation header (or its closing brace)
-            skip = line.split(" ")[0] in fused
-        elif not skip and (m := _INSTR.search(line)) and m.group(2) != "parameter":
-            if m.group(1) and np.prod([int(x) for x in m.group(1).split(",")]) >= size:
-                out.append(line.strip())
-    return out
-
-
 @pytest.mark.parametrize("tq", [1, 4])
 def test_cached_attention_computes_nothing_cache_wide(tq):
     """The compiled decode attention of one layer (selection + stage 2) has no score or mask as
-    wide as the cache and writes no copy of it; the masked path it replaced has both (so the
-    check can fail)."""
+    wide as the cache and writes no copy of it; the dense-masked reference implementation has
+    both (so the check can fail)."""
     cfg = make_cfg()
     s = 2004  # not a multiple of the block size: the block layout pads, inside the gather
     q_pos = jnp.asarray([[5 + t for t in range(tq)], [1500 + t for t in range(tq)]])
     q, k, v, comp = _layer_inputs(cfg, s, q_pos)
     cache_size = k.size
 
-    def hlo(masked: bool):
-        fn = jax.jit(lambda *a: _attend(cfg, comp, *a, masked=masked))
+    def hlo(impl: str):
+        fn = jax.jit(lambda *a: _attend(cfg, comp, *a, implementation=impl))
         return fn.lower(q, k, v, q_pos).compile().as_text()
 
-    cached, masked = hlo(False), hlo(True)
+    cached, masked = hlo("xla"), hlo("reference")
     assert _cache_wide(cached, s) == []
-    assert _materialized_at_least(cached, cache_size) == []
+    assert materialized(cached, cache_size) == []
     assert len(_cache_wide(masked, s)) > 0
-    assert len(_materialized_at_least(masked, cache_size)) > 0
+    assert len(materialized(masked, cache_size)) > 0
 
 
 def test_model_decode_step_takes_the_cached_path(model):
@@ -145,3 +154,92 @@ def test_model_decode_step_takes_the_cached_path(model):
     packed = jax.make_jaxpr(lambda t: forward(params, cfg, t,
                                               segment_ids=jnp.zeros_like(t)).logits)(tokens)
     assert "sparse_attention_at" not in str(packed)
+
+
+def test_multi_token_writes_update_only_their_kernels():
+    """Prefill chunks of 7 (padded tail), a 4-token verification step and a rewrite of rejected
+    positions: the kept kernels equal pooling the final keys, and the compiled update of an
+    8-token write does the same work for a 1K and a 16K cache (no re-pooling of the cache)."""
+    sc = make_cfg().sparse_config
+    keys = jax.random.normal(jax.random.PRNGKey(0), (2, 100, 2, 16))
+    upd = jax.jit(lambda c, k, p: update_compressed(c, k, p, sc))
+    comp, cache = init_compressed(sc, 2, 100, 2, 16), jnp.zeros_like(keys)
+    writes = [np.arange(a, a + 7) for a in range(0, 63, 7)]
+    writes[-1][5:] = -1  # padded tail chunk: positions 56..60
+    writes += [np.arange(61, 65), np.arange(61, 69), np.arange(61, 70)]  # verify, reject, redo
+    junk_step = len(writes) - 2  # row 0 writes a draft's keys, then rewrites them
+    rows = np.arange(2)[:, None]
+    for step, pos in enumerate(writes):
+        pos = jnp.asarray(np.stack([pos, pos if step != junk_step else np.full_like(pos, -1)]))
+        new = keys if step != junk_step else jax.random.normal(jax.random.PRNGKey(1), keys.shape)
+        cache = cache.at[rows, jnp.where(pos >= 0, pos, 100)].set(new[rows, jnp.maximum(pos, 0)],
+                                                                   mode="drop")
+        comp = upd(comp, cache, pos)
+    for got, (size, stride) in zip(comp, [(8, 4), (32, 16)]):
+        want = jnp.transpose(pooled_kernels(keys[:, :70], size, stride), (0, 2, 1, 3))
+        np.testing.assert_allclose(got[:, :want.shape[1]], want, atol=1e-6)
+
+    def flops(s: int) -> float:
+        c = init_compressed(sc, 2, s, 2, 16)
+        k = jax.ShapeDtypeStruct((2, s, 2, 16), jnp.float32)
+        p = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+        return upd.lower(c, k, p).compile().cost_analysis()["flops"]
+
+    assert flops(1024) == flops(16384)
+    pool = lambda s: jax.jit(lambda k: pooled_kernels(k, 8, 4)).lower(  # noqa: E731
+        jax.ShapeDtypeStruct((2, s, 2, 16), jnp.float32)).compile().cost_analysis()["flops"]
+    assert pool(16384) > 8 * pool(1024)  # what re-pooling the cache would cost
+
+
+def test_dense_or_sparse_is_decided_per_slot():
+    """dense_len 64: a 40-token prompt (dense for its whole life) gives the same tokens alone
+    and next to a 100-token one (sparse); both equal their engine-of-one outputs, and the short
+    one's equal the dense model's (an always-sparse model would differ, so the check can
+    fail)."""
+    cfg, off, always = make_cfg(dense_len=64), make_cfg(off=True), make_cfg()
+    params = jax.tree.map(lambda x: x * 3, init_params(cfg, jax.random.PRNGKey(1),
+                                                       parametrization="standard"))
+    short, long = list(range(3, 43)), [int(t) % 90 + 3 for t in range(7, 107)]
+
+    def run(engine, *prompts):
+        sched = Scheduler(engine, params)
+        reqs = [sched.submit(p, 10, stop_token_ids=[]) for p in prompts]
+        sched.run_until_done()
+        return [r.output for r in reqs]
+
+    engine = DecodeEngine(cfg, max_slots=2, max_len=128, chunk=16)
+    together = run(engine, short, long)
+    assert together == [run(engine, short)[0], run(engine, long)[0]]
+    dense, sparse = (DecodeEngine(c, max_slots=1, max_len=128, chunk=16) for c in (off, always))
+    assert together[0] == run(dense, short)[0] != run(sparse, short)[0]
+
+
+
+def test_speculative_decoding_keeps_both_kernel_caches():
+    """A sparse model with its MTP draft (k=3): greedy outputs equal plain decoding (lossless),
+    and the kernels of the target's and the draft's caches, kept through verification and
+    catch-up writes, equal pooling the keys each cache holds."""
+    from cpmjax.model.mtp import init_mtp_params
+    from cpmjax.serve.spec_engine import SpeculativeEngine
+    from cpmjax.sparse.cache import n_kernels
+
+    cfg = make_cfg()
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    prompt = list(range(5, 75))
+    plain = DecodeEngine(cfg, max_slots=1, max_len=128, chunk=16)
+    spec = SpeculativeEngine(cfg, init_mtp_params(cfg, jax.random.PRNGKey(1)), k=3, max_slots=1,
+                             max_len=128, chunk=16)
+    outs = []
+    for eng in (plain, spec):
+        state, first = eng.insert(params, eng.prefill(params, prompt), eng.init_decode_state(), 0)
+        toks = [int(first)]
+        while len(toks) < 20:
+            state, new, count = eng.generate(params, state, all_greedy=True)
+            toks += np.asarray(new[0, :int(count[0])]).tolist()
+        outs.append(toks[:20])
+    assert outs[0] == outs[1]
+    n = int(state.lengths[0])  # both caches hold positions 0..n-1 (speculative.py)
+    for keys, kc1 in ((state.cache["k"][0], state.cache["kc1"][0]),  # layer 0 of the target
+                      (state.draft["k"], state.draft["kc1"])):
+        want = jnp.transpose(pooled_kernels(keys[:, :n], 8, 4), (0, 2, 1, 3))
+        np.testing.assert_allclose(kc1[:, :n_kernels(n, 8, 4)], want, atol=1e-6)

@@ -9,11 +9,9 @@ import pytest
 from cpmjax.config import ConfigError, ModelConfig
 from cpmjax.model import forward, init_cache, init_params
 from cpmjax.model.attention import attend
-from cpmjax.sparse import masked
 from cpmjax.sparse.cache import init_compressed, update_compressed
 from kernels import infllmv2
 from kernels.infllmv2.selection import pooled_kernels
-from cpmjax.sparse.attend import layer_kernels
 from tests.conftest import tiny_hf_config
 
 # small blocks so that short sequences are genuinely sparse: 3 blocks of 16 tokens per query
@@ -76,8 +74,8 @@ def _attn_inputs(b=1, t=T, h=4, kv=2, d=16, seed=0):
 
 @pytest.mark.parametrize("heads", [4, 8])
 def test_attend_gradients_match_reference(heads):
-    """Fast path (kernel op) and packed/masked path both match the pure-jnp reference, values and
-    gradients; G = 2 and G = 8 (the 0.5B group size)."""
+    """The op without and with segment ids (one document) both match the pure-jnp reference,
+    values and gradients; G = 2 and G = 8 (the 0.5B group size)."""
     cfg = make_cfg(heads=heads, kv=1 if heads == 8 else 2)
     sc = cfg.sparse_config
     q, k, v = _attn_inputs(h=heads, kv=cfg.num_key_value_heads, d=cfg.head_dim)
@@ -95,7 +93,7 @@ def test_attend_gradients_match_reference(heads):
         return attend(q, k, v, q_pos=pos, kv_pos=pos, q_seg=seg, kv_seg=seg, cfg=cfg,
                       kv_is_query=True)
 
-    seg = jnp.zeros((1, T), jnp.int32)  # one document: forces the masked (packed-row) path
+    seg = jnp.zeros((1, T), jnp.int32)  # one document: the packed-row layout of the op
     w = jax.random.normal(jax.random.PRNGKey(5), (1, T, heads, cfg.head_dim))
     for fn in (ref, lambda *a: ours(*a, None), lambda *a: ours(*a, seg)):
         out, grads = jax.jit(jax.value_and_grad(lambda *a: (fn(*a) * w).sum(),
@@ -124,50 +122,78 @@ def test_model_gradients_flow_and_paths_agree(setup):
     assert float(jnp.abs(g_fast["layers"]["wk"]).max()) > 0
 
 
-@pytest.mark.parametrize("heads", [4, 8])
-def test_packed_row_equals_documents_alone(heads):
-    """Two documents at offsets that are not block or kernel aligned (70 + 90 tokens)."""
-    cfg = make_cfg(heads=heads, kv=1 if heads == 8 else 2)
+def test_packed_row_equals_documents_alone():
+    """Three documents at offsets that are not block or kernel aligned (70 + 90 + 43 tokens),
+    G = 4 with 2 KV heads: logits and parameter gradients of the packed row equal those of each
+    document alone."""
+    cfg = make_cfg(heads=8, kv=2)
     params = init_params(cfg, jax.random.PRNGKey(0))
-    lens = (70, 90)
+    lens = (70, 90, 43)
     docs = [jax.random.randint(jax.random.PRNGKey(10 + i), (1, n), 0, cfg.vocab_size)
             for i, n in enumerate(lens)]
     tokens = jnp.concatenate(docs, axis=1)
     pos = jnp.concatenate([jnp.arange(n) for n in lens])[None]
     seg = jnp.concatenate([jnp.full((n,), i) for i, n in enumerate(lens)])[None]
-    packed = logits_fn(cfg)(params, tokens, pos, seg)
-    alone = [jax.jit(lambda p, t: forward(p, cfg, t).logits)(params, d) for d in docs]
-    np.testing.assert_allclose(packed[:, :70], alone[0], atol=2e-5)
-    np.testing.assert_allclose(packed[:, 70:], alone[1], atol=2e-5)
+    w = jax.random.normal(jax.random.PRNGKey(3), (1, sum(lens), cfg.vocab_size))
+
+    def loss(p, t, w, pos=None, seg=None):
+        return (forward(p, cfg, t, positions=pos, segment_ids=seg).logits * w).sum()
+
+    grad = jax.jit(jax.value_and_grad(loss))
+    packed, g_packed = grad(params, tokens, w, pos, seg)
+    alone, g_alone, at = 0.0, None, 0
+    for d in docs:
+        value, g = grad(params, d, w[:, at:at + d.shape[1]])
+        alone += value
+        g_alone = g if g_alone is None else jax.tree.map(jnp.add, g_alone, g)
+        at += d.shape[1]
+    np.testing.assert_allclose(packed, alone, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_packed), jax.tree.leaves(g_alone)):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+    logits = logits_fn(cfg)(params, tokens, pos, seg)
+    np.testing.assert_allclose(logits[:, 70:160], logits_fn(cfg)(params, docs[1]), atol=2e-5)
     # the second document alone is really sparse (90 tokens = 6 blocks > 4 selected)
-    dense = jax.jit(lambda p, t: forward(p, make_cfg(heads=heads, kv=cfg.num_key_value_heads,
-                                                     off=True), t).logits)(params, docs[1])
-    assert float(jnp.abs(alone[1] - dense).max()) > 1e-3
+    dense = logits_fn(make_cfg(heads=8, kv=2, off=True))(params, docs[1])
+    assert float(jnp.abs(logits[:, 70:160] - dense).max()) > 1e-3
 
 
-def test_decode_selection_from_incremental_cache_matches_kernel_decode_mode():
+def test_dense_len_applies_to_each_document():
+    """dense_len = 80 in a 203-token packed row: the 70- and 43-token documents are dense (as
+    each is alone, where fewer keys than dense_len make the layer dense), the 90-token one is
+    sparse."""
+    cfg = make_cfg(dense_len=80)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    lens = (70, 90, 43)
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (1, sum(lens)), 0, cfg.vocab_size)
+    pos = jnp.concatenate([jnp.arange(n) for n in lens])[None]
+    seg = jnp.concatenate([jnp.full((n,), i) for i, n in enumerate(lens)])[None]
+    packed = logits_fn(cfg)(params, tokens, pos, seg)
+    dense_fn, sparse_fn = logits_fn(make_cfg(off=True)), logits_fn(make_cfg())
+    for lo, hi, fn in ((0, 70, dense_fn), (70, 160, sparse_fn), (160, 203, dense_fn)):
+        np.testing.assert_allclose(packed[:, lo:hi], fn(params, tokens[:, lo:hi]), atol=2e-5)
+    assert float(jnp.abs(dense_fn(params, tokens[:, 70:160])
+                         - sparse_fn(params, tokens[:, 70:160])).max()) > 1e-3
+
+
+def test_incremental_kernels_equal_pooling_and_select_like_decode_mode():
     """Kernels kept one key at a time equal pooling the whole cache, and selection from them
     equals the op's decode mode (HF non-causal stage 1) on the prefix, at block edges too."""
     cfg = make_cfg()
     sc = cfg.sparse_config
     q, k, _ = _attn_inputs(b=2, t=T)
-    n_blocks = T // sc.block_size
-    kv_pos = jnp.broadcast_to(jnp.arange(T), (2, T))
     upd = jax.jit(lambda c, t: update_compressed(c, k, jnp.full((2, 1), t), sc))
-    select = jax.jit(lambda c, t: masked.select_masked(
-        jax.lax.dynamic_slice_in_dim(q, t, 1, axis=1), jnp.full((2, 1), t), None,
-        *layer_kernels(k, kv_pos, None, sc, c), sc, n_blocks))
+    kw = dict(kernel_size=sc.kernel_size, kernel_stride=sc.kernel_stride,
+              block_size=sc.block_size, topk=sc.total_topk, init_blocks=sc.init_blocks,
+              local_blocks=sc.local_blocks)
+    select = jax.jit(lambda c, t: infllmv2.select_blocks_at(
+        jax.lax.dynamic_slice_in_dim(q, t, 1, axis=1),
+        *(jnp.transpose(x, (0, 2, 1, 3)) for x in c), jnp.full((2, 1), t), kv_len=T, **kw))
     comp = init_compressed(sc, 2, T, 2, 16)
     for p in range(T):
         comp = upd(comp, p)
         if p not in (15, 47, 64, 111, T - 1):
             continue
-        idx = infllmv2.select_blocks(q[:, p:p + 1], k[:, :p + 1], kernel_size=sc.kernel_size,
-                                     kernel_stride=sc.kernel_stride, block_size=sc.block_size,
-                                     topk=sc.total_topk, init_blocks=sc.init_blocks,
-                                     local_blocks=sc.local_blocks, cache_len=p)
-        want = jax.nn.one_hot(jnp.where(idx < 0, n_blocks, idx), n_blocks + 1,
-                              dtype=bool).any(-2)[..., :n_blocks]
+        want = infllmv2.select_blocks(q[:, p:p + 1], k[:, :p + 1], cache_len=p, **kw)
         np.testing.assert_array_equal(select(comp, p), want, err_msg=f"position {p}")
     for got, (size, stride) in zip(comp, [(8, 4), (32, 16)]):
         want = jnp.transpose(pooled_kernels(k, size, stride), (0, 2, 1, 3))
@@ -196,3 +222,42 @@ def test_use_nope_rejected(setup):
     _, params, tokens = setup
     with pytest.raises(ConfigError, match="use_nope"):
         forward(params, make_cfg(use_nope=True), tokens)
+
+
+def _shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Shapes of every value a jaxpr computes, inside scans, conds, remat and custom rules."""
+    out = []
+    for eqn in jaxpr.eqns:
+        out += [tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")]
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    out += _shapes(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    out += _shapes(sub)
+    return out
+
+
+def test_train_step_on_packed_rows_holds_no_t_by_t_value():
+    """launch/train.py's step (`make_train_step`, full remat) on a row packed by the data
+    pipeline (`row_example`): no value in its jaxpr has two axes of the row's length, with
+    dense_len off and with per-document switching; the dense model's step has them."""
+    import optax
+
+    from cpmjax.data.pipeline import pack_rows, row_example
+    from cpmjax.train.step import init_state, make_train_step
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, 97, n) for n in (50, 17, 120, 33)]
+    tokens, doc_ids = pack_rows(docs, T)
+    batch = {k: jnp.asarray(v)[None] for k, v in row_example(tokens[0], doc_ids[0]).items()}
+    assert int(batch["segment_ids"].max()) >= 3  # several documents in the row
+    tx = optax.adamw(1e-3)
+
+    def t_by_t(cfg):
+        state = init_state(cfg, tx, jax.random.PRNGKey(0))
+        jaxpr = jax.make_jaxpr(make_train_step(cfg, tx, remat="full"))(state, batch).jaxpr
+        return [s for s in _shapes(jaxpr) if s.count(T) >= 2]
+
+    assert t_by_t(make_cfg()) == [] and t_by_t(make_cfg(dense_len=64)) == []
+    assert t_by_t(make_cfg(off=True))  # the dense step's [B, T, T] mask and scores
