@@ -1,4 +1,4 @@
-"""Benchmarks: ``python launch/bench.py train|attention|decode``.
+"""Benchmarks: ``python launch/bench.py train|attention|decode|rl``.
 
 Each suite measures cpmjax and its baseline side by side in one process, prints a table and
 appends JSON lines (device, config, metric, value, baseline, ratio) under ``bench/results/``.
@@ -11,7 +11,8 @@ import sys
 
 from absl import app
 
-SUITES = {"train": "bench_train", "attention": "bench_attention", "decode": "bench_decode"}
+SUITES = {"train": "bench_train", "attention": "bench_attention", "decode": "bench_decode",
+          "rl": "bench_rl"}
 
 
 def main(argv: list[str]) -> None:

@@ -107,6 +107,11 @@ def check_rl_config(cfg: ml_collections.ConfigDict) -> None:
                           f"the rows of one update ({rows // r.minibatches})")
     need(r.rollout_batch == 0 or r.rollout_batch >= r.group_size, "rollout_batch",
          f"must be 0 or >= rl.group_size={r.group_size}")
+    rounds = -(-r.max_response // chunk_tokens(r))
+    need(r.stale_policy != "restart" or r.max_staleness >= rounds - 1, "max_staleness",
+         f"must be >= {rounds - 1} with rl.stale_policy='restart': a response of "
+         f"rl.max_response tokens takes {rounds} rounds of rl.chunk_tokens and would be "
+         "restarted forever")
 
 
 def rollout_batch(r: ml_collections.ConfigDict) -> int:

@@ -3,6 +3,9 @@ and a small RL config around the tiny test model."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 from typing import Any
 
 import numpy as np
@@ -25,7 +28,20 @@ class EvenTokens:
         return self._prompts[split]
 
     def reward(self, split: str, index: int, response: list[int]) -> float:
+        _kill_when_logged()
         return float(np.mean([t % 2 == 0 for t in response])) if response else 0.0
+
+
+def _kill_when_logged() -> None:
+    """SIGKILL this process once ``CPMJAX_TEST_KILL_METRICS`` (a run's metrics.jsonl) holds step
+    ``CPMJAX_TEST_KILL_AFTER``: the resume test's kill lands at a chosen point of the run, in the
+    middle of the next step's rollout."""
+    path, after = os.environ.get("CPMJAX_TEST_KILL_METRICS"), os.environ.get(
+        "CPMJAX_TEST_KILL_AFTER")
+    if path and after and os.path.exists(path):
+        with open(path) as f:
+            if any(json.loads(line)["step"] >= int(after) for line in f if line.strip()):
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 def even_tokens(cfg: Any) -> EvenTokens:
@@ -41,5 +57,6 @@ def toy_config(**rl: Any):
     cfg.rl.update(dict(prompts="tests.rl.helpers:even_tokens", train_prompts=32,
                        heldout_prompts=8, group_size=4, groups_per_step=2, rollout_batch=8,
                        chunk_tokens=4, max_response=10, overlong="none", overlong_buffer=4,
-                       stop_tokens="", prefill_chunk=32, **rl))
+                       stop_tokens="", prefill_chunk=32))
+    cfg.rl.update(rl)
     return cfg
