@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 from absl import app, flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cpmjax.serve import cli  # noqa: E402
-from cpmjax.serve.chat import apply_chat_template  # noqa: E402
-from cpmjax.serve.generate import run_requests  # noqa: E402
-from cpmjax.serve.sampling import SamplingParams  # noqa: E402
+from cpmjax.serve import cli
+from cpmjax.serve.chat import apply_chat_template
+from cpmjax.serve.generate import run_requests
+from cpmjax.serve.sampling import SamplingParams
 
 _PROMPT = flags.DEFINE_string("prompt", None, "prompt text (needs a tokenizer)")
 _IDS = flags.DEFINE_list("prompt_ids", None, "prompt as comma-separated token ids")
@@ -37,6 +34,13 @@ def main(argv: list[str]) -> None:
     del argv
     from cpmjax.data.tokenizer import encode
 
+    try:  # before loading anything: a bad setting is a usage error naming the flag
+        sampling = SamplingParams(_TEMP.value, _TOP_K.value, _TOP_P.value, _REP.value,
+                                  _SEED.value)
+        if _MAX_NEW.value < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {_MAX_NEW.value}")
+    except ValueError as e:
+        raise app.UsageError(f"--{e}") from None
     cfg, params, tok = cli.load_model()
     if (_PROMPT.value is None) == (_IDS.value is None):
         raise app.UsageError("give exactly one of --prompt and --prompt_ids")
@@ -50,7 +54,6 @@ def main(argv: list[str]) -> None:
         ids = encode(tok, text)
     stops = [tok.token_to_id("<|im_end|>")] if tok is not None and _CHAT.value else None
     spec = cli.load_speculative(cfg)
-    sampling = SamplingParams(_TEMP.value, _TOP_K.value, _TOP_P.value, _REP.value, _SEED.value)
     t = time.perf_counter()
     req = run_requests(cfg, params, [ids], _MAX_NEW.value, [sampling], stops, spec)[0]
     dt = time.perf_counter() - t

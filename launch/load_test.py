@@ -12,19 +12,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cpmjax.atomic import write_text  # noqa: E402
-from cpmjax.serve import cli  # noqa: E402
+from cpmjax.atomic import write_text
+from cpmjax.serve import cli
 
 _URL = flags.DEFINE_string("url", None, "server to test (default: start one in-process)")
 _CLIENTS = flags.DEFINE_integer("clients", 32, "concurrent clients")

@@ -11,16 +11,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import uvicorn
 from absl import app, flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cpmjax.serve import cli  # noqa: E402
-from cpmjax.serve.server import create_app, make_scheduler  # noqa: E402
+from cpmjax.serve import cli
+from cpmjax.serve.http_errors import DEFAULT_MAX_BODY_BYTES
+from cpmjax.serve.server import create_app, make_scheduler
 
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "bind address")
 _PORT = flags.DEFINE_integer("port", 8000, "port")
@@ -29,6 +26,8 @@ _SLOTS = flags.DEFINE_integer("max_slots", 8, "concurrent decode slots (static b
 _MAX_LEN = flags.DEFINE_integer("max_len", 2048, "context per slot (prompt + output)")
 _CHUNK = flags.DEFINE_integer("chunk", 128, "prefill chunk length")
 _QUEUE = flags.DEFINE_integer("max_queue", 64, "waiting requests before 429")
+_BODY = flags.DEFINE_integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES,
+                             "larger request bodies are refused with 413")
 
 
 def main(argv: list[str]) -> None:
@@ -39,7 +38,7 @@ def main(argv: list[str]) -> None:
                            chunk=_CHUNK.value, max_queue=_QUEUE.value,
                            speculative=cli.load_speculative(cfg))
     try:
-        uvicorn.run(create_app(sched, tok, _NAME.value), host=_HOST.value, port=_PORT.value)
+        uvicorn.run(create_app(sched, tok, _NAME.value, max_body_bytes=_BODY.value), host=_HOST.value, port=_PORT.value)
     finally:
         sched.stop()
 

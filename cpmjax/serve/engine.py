@@ -222,7 +222,8 @@ class DecodeEngine:
         return self._insert(params, self.draft_args, state, prefix.cache, prefix.draft,
                             prefix.logits, prefix.seen,
                             np.int32(prefix.length), np.int32(slot),
-                            np.float32(sampling.temperature), np.int32(sampling.top_k),
+                            np.float32(0.0 if sampling.greedy else sampling.temperature),
+                            np.int32(min(sampling.top_k, self.cfg.vocab_size)),
                             np.float32(sampling.top_p), np.float32(sampling.repetition_penalty),
                             np.int32(sampling.seed))
 

@@ -11,12 +11,50 @@ requests share the batch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NEG_INF = -jnp.inf
+
+
+# Bounds of the per-request settings. Every entry point (HTTP, launchers, Python) goes through
+# SamplingParams, so a value the engine cannot hold (np.int32(2**31) raised OverflowError inside the
+# engine thread) or that makes the logits non-finite is refused before a request is queued.
+MAX_TEMPERATURE = 100.0  # logits / t stays finite; past ~100 every realistic row is near-uniform
+# The repetition penalty divides positive and multiplies negative logits of seen tokens. 1e-300
+# rounds to 0.0 in float32 (logits / 0 = inf: every seen token wins, the output is one token
+# repeated), so the range is bounded: within [1/100, 100] a penalised logit moves by at most 100x,
+# which is already far past any useful setting (HF and vLLM docs use 1.0-1.5) and stays finite.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+MAX_SEED = 2**31  # the sampling key is PRNGKey(int32 seed)
+MAX_TOP_K = 2**31 - 1  # int32; values >= the vocabulary mean "off" (the engine clamps)
+# Below this temperature a request decodes greedily (vLLM's _SAMPLING_EPS): logits / 1e-40 would
+# overflow float32 and the softmax would be NaN.
+GREEDY_BELOW = 1e-5
+
+
+def check_int(name: str, value: object, lo: int, hi: int) -> int:
+    """``value`` as an int in ``[lo, hi]``; bools and floats are refused (``True`` is not 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return int(value)
+
+
+def check_float(name: str, value: object, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    """``value`` as a finite float in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``); no bools."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or not (lo < v if lo_open else lo <= v) or v > hi:
+        raise ValueError(f"{name} must be a finite number in {'(' if lo_open else '['}{lo}, {hi}], "
+                         f"got {value}")
+    return v
 
 
 @dataclass(frozen=True)
@@ -30,16 +68,16 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (self.temperature >= 0.0):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not (self.repetition_penalty > 0.0):
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if not (0 <= self.seed < 2**31):
-            raise ValueError(f"seed must be in [0, 2**31), got {self.seed}")
+        check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
+        check_int("top_k", self.top_k, 0, MAX_TOP_K)
+        check_float("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        check_float("repetition_penalty", self.repetition_penalty, MIN_REPETITION_PENALTY,
+                    MAX_REPETITION_PENALTY)
+        check_int("seed", self.seed, 0, MAX_SEED - 1)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 def argmax_last(x: jax.Array) -> jax.Array:

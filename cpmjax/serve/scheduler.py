@@ -4,24 +4,37 @@ join and leave between decode steps, streaming, stop conditions and cancellation
 The same ``Scheduler.step`` drives both the background serving thread (``start``) and the
 synchronous ``cpmjax.serve.generate.generate`` (``run_until_done``), so offline generation and the
 HTTP server share one code path.
+
+One request never takes the engine down: requests are validated before they are queued; a failure
+in one request's own work (its prefill, its insert, detokenizing or streaming its tokens) finishes
+that request alone with ``finish_reason="error"`` and ``error`` set; a failed decode step fails the
+requests of that step, rebuilds the decode state and serving goes on. Only when the engine cannot
+even rebuild its state (or fails ``MAX_CONSECUTIVE_FAILURES`` steps in a row) is it marked unusable
+(``error``), which the server reports as 503.
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
+import jax
 import numpy as np
 
 from cpmjax.model.params import Params
 from cpmjax.serve.engine import DecodeEngine, DecodeState
 from cpmjax.serve.sampling import SamplingParams
 from cpmjax.tokens import check_token_ids
+
+log = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_FAILURES = 3  # failed steps in a row before the engine is declared unusable
 
 
 class QueueFull(RuntimeError):
@@ -41,6 +54,7 @@ class Request:
     id: int = 0
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None  # why, when finish_reason is "error"
     decode_steps: int = 0  # engine steps that produced tokens for this request
     step_tokens: int = 0  # tokens those steps produced (> decode_steps: accepted drafts)
     text: str | None = None  # detokenized output (cut before a stop string), when a detokenizer is set
@@ -48,10 +62,14 @@ class Request:
     submitted_at: float = field(default_factory=time.monotonic)
     _cancel: threading.Event = field(default_factory=threading.Event)
     _done: threading.Event = field(default_factory=threading.Event)
+    _on_cancel: Callable[["Request"], None] | None = None
 
     def cancel(self) -> None:
-        """Ask the scheduler to drop this request and free its slot at the next step."""
+        """Drop this request: a queued one leaves the queue at once (its place is free for the
+        next client), a running one frees its slot at the next step."""
         self._cancel.set()
+        if self._on_cancel is not None:
+            self._on_cancel(self)
 
     @property
     def cancelled(self) -> bool:
@@ -101,7 +119,9 @@ class Scheduler:
         self.step_tokens = 0  # tokens the engine produced in those slot-steps
         self.requests_finished = 0
         self.finish_reasons: collections.Counter[str] = collections.Counter()
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # set only when the engine is unusable
+        self.step_failures = 0  # decode steps that failed (their requests failed, state rebuilt)
+        self._failures_in_row = 0
 
     # ---- submission ----------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], max_new_tokens: int = 64,
@@ -124,13 +144,24 @@ class Scheduler:
         self.engine.check_sampling(sampling)
         stops = set(() if ignore_eos else self.engine.cfg.eos_token_ids) | set(stop_token_ids or ())
         req = Request(prompt, max_new_tokens, sampling, frozenset(stops), tuple(stop), on_token,
-                      id=next(self._ids))
+                      id=next(self._ids), _on_cancel=self._drop_queued)
         with self._lock:
+            if self.error is not None:
+                raise RuntimeError(f"the engine is unusable: {self.error!r}")
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"request queue is full ({self.max_queue} waiting)")
             self._pending.append(req)
         self._wake.set()
         return req
+
+    def _drop_queued(self, req: Request) -> None:
+        """``Request.cancel`` of a queued request: out of the queue now (any thread)."""
+        with self._lock:
+            try:
+                self._pending.remove(req)
+            except ValueError:
+                return  # already admitted (or finished): the engine thread frees its slot
+            self._finish(None, req, "cancelled")
 
     @property
     def queue_depth(self) -> int:
@@ -149,19 +180,44 @@ class Scheduler:
 
     # ---- the loop ------------------------------------------------------------------------
     def _finish(self, slot: int | None, req: Request, reason: str) -> None:
+        if req.done:
+            return
         req.finish_reason = reason
         self.requests_finished += 1
         self.finish_reasons[reason] += 1
         if slot is not None:  # counted before the slot shows free, so metrics never lag behind
-            self.state = self.engine.release(self.state, slot)
             self.slots[slot] = None
+            self.state = self.engine.release(self.state, slot)
         req._done.set()
         req.events.put(None)
         if req.on_token is not None:
-            req.on_token(req, None)
+            try:
+                req.on_token(req, None)
+            except Exception:  # noqa: BLE001 - a broken client callback must not stop the engine
+                log.exception("request %d: on_token failed at finish", req.id)
+
+    def _fail(self, slot: int | None, req: Request, err: BaseException) -> None:
+        """Finish ``req`` alone with ``finish_reason="error"``; the others keep decoding."""
+        log.error("request %d failed: %r", req.id, err, exc_info=err)
+        req.error = f"{type(err).__name__}: {err}"
+        if slot is not None and self.slots[slot] is req:
+            self.slots[slot] = None  # its slot is released with the others' next reset or here
+            try:
+                self.state = self.engine.release(self.state, slot)
+            except Exception as e:  # noqa: BLE001 - the device failed too: rebuild the state
+                self._reset(e)
+            slot = None
+        self._finish(slot, req, "error")
 
     def _emit(self, slot: int, req: Request, token: int) -> None:
-        """Record one generated token and finish the request if a stop condition holds."""
+        """Record one generated token and finish the request if a stop condition holds; any
+        failure here (detokenizer, stop strings, the client's callback) fails this request."""
+        try:
+            self._emit_unchecked(slot, req, token)
+        except Exception as e:  # noqa: BLE001 - per-request isolation
+            self._fail(slot, req, e)
+
+    def _emit_unchecked(self, slot: int, req: Request, token: int) -> None:
         req.output.append(token)
         req.events.put(token)
         if req.on_token is not None:
@@ -182,6 +238,46 @@ class Scheduler:
         if reason:
             self._finish(slot, req, reason)
 
+    def _state_lost(self) -> bool:
+        """Whether a failed donating call consumed the decode state's buffers."""
+        try:
+            return any(getattr(x, "is_deleted", lambda: False)()
+                       for x in jax.tree.leaves(self.state))
+        except Exception:  # noqa: BLE001 - cannot even inspect it: treat it as lost
+            return True
+
+    def _reset(self, err: BaseException) -> None:
+        """A device step failed: fail every request holding a slot, rebuild the decode state.
+        If the state cannot be rebuilt the engine is unusable (``error``)."""
+        self.step_failures += 1
+        self._failures_in_row += 1
+        for slot, req in enumerate(self.slots):
+            if req is not None:
+                self.slots[slot] = None
+                req.error = f"the decode step failed: {type(err).__name__}: {err}"
+                self._finish(None, req, "error")
+        try:
+            self.state = self.engine.init_decode_state()
+        except Exception as e:  # noqa: BLE001
+            self._declare_unusable(e)
+            return
+        if self._failures_in_row >= MAX_CONSECUTIVE_FAILURES:
+            self._declare_unusable(err)
+
+    def _declare_unusable(self, err: BaseException) -> None:
+        log.error("engine unusable after %d failed steps in a row: %r", self._failures_in_row,
+                  err)
+        with self._lock:
+            self.error = err
+            waiting = list(self._pending)
+            self._pending.clear()
+        if self._prefilling is not None:
+            waiting.append(self._prefilling[1])
+            self._prefilling = None
+        for req in waiting:
+            req.error = f"the engine is unusable: {type(err).__name__}: {err}"
+            self._finish(None, req, "error")
+
     def _admit(self) -> None:
         """Prefill queued requests into free slots, one fixed-size chunk at a time.
 
@@ -200,23 +296,41 @@ class Scheduler:
                     req = self._pending.popleft() if self._pending else None
                 if req is None:
                     return
-                self._prefilling = (slot, req, self.engine.prefill_chunks(self.params, req.prompt))
+                try:
+                    chunks = self.engine.prefill_chunks(self.params, req.prompt)
+                except Exception as e:  # noqa: BLE001 - per-request isolation
+                    self._fail(None, req, e)
+                    continue
+                self._prefilling = (slot, req, chunks)
             slot, req, chunks = self._prefilling
             if req.cancelled:
                 self._prefilling = None
                 self._finish(None, req, "cancelled")
                 continue
-            prefix = next(chunks)
+            try:  # the prefill works in its own cache: a failure touches no other request
+                prefix = next(chunks)
+            except Exception as e:  # noqa: BLE001 - per-request isolation
+                self._prefilling = None
+                self._fail(None, req, e)
+                continue
             budget = None if budget is None else budget - 1
             if prefix is None:
                 continue
             self._prefilling = None
-            self.state, first = self.engine.insert(self.params, prefix, self.state, slot,
-                                                   req.sampling)
+            try:
+                self.state, first = self.engine.insert(self.params, prefix, self.state, slot,
+                                                       req.sampling)
+                first = int(first)
+            except Exception as e:  # noqa: BLE001
+                lost = self._state_lost()
+                self._fail(None, req, e)
+                if lost:  # the donated decode state went with it: rebuild it
+                    self._reset(e)
+                continue
             self.slots[slot] = req
             self.tokens_generated += 1
             self._token_times.append((time.monotonic(), 1))
-            self._emit(slot, req, int(first))
+            self._emit(slot, req, first)
 
     def step(self) -> bool:
         """Admit, then one decode step over all slots. Returns whether any work was done."""
@@ -227,10 +341,17 @@ class Scheduler:
         if self.active == 0:
             return False
         busy = [r for r in self.slots if r is not None]
-        greedy = all(r.sampling.temperature == 0 for r in busy)
+        greedy = all(r.sampling.greedy for r in busy)
         context = max(len(r.prompt) + len(r.output) for r in busy)
-        self.state, tokens, counts = self.engine.generate(self.params, self.state, greedy, context)
-        tokens, counts = np.asarray(tokens), np.asarray(counts)
+        try:
+            self.state, tokens, counts = self.engine.generate(self.params, self.state, greedy,
+                                                              context)
+            tokens, counts = np.asarray(tokens), np.asarray(counts)
+        except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving
+            log.error("decode step failed: %r", e, exc_info=e)
+            self._reset(e)
+            return True
+        self._failures_in_row = 0
         n = 0
         for slot, req in enumerate(self.slots):
             if req is None:
@@ -255,26 +376,20 @@ class Scheduler:
 
     # ---- background thread ---------------------------------------------------------------
     def _loop(self) -> None:
-        try:
-            while not self._stop.is_set():
-                if not self.step():
-                    self._wake.wait(0.05)
-                    self._wake.clear()
-        except BaseException as e:  # noqa: BLE001 - fail every waiter loudly rather than hang them
-            self.error = e
-            with self._lock:
-                waiting = list(self._pending)
-                self._pending.clear()
-            if self._prefilling is not None:
-                waiting.append(self._prefilling[1])
-                self._prefilling = None
-            for slot, req in enumerate(self.slots):
-                if req is not None:
-                    self.slots[slot] = None
-                    self._finish(None, req, "error")
-            for req in waiting:
-                self._finish(None, req, "error")
-            raise
+        while not self._stop.is_set() and self.error is None:
+            try:
+                worked = self.step()
+            except Exception as e:  # noqa: BLE001 - a bug outside the guarded calls: recover
+                log.error("scheduler step failed: %r", e, exc_info=e)
+                if self._prefilling is not None:
+                    req = self._prefilling[1]
+                    self._prefilling = None
+                    self._fail(None, req, e)
+                self._reset(e)
+                continue
+            if not worked:
+                self._wake.wait(0.05)
+                self._wake.clear()
 
     def start(self) -> None:
         """Run the loop in a daemon thread (the HTTP server's engine thread)."""
@@ -298,4 +413,5 @@ class Scheduler:
                 "mean_accept_length": self.step_tokens / max(self.decode_steps, 1),
                 "speculative_k": self.engine.speculative_k,
                 "compilations": dict(self.engine.compilations),
+                "step_failures": self.step_failures,
                 "engine_error": None if self.error is None else repr(self.error)}

@@ -87,3 +87,14 @@ def test_quantize_flag_quantizes_the_target_and_allows_a_quantized_draft(cfg, pa
     assert is_quantized(qparams) and qparams["layers"]["wq"]["qweight"].dtype == np.int8
     spec = cli.load_speculative(qcfg)
     assert isinstance(spec.draft_params["layer"]["wq"], dict)
+
+
+def test_generate_launcher_refuses_out_of_range_sampling_flags():
+    """issue 11: --top_k=3000000000 crashed with OverflowError inside the engine; now a usage
+    error naming the flag, before the model is loaded (other bounds: test_sampling.py)."""
+    r = subprocess.run([sys.executable, "launch/generate.py", "--random_preset=tiny",
+                        "--prompt_ids=1,5,6", "--top_k=3000000000"], cwd=ROOT,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0 and "--top_k must be in" in r.stderr, r.stderr[-1500:]
+    assert "Traceback" not in r.stderr

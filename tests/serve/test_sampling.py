@@ -73,7 +73,19 @@ def test_same_seed_and_step_same_token_other_seed_differs():
 @pytest.mark.parametrize("kw, match", [({"temperature": -1}, "temperature"),
                                        ({"top_p": 0.0}, "top_p"), ({"top_k": -2}, "top_k"),
                                        ({"repetition_penalty": 0}, "repetition_penalty"),
-                                       ({"seed": -1}, "seed")])
+                                       ({"seed": -1}, "seed"),
+                                       # issue 11: values the engine could not hold or that
+                                       # broke the logits (np.int32(2**31) overflowed in the
+                                       # engine thread; 1e-300 is 0.0 in float32)
+                                       ({"top_k": 2**31}, "top_k"), ({"seed": 2**31}, "seed"),
+                                       ({"top_k": True}, "top_k must be an integer"),
+                                       ({"top_k": 2.0}, "top_k must be an integer"),
+                                       ({"temperature": float("nan")}, "temperature"),
+                                       ({"temperature": float("inf")}, "temperature"),
+                                       ({"top_p": float("nan")}, "top_p"),
+                                       ({"temperature": True}, "temperature must be a number"),
+                                       ({"repetition_penalty": 1e-300}, "repetition_penalty"),
+                                       ({"repetition_penalty": 1e3}, "repetition_penalty")])
 def test_invalid_parameters_name_the_field(kw, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kw)
