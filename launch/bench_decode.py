@@ -59,6 +59,7 @@ class Timing(NamedTuple):
     decode_tokens: int
     accept: float = 1.0  # mean accept length (speculative)
     steps: int | None = None  # engine decode steps, each over all slots (cpmjax)
+    host_mask_seconds: float = 0.0  # constrained decoding: writing the masks on the host
 
 
 REPEATS = 3  # timed passes per row, the fastest kept: this shared 2-core VM's timings wander
@@ -69,11 +70,13 @@ def _fastest(timings: list[Timing]) -> Timing:
 
 
 def time_cpmjax(cfg: ModelConfig, params: Any, prompts: list[list[int]], new_tokens: int,
-                batch: int, speculative: Speculative | None = None) -> Timing:
+                batch: int, speculative: Speculative | None = None,
+                grammar: Any = None) -> Timing:
     """All ``prompts`` through the scheduler on ``batch`` slots (fewer slots than prompts: the
     rest queue, as a server's would), the fastest of ``REPEATS`` passes after a warm-up; the
     decode part is the time spent in the engine's decode steps. ``speculative`` runs the
-    draft-and-verify engine."""
+    draft-and-verify engine; ``grammar`` (a callable making one matcher per request) constrains
+    every request, and its host-side mask writing is added to the decode time (``host``)."""
     kw = dict(max_slots=batch, max_len=len(prompts[0]) + new_tokens + 1, chunk=64)
     if speculative is None:
         engine = DecodeEngine(cfg, **kw)
@@ -83,24 +86,40 @@ def time_cpmjax(cfg: ModelConfig, params: Any, prompts: list[list[int]], new_tok
                                    frspec_ids=speculative.frspec_ids, **kw)
     step, in_steps = engine.generate, [0.0, 0]  # seconds, calls
 
-    def timed_step(*args: Any) -> Any:
+    def timed_step(*args: Any, **kw: Any) -> Any:
         t = time.perf_counter()
-        out = jax.block_until_ready(step(*args))
+        out = jax.block_until_ready(step(*args, **kw))
         in_steps[0] += time.perf_counter() - t
         in_steps[1] += 1
         return out
 
     engine.generate = timed_step
 
+    host = [0.0]  # seconds writing grammar masks on the host
+
+    def matcher() -> Any:
+        m = grammar()
+        fill = m.fill
+
+        def timed_fill(row: Any) -> None:
+            t = time.perf_counter()
+            fill(row)
+            host[0] += time.perf_counter() - t
+
+        m.fill = timed_fill
+        return m
+
     def once() -> Timing:
         sched = Scheduler(engine, params, max_queue=len(prompts))
-        reqs = [sched.submit(p, new_tokens, stop_token_ids=[], ignore_eos=True) for p in prompts]
+        reqs = [sched.submit(p, new_tokens, stop_token_ids=[], ignore_eos=True,
+                             grammar=None if grammar is None else matcher()) for p in prompts]
         in_steps[:] = [0.0, 0]
+        host[0] = 0.0
         t = time.perf_counter()
         sched.run_until_done()
         n = sum(len(r.output) for r in reqs)
-        return Timing(time.perf_counter() - t, n, in_steps[0], n - len(reqs),
-                      sched.step_tokens / max(sched.decode_steps, 1), in_steps[1])
+        return Timing(time.perf_counter() - t, n, in_steps[0] + host[0], n - len(reqs),
+                      sched.step_tokens / max(sched.decode_steps, 1), in_steps[1], host[0])
 
     once()
     return _fastest([once() for _ in range(REPEATS)])
@@ -238,11 +257,59 @@ def run(presets_: tuple[str, ...] = ("tiny", "small"), batches: tuple[int, ...] 
                                    / plain["decode_tokens_per_s"])
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+    rows += run_constrained(write=False)
     if write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        with open(RESULTS / f"decode_{jax.default_backend()}.jsonl", "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        _append(rows)
+    return rows
+
+
+def _append(rows: list[dict[str, Any]]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / f"decode_{jax.default_backend()}.jsonl", "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+# a string: a random model stays inside it for the whole run, where almost every token is
+# allowed (the largest masks to write)
+CONSTRAINED_SCHEMA = {"type": "string"}
+
+
+def run_constrained(batches: tuple[int, ...] = (1, 8), requests: int = 8, prompt_len: int = 64,
+                    new_tokens: int = 64, write: bool = True) -> list[dict[str, Any]]:
+    """Per-step cost of constrained decoding on the tiny model: the same requests plain and with
+    a JSON-schema grammar (outlines-core matchers writing each slot's bitmask on the host, the
+    mask applied to the logits inside the jitted step), side by side in one process."""
+    from cpmjax.data.tokenizer import get_or_build_default_tokenizer, load_tokenizer
+    from cpmjax.serve.detokenize import token_table
+    from cpmjax.serve.grammar import Grammars
+
+    cfg, params, _, source, make_prompts = _model("tiny", 3)
+    tok = load_tokenizer(get_or_build_default_tokenizer(".cache/cpmjax", cfg.vocab_size))
+    grammars = Grammars(token_table(tok), cfg.vocab_size)
+    index = grammars.json_schema(CONSTRAINED_SCHEMA, cfg.eos_token_ids[0])
+    rows = []
+    for batch in batches:
+        prompts = make_prompts(requests, prompt_len)
+        plain = time_cpmjax(cfg, params, prompts, new_tokens, batch)
+        masked = time_cpmjax(cfg, params, prompts, new_tokens, batch,
+                             grammar=lambda: grammars.matcher(index))
+        step = {k: 1e3 * t.decode_seconds / t.steps for k, t in (("plain", plain),
+                                                                  ("constrained", masked))}
+        row = {"bench": "decode", "impl": "cpmjax", "preset": "tiny", "batch": batch,
+               "requests": requests, "prompt_len": prompt_len, "new_tokens": new_tokens,
+               "decoding": "constrained", "grammar": "outlines-core json_schema",
+               "schema": CONSTRAINED_SCHEMA, "ms_per_decode_step": step["constrained"],
+               "ms_per_decode_step_plain": step["plain"],
+               "ms_host_mask_per_step": 1e3 * masked.host_mask_seconds / masked.steps,
+               "mask_overhead_ratio": step["constrained"] / step["plain"],
+               "weights": source, "device": jax.devices()[0].device_kind,
+               "platform": jax.default_backend(), "cpu_count": os.cpu_count(),
+               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if write:
+        _append(rows)
     return rows
 
 

@@ -13,7 +13,7 @@ import time
 
 from absl import app, flags
 
-from cpmjax.serve import cli
+import model_flags
 from cpmjax.serve.chat import apply_chat_template
 from cpmjax.serve.generate import run_requests
 from cpmjax.serve.sampling import SamplingParams
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
             raise ValueError(f"max_new_tokens must be >= 1, got {_MAX_NEW.value}")
     except ValueError as e:
         raise app.UsageError(f"--{e}") from None
-    cfg, params, tok = cli.load_model()
+    cfg, params, tok = model_flags.load_model()
     if (_PROMPT.value is None) == (_IDS.value is None):
         raise app.UsageError("give exactly one of --prompt and --prompt_ids")
     if _IDS.value is not None:
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> None:
                                    enable_thinking=_THINK.value) if _CHAT.value else _PROMPT.value
         ids = encode(tok, text)
     stops = [tok.token_to_id("<|im_end|>")] if tok is not None and _CHAT.value else None
-    spec = cli.load_speculative(cfg)
+    spec = model_flags.load_speculative(cfg)
     t = time.perf_counter()
     req = run_requests(cfg, params, [ids], _MAX_NEW.value, [sampling], stops, spec)[0]
     dt = time.perf_counter() - t

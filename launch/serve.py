@@ -15,7 +15,7 @@ from __future__ import annotations
 import uvicorn
 from absl import app, flags
 
-from cpmjax.serve import cli
+import model_flags
 from cpmjax.serve.http_errors import DEFAULT_MAX_BODY_BYTES
 from cpmjax.serve.server import create_app, make_scheduler
 
@@ -26,17 +26,21 @@ _SLOTS = flags.DEFINE_integer("max_slots", 8, "concurrent decode slots (static b
 _MAX_LEN = flags.DEFINE_integer("max_len", 2048, "context per slot (prompt + output)")
 _CHUNK = flags.DEFINE_integer("chunk", 128, "prefill chunk length")
 _QUEUE = flags.DEFINE_integer("max_queue", 64, "waiting requests before 429")
+_LOGPROBS = flags.DEFINE_enum("logprobs_mode", "raw", ["raw", "processed"],
+                              "logprobs: the model's log-softmax (raw, vLLM's default) or the "
+                              "distribution sampled from (after penalties, temperature, top-k/p)")
 _BODY = flags.DEFINE_integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES,
                              "larger request bodies are refused with 413")
 
 
 def main(argv: list[str]) -> None:
     del argv
-    cfg, params, tok = cli.load_model()
+    cfg, params, tok = model_flags.load_model()
     sched = make_scheduler(cfg, params, tok, max_slots=_SLOTS.value,
                            max_len=min(_MAX_LEN.value, cfg.max_position_embeddings),
                            chunk=_CHUNK.value, max_queue=_QUEUE.value,
-                           speculative=cli.load_speculative(cfg))
+                           speculative=model_flags.load_speculative(cfg),
+                           logprobs_mode=_LOGPROBS.value)
     try:
         uvicorn.run(create_app(sched, tok, _NAME.value, max_body_bytes=_BODY.value), host=_HOST.value, port=_PORT.value)
     finally:

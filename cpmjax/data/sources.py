@@ -40,7 +40,13 @@ def read_documents(path: str | Path, type: SourceType, text_field: str = "text")
 
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
-    docs = []
+    return [record[text_field] for record in read_jsonl_records(path, text_field)]
+
+
+def read_jsonl_records(path: str | Path, text_field: str = "text") -> list[dict]:
+    """Every record of a JSONL file, each a dict with a string ``text_field`` (blank lines
+    skipped); errors name the file and line."""
+    records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -51,5 +57,5 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                 raise DataError(f"{path}:{lineno}: record has no string field {text_field!r}")
-            docs.append(record[text_field])
-    return docs
+            records.append(record)
+    return records

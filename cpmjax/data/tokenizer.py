@@ -41,11 +41,14 @@ def save_tokenizer(tok: Tokenizer, folder: str | os.PathLike) -> Path:
 
 
 def _write_tokenizer_files(tok: Tokenizer, tmp: Path) -> None:
+    from cpmjax.serve.chat import chat_template_text  # the MiniCPM4 chat format
+
     tok.save(str(tmp / "tokenizer.json"))
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 20,
               "add_bos_token": False, "clean_up_tokenization_spaces": False, **special,
-              "additional_special_tokens": SPECIAL_TOKENS[3:]}
+              "additional_special_tokens": SPECIAL_TOKENS[3:],
+              "chat_template": chat_template_text()}
     (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
 

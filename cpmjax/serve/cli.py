@@ -1,46 +1,60 @@
-"""What the serving launchers share: the absl flags for a model source, its quantization and a
-speculative draft, and loading them with clear refusals of combinations that make no sense."""
+"""What the serving launchers share: loading a model source (checkpoint or random preset), its
+quantization and a speculative draft from plain arguments, refusing combinations that make no
+sense with messages that name the launcher flag (``--name``). No flags are defined here: the
+launchers define them (``launch/model_flags.py``) and pass the values in."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import jax
-from absl import app, flags
 
 from cpmjax import presets
 from cpmjax.config import ModelConfig
 from cpmjax.model import init_params
 from cpmjax.serve.generate import Speculative
 
-CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF MiniCPM folder or cpmjax checkpoint")
-TOKENIZER = flags.DEFINE_string("tokenizer", None,
-                                "tokenizer folder/tokenizer.json (default: the checkpoint's own)")
-PRESET = flags.DEFINE_string("random_preset", None,
-                             "no checkpoint: random weights of this preset (e.g. tiny), for tests")
-QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "rtn", "gptq", "pgptq"],
-                             "weight-only quantization of the target's decoder linears at load "
-                             "(gptq/pgptq calibrate on the default corpus's train split)")
-QUANT_BITS = flags.DEFINE_enum("quant_bits", "4", ["4", "8"], "bits per weight with --quantize")
-QUANT_GROUP = flags.DEFINE_integer("quant_group", 128, "quantization group size (input dim)")
-CALIB_ROWS = flags.DEFINE_integer("calib_rows", 32, "GPTQ calibration rows of 256 tokens")
-DRAFT = flags.DEFINE_string("draft", None,
-                            "speculative decoding: an EAGLE draft .safetensors (CPM.cu layout, "
-                            "cpmjax.model.mtp.save_mtp) or a training run with an MTP head")
-SPEC_K = flags.DEFINE_integer("spec_k", 3, "draft tokens per verify step (with --draft)")
-DRAFT_QUANTIZE = flags.DEFINE_enum("draft_quantize", "none", ["none", "rtn"],
-                                   "int4 RTN of the draft layer (only with a quantized target)")
-FRSPEC = flags.DEFINE_string("frspec", None, "FR-Spec token ranking .npy (launch/build_frspec.py)")
-FRSPEC_SIZE = flags.DEFINE_integer("frspec_size", 0,
-                                   "draft vocabulary: the N most frequent ids of --frspec (0 = all)")
+QUANTIZE = ("none", "rtn", "gptq", "pgptq")
 
 
-def _quantize(cfg: ModelConfig, params: Any, tokenizer_path: str | None) -> Any:
+class UsageError(ValueError):
+    """Arguments that cannot work together; the message names the flag."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """A target model: ``checkpoint`` (HF MiniCPM folder, cpmjax checkpoint or run dir) or
+    ``random_preset`` (random weights, for tests), its tokenizer, and weight-only quantization."""
+
+    checkpoint: str | None = None
+    random_preset: str | None = None
+    tokenizer: str | None = None
+    quantize: str = "none"
+    quant_bits: int = 4
+    quant_group: int = 128
+    calib_rows: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftSource:
+    """Speculative decoding settings; ``given``: the names set explicitly (so settings that would
+    be ignored without a draft can be refused)."""
+
+    draft: str | None = None
+    spec_k: int = 3
+    draft_quantize: str = "none"
+    frspec: str | None = None
+    frspec_size: int = 0
+    given: frozenset[str] = frozenset()
+
+
+def _quantize(cfg: ModelConfig, params: Any, src: ModelSource, tokenizer_path: str | None) -> Any:
     from cpmjax.quant import quantize_params
 
     calib = None
-    if QUANTIZE.value != "rtn":
+    if src.quantize != "rtn":
         from cpmjax.data.corpus import build_default_corpus
         from cpmjax.data.pipeline import Source, eval_batches
         from cpmjax.data.tokenizer import get_or_build_default_tokenizer
@@ -48,73 +62,73 @@ def _quantize(cfg: ModelConfig, params: Any, tokenizer_path: str | None) -> Any:
         cache = ".cache/cpmjax"
         tok = tokenizer_path or str(get_or_build_default_tokenizer(cache, cfg.vocab_size))
         calib = eval_batches(Source(str(build_default_corpus(cache) / "train.jsonl")), tok, 256,
-                             CALIB_ROWS.value, 1)
-    return quantize_params(cfg, params, QUANTIZE.value, bits=int(QUANT_BITS.value),
-                           group_size=QUANT_GROUP.value, calibration=calib)
+                             src.calib_rows, 1)
+    return quantize_params(cfg, params, src.quantize, bits=src.quant_bits,
+                           group_size=src.quant_group, calibration=calib)
 
 
-def load_model() -> tuple[ModelConfig, Any, Any]:
-    """(config, params, tokenizer or None) from --checkpoint or --random_preset, quantized as
-    --quantize asks."""
+def load_model(src: ModelSource) -> tuple[ModelConfig, Any, Any]:
+    """(config, params, tokenizer or None) of ``src``, quantized as it asks."""
     from cpmjax.data.tokenizer import load_tokenizer
 
-    if (CHECKPOINT.value is None) == (PRESET.value is None):
-        raise app.UsageError("give exactly one of --checkpoint and --random_preset")
-    tok_path = TOKENIZER.value
-    if CHECKPOINT.value is not None:
+    if (src.checkpoint is None) == (src.random_preset is None):
+        raise UsageError("give exactly one of --checkpoint and --random_preset")
+    if src.quantize not in QUANTIZE:
+        raise UsageError(f"--quantize must be one of {QUANTIZE}, got {src.quantize!r}")
+    tok_path = src.tokenizer
+    if src.checkpoint is not None:
         import cpmjax
 
-        model = cpmjax.load(CHECKPOINT.value)
+        model = cpmjax.load(src.checkpoint)
         cfg, params, tok = model.config, model.params, model.tokenizer
-        own = cpmjax.api.tokenizer_file(CHECKPOINT.value, cfg.vocab_size)
+        own = cpmjax.api.tokenizer_file(src.checkpoint, cfg.vocab_size)
         tok_path = tok_path or (None if own is None else str(own))
     else:
-        if PRESET.value not in presets.PRESETS:
-            raise app.UsageError(f"--random_preset must be one of {sorted(presets.PRESETS)}")
-        cfg = ModelConfig.from_hf_config(presets.PRESETS[PRESET.value]())
+        if src.random_preset not in presets.PRESETS:
+            raise UsageError(f"--random_preset must be one of {sorted(presets.PRESETS)}")
+        cfg = ModelConfig.from_hf_config(presets.PRESETS[src.random_preset]())
         params, tok = init_params(cfg, jax.random.PRNGKey(0)), None
-    if TOKENIZER.value is not None:
-        tok = load_tokenizer(TOKENIZER.value)
-    if QUANTIZE.value != "none":
-        params = _quantize(cfg, params, tok_path)
+    if src.tokenizer is not None:
+        tok = load_tokenizer(src.tokenizer)
+    if src.quantize != "none":
+        params = _quantize(cfg, params, src, tok_path)
     return cfg, params, tok
 
 
-def load_speculative(cfg: ModelConfig) -> Speculative | None:
-    """The --draft settings as a :class:`Speculative`, or None without --draft; refuses flags
-    that would be ignored or cannot work (naming the flag)."""
+def load_speculative(cfg: ModelConfig, src: DraftSource, target_quantized: bool = False
+                     ) -> Speculative | None:
+    """``src`` as a :class:`Speculative`, or None without a draft; refuses settings that would be
+    ignored or cannot work (naming the flag)."""
     import numpy as np
 
-    given = {name: flags.FLAGS[name].present for name in
-             ("spec_k", "frspec", "frspec_size", "draft_quantize")}
-    if DRAFT.value is None:
-        extra = sorted(n for n, present in given.items() if present)
+    if src.draft is None:
+        extra = sorted(src.given & {"spec_k", "frspec", "frspec_size", "draft_quantize"})
         if extra:
-            raise app.UsageError(f"--{', --'.join(extra)} only apply with --draft")
+            raise UsageError(f"--{', --'.join(extra)} only apply with --draft")
         return None
-    if SPEC_K.value < 1:
-        raise app.UsageError(f"--spec_k must be >= 1, got {SPEC_K.value}")
-    if FRSPEC_SIZE.value and FRSPEC.value is None:
-        raise app.UsageError("--frspec_size needs --frspec (the token ranking file)")
-    draft = load_draft(cfg, DRAFT.value)
-    if DRAFT_QUANTIZE.value != "none":
-        if QUANTIZE.value == "none":
-            raise app.UsageError(
+    if src.spec_k < 1:
+        raise UsageError(f"--spec_k must be >= 1, got {src.spec_k}")
+    if src.frspec_size and src.frspec is None:
+        raise UsageError("--frspec_size needs --frspec (the token ranking file)")
+    draft = load_draft(cfg, src.draft)
+    if src.draft_quantize != "none":
+        if not target_quantized:
+            raise UsageError(
                 "--draft_quantize with a full-precision target gives no speedup (the target's "
                 "cost dominates and acceptance drops; CPM.cu issue 4): quantize the target too")
         from cpmjax.quant.qforward import quantize_draft
 
         draft = quantize_draft(cfg, draft)
     ids = None
-    if FRSPEC.value is not None:
+    if src.frspec is not None:
         from cpmjax.serve.frspec import load_frspec
 
-        ids = load_frspec(FRSPEC.value, cfg.vocab_size)
-        if FRSPEC_SIZE.value < 0 or FRSPEC_SIZE.value > ids.size:
-            raise app.UsageError(f"--frspec_size must be in [0, {ids.size}] (the size of "
-                                        f"{FRSPEC.value}), got {FRSPEC_SIZE.value}")
-        ids = np.asarray(ids[:FRSPEC_SIZE.value or ids.size])
-    return Speculative(draft, SPEC_K.value, ids)
+        ids = load_frspec(src.frspec, cfg.vocab_size)
+        if src.frspec_size < 0 or src.frspec_size > ids.size:
+            raise UsageError(f"--frspec_size must be in [0, {ids.size}] (the size of "
+                             f"{src.frspec}), got {src.frspec_size}")
+        ids = np.asarray(ids[:src.frspec_size or ids.size])
+    return Speculative(draft, src.spec_k, ids)
 
 
 def load_draft(cfg: ModelConfig, path: str) -> Any:

@@ -105,6 +105,15 @@ class ChatMessage(_Body):
     tool_call_id: str | None = Field(None, max_length=MAX_NAME)
     reasoning_content: str | None = None
 
+    def rendered(self, index: int) -> dict[str, Any]:
+        """The message as ``cpmjax.serve.chat.apply_chat_template`` takes it (``developer`` is
+        OpenAI's newer name for ``system``)."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                               "content": self.text(index)}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        return out
+
     def text(self, index: int) -> str:
         """The content as one string; text parts are joined, other part types refused."""
         if self.content is None:

@@ -2,9 +2,13 @@
 
 Order and semantics follow Hugging Face transformers' logits processors/warpers (read for ideas:
 ``RepetitionPenaltyLogitsProcessor``, ``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
-``TopPLogitsWarper``): repetition penalty first (positive logits of seen tokens divided by the
-penalty, negative ones multiplied), then temperature, top-k, top-p. Temperature 0 means greedy
-(argmax of the penalised logits). A request's randomness is ``fold_in(PRNGKey(seed), step)``, so it
+``TopPLogitsWarper``) and, for the OpenAI fields, vLLM's sampler: first the logit bias and the
+allowed-token mask of constrained decoding (a packed bitmask, bit ``t % 32`` of word ``t // 32``
+for token t, the layout xgrammar and outlines-core write), then the repetition penalty (positive
+logits of tokens seen in prompt or output divided by the penalty, negative ones multiplied), the
+frequency and presence penalties (OpenAI: ``logit - count * frequency - (count > 0) * presence``
+over generated tokens), then temperature, top-k, top-p. Temperature 0 means greedy (argmax of the
+processed logits). A request's randomness is ``fold_in(PRNGKey(seed), step)``, so it
 depends only on the request's own seed and how many tokens it has produced, never on which other
 requests share the batch.
 """
@@ -32,6 +36,9 @@ MAX_TEMPERATURE = 100.0  # logits / t stays finite; past ~100 every realistic ro
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 MAX_SEED = 2**31  # the sampling key is PRNGKey(int32 seed)
 MAX_TOP_K = 2**31 - 1  # int32; values >= the vocabulary mean "off" (the engine clamps)
+MAX_PENALTY = 2.0  # presence/frequency penalty range [-2, 2], as OpenAI
+MAX_LOGIT_BIAS = 300  # entries per request (OpenAI's limit), a static shape of the decode state
+MAX_BIAS_VALUE = 100.0  # |bias|, as OpenAI: +-100 bans or forces a token
 # Below this temperature a request decodes greedily (vLLM's _SAMPLING_EPS): logits / 1e-40 would
 # overflow float32 and the softmax would be NaN.
 GREEDY_BELOW = 1e-5
@@ -66,6 +73,9 @@ class SamplingParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias); ids checked by the engine
 
     def __post_init__(self) -> None:
         check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
@@ -74,6 +84,14 @@ class SamplingParams:
         check_float("repetition_penalty", self.repetition_penalty, MIN_REPETITION_PENALTY,
                     MAX_REPETITION_PENALTY)
         check_int("seed", self.seed, 0, MAX_SEED - 1)
+        check_float("presence_penalty", self.presence_penalty, -MAX_PENALTY, MAX_PENALTY)
+        check_float("frequency_penalty", self.frequency_penalty, -MAX_PENALTY, MAX_PENALTY)
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} entries, got "
+                             f"{len(self.logit_bias)}")
+        for tok, bias in self.logit_bias:
+            check_int("logit_bias token id", tok, 0, MAX_TOP_K)
+            check_float(f"logit_bias[{tok}]", bias, -MAX_BIAS_VALUE, MAX_BIAS_VALUE)
 
     @property
     def greedy(self) -> bool:
@@ -120,17 +138,53 @@ def top_p_mask(logits: jax.Array, p: jax.Array) -> jax.Array:
     return jnp.where(keep, logits, NEG_INF)
 
 
+def unpack_mask(mask: jax.Array, vocab: int) -> jax.Array:
+    """bool ``[B, vocab]`` from a packed uint32 bitmask ``[B, ceil(vocab / 32)]``."""
+    ids = jnp.arange(vocab, dtype=jnp.uint32)
+    words = jnp.take(mask.astype(jnp.uint32), (ids >> 5).astype(jnp.int32), axis=1)
+    return ((words >> (ids & 31)) & 1).astype(bool)
+
+
+def process_logits(logits: jax.Array, seen: jax.Array, *, repetition_penalty: jax.Array,
+                   counts: jax.Array | None = None, presence_penalty: jax.Array | None = None,
+                   frequency_penalty: jax.Array | None = None, bias_ids: jax.Array | None = None,
+                   bias_values: jax.Array | None = None, mask: jax.Array | None = None
+                   ) -> jax.Array:
+    """Logits after bias, mask and penalties (the distribution greedy decoding takes the argmax
+    of). ``counts [B, V]``: generated tokens; ``bias_ids``/``bias_values [B, N]`` (id V = none);
+    ``mask [B, ceil(V/32)]`` uint32, a 0 bit forbids the token."""
+    logits = logits.astype(jnp.float32)
+    B, V = logits.shape
+    if bias_ids is not None:
+        logits = logits.at[jnp.arange(B)[:, None], bias_ids].add(bias_values, mode="drop")
+    if mask is not None:
+        logits = jnp.where(unpack_mask(mask, V), logits, NEG_INF)
+    logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+    if counts is not None:
+        c = counts.astype(jnp.float32)
+        logits = (logits - frequency_penalty[:, None] * c
+                  - presence_penalty[:, None] * (c > 0).astype(jnp.float32))
+    return logits
+
+
+def warp(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
+         ) -> jax.Array:
+    """Temperature, then top-k and top-p masks: what sampled rows draw from."""
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    return top_p_mask(top_k_mask(scaled, top_k), top_p)
+
+
 def sample(logits: jax.Array, seen: jax.Array, step: jax.Array, *, temperature: jax.Array,
            top_k: jax.Array, top_p: jax.Array, repetition_penalty: jax.Array,
-           seed: jax.Array) -> jax.Array:
+           seed: jax.Array, **processing: jax.Array | None) -> jax.Array:
     """Next token per row of float32 ``logits [B, V]``; all other arguments are ``[B]`` (``seen`` is
-    a ``[B, V]`` bool mask of tokens already in the row's prompt or output)."""
-    logits = apply_repetition_penalty(logits.astype(jnp.float32), seen, repetition_penalty)
+    a ``[B, V]`` bool mask of tokens already in the row's prompt or output). ``processing``: the
+    optional arguments of :func:`process_logits` (bias, mask, presence/frequency penalties)."""
+    logits = process_logits(logits, seen, repetition_penalty=repetition_penalty, **processing)
     greedy = argmax_last(logits)
 
     def draw(_: None) -> jax.Array:
-        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-        warped = top_p_mask(top_k_mask(scaled, top_k), top_p)
+        warped = warp(logits, temperature, top_k, top_p)
         keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(seed, step)
         drawn = jax.vmap(jax.random.categorical)(keys, warped).astype(jnp.int32)
         return jnp.where(temperature > 0, drawn, greedy)
@@ -138,3 +192,13 @@ def sample(logits: jax.Array, seen: jax.Array, step: jax.Array, *, temperature: 
     # The vocabulary sorts of top-k/top-p cost more than a small model's decode step: skip them
     # when every row is greedy.
     return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, k: int
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(log-probability of ``tokens [B]``, top-k ids ``[B, k]``, their log-probabilities) under
+    log_softmax of ``logits [B, V]``."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(lp, tokens[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    top_vals, top_ids = jax.lax.top_k(lp, k)
+    return chosen, top_ids.astype(jnp.int32), top_vals

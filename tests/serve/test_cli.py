@@ -1,4 +1,5 @@
-"""The serving launchers' flags: a draft from an EAGLE file end to end through launch/generate.py,
+"""The serving launchers' model loading (``cpmjax.serve.cli``, plain arguments; the flags live in
+``launch/model_flags.py``): a draft from an EAGLE file end to end through launch/generate.py,
 quantized targets, and refusals of flag combinations that cannot work."""
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from absl import app, flags
-
 from cpmjax.model.mtp import init_mtp_params, save_mtp
 from cpmjax.quant.qforward import is_quantized
 from cpmjax.serve import cli
@@ -21,14 +20,9 @@ from cpmjax.serve.frspec import save_frspec
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def parse():
-    """Parse launcher flags in-process (so ``.present`` is set as on a command line), then reset."""
-    def run(*argv: str) -> None:
-        flags.FLAGS(["launcher", *argv])
-
-    yield run
-    flags.FLAGS.unparse_flags()
+def draft_source(**kw):
+    """A DraftSource as the launcher flags give it: ``given`` holds the names set explicitly."""
+    return cli.DraftSource(**kw, given=frozenset(kw) - {"draft"})
 
 
 @pytest.fixture(scope="module")
@@ -50,42 +44,41 @@ def test_generate_launcher_speculative_end_to_end(draft_file):
     assert "mean accept length" in spec.stderr and "k=2" in spec.stderr
 
 
-def test_draft_flags_build_the_speculative_settings(cfg, parse, draft_file, tmp_path):
+def test_draft_flags_build_the_speculative_settings(cfg, draft_file, tmp_path):
     ids = np.arange(cfg.vocab_size)[::-1].astype(np.int32)  # a ranking: most frequent first
     save_frspec(ids, tmp_path / "freq.npy", {"vocab_size": cfg.vocab_size})
-    parse(f"--draft={draft_file}", "--spec_k=4", f"--frspec={tmp_path / 'freq.npy'}",
-          "--frspec_size=100")
-    spec = cli.load_speculative(cfg)
+    spec = cli.load_speculative(cfg, draft_source(
+        draft=str(draft_file), spec_k=4, frspec=str(tmp_path / "freq.npy"), frspec_size=100))
     assert spec.k == 4 and spec.frspec_ids.tolist() == ids[:100].tolist()
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--spec_k=2"], "only apply with --draft"),
-    (["--frspec=x.npy"], "only apply with --draft"),
-    (["--draft={draft}", "--spec_k=0"], "--spec_k must be >= 1"),
-    (["--draft={draft}", "--frspec_size=10"], "--frspec_size needs --frspec"),
-    (["--draft={draft}", "--draft_quantize=rtn"], "full-precision target"),
-    (["--draft={draft}", "--frspec={small}", "--frspec_size=99"], r"--frspec_size must be in \[0, 8\]"),
-    (["--draft={draft}", "--frspec={alien}"], "FR-Spec ids must be distinct ids in"),
-    (["--draft={missing}"], "no such file or training run"),
+@pytest.mark.parametrize("kw, match", [
+    ({"spec_k": 2}, "only apply with --draft"),
+    ({"frspec": "x.npy"}, "only apply with --draft"),
+    ({"draft": "{draft}", "spec_k": 0}, "--spec_k must be >= 1"),
+    ({"draft": "{draft}", "frspec_size": 10}, "--frspec_size needs --frspec"),
+    ({"draft": "{draft}", "draft_quantize": "rtn"}, "full-precision target"),
+    ({"draft": "{draft}", "frspec": "{small}", "frspec_size": 99},
+     r"--frspec_size must be in \[0, 8\]"),
+    ({"draft": "{draft}", "frspec": "{alien}"}, "FR-Spec ids must be distinct ids in"),
+    ({"draft": "{missing}"}, "no such file or training run"),
 ])
-def test_bad_flag_combinations_are_refused(cfg, parse, draft_file, tmp_path, argv, match):
+def test_bad_flag_combinations_are_refused(cfg, draft_file, tmp_path, kw, match):
     save_frspec(np.arange(8), tmp_path / "small.npy")
     save_frspec(np.arange(cfg.vocab_size + 10), tmp_path / "alien.npy")  # another vocabulary
     paths = {"draft": draft_file, "small": tmp_path / "small.npy",
              "alien": tmp_path / "alien.npy", "missing": tmp_path / "nope"}
-    parse(*[a.format(**paths) for a in argv])
-    with pytest.raises((app.UsageError, ValueError, FileNotFoundError), match=match):
-        cli.load_speculative(cfg)
+    kw = {k: v.format(**paths) if isinstance(v, str) else v for k, v in kw.items()}
+    with pytest.raises((cli.UsageError, ValueError, FileNotFoundError), match=match):
+        cli.load_speculative(cfg, draft_source(**kw))
 
 
-def test_quantize_flag_quantizes_the_target_and_allows_a_quantized_draft(cfg, parse,
-                                                                         draft_file):
-    parse("--random_preset=tiny", "--quantize=rtn", "--quant_bits=8", f"--draft={draft_file}",
-          "--draft_quantize=rtn")
-    qcfg, qparams, _ = cli.load_model()
+def test_quantize_flag_quantizes_the_target_and_allows_a_quantized_draft(cfg, draft_file):
+    qcfg, qparams, _ = cli.load_model(cli.ModelSource(random_preset="tiny", quantize="rtn",
+                                                      quant_bits=8))
     assert is_quantized(qparams) and qparams["layers"]["wq"]["qweight"].dtype == np.int8
-    spec = cli.load_speculative(qcfg)
+    spec = cli.load_speculative(qcfg, draft_source(draft=str(draft_file),
+                                                   draft_quantize="rtn"), target_quantized=True)
     assert isinstance(spec.draft_params["layer"]["wq"], dict)
 
 
@@ -98,3 +91,11 @@ def test_generate_launcher_refuses_out_of_range_sampling_flags():
                        text=True, timeout=120)
     assert r.returncode != 0 and "--top_k must be in" in r.stderr, r.stderr[-1500:]
     assert "Traceback" not in r.stderr
+
+
+def test_the_library_defines_no_flags():
+    """Importing cpmjax.serve.cli (as tests and other libraries do) registers no absl flags."""
+    r = subprocess.run([sys.executable, "-c", "from absl import flags; import cpmjax.serve.cli; "
+                        "print(sorted(flags.FLAGS))"], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and "checkpoint" not in r.stdout and "spec_k" not in r.stdout

@@ -1,4 +1,4 @@
-"""Per-request error isolation in the scheduler, tested by causing each fault: a failure in one
+"""Per-request error isolation in the scheduler (and its log-probability modes), tested by causing each fault: a failure in one
 request's own work fails that request alone, a failed decode step fails that step's requests and
 serving goes on, and only an engine that keeps failing is declared unusable."""
 
@@ -46,10 +46,10 @@ def test_a_failing_prefill_fails_only_its_request(engine, params, reference, mon
     sched = Scheduler(engine, params)
     real = engine.prefill_chunks
 
-    def prefill(p, tokens):
+    def prefill(p, tokens, *a):
         if tokens == A:
             raise MemoryError("injected prefill failure")
-        return real(p, tokens)
+        return real(p, tokens, *a)
 
     monkeypatch.setattr(engine, "prefill_chunks", prefill)
     a, b = (sched.submit(p, 12, ignore_eos=True) for p in (A, B))
@@ -62,10 +62,10 @@ def test_a_failing_insert_fails_only_its_request(engine, params, reference, monk
     sched = Scheduler(engine, params)
     real = engine.insert
 
-    def insert(p, prefix, state, slot, sampling):
+    def insert(p, prefix, state, slot, sampling, **kw):
         if sampling.seed == 7:
             raise TypeError("injected insert failure before any buffer was donated")
-        return real(p, prefix, state, slot, sampling)
+        return real(p, prefix, state, slot, sampling, **kw)
 
     monkeypatch.setattr(engine, "insert", insert)
     b = sched.submit(B, 12, ignore_eos=True)
@@ -123,3 +123,21 @@ def test_cancelling_a_queued_request_frees_its_place_at_once(engine, params):
     assert sched.queue_depth == 1 and queued[0].done and queued[0].finish_reason == "cancelled"
     sched.submit(B, 4)  # the freed place takes a new request (no QueueFull)
     run(sched)
+
+
+@pytest.mark.parametrize("mode", ["raw", "processed"])
+def test_logprobs_modes(cfg, params, engine, mode):
+    """raw: the model's own log-softmax (vLLM's default); processed: the distribution sampled
+    from, here a logit bias of +100 that makes token 77 certain."""
+    eng = engine if mode == "raw" else DecodeEngine(cfg, max_slots=2, max_len=64, chunk=8,
+                                                    logprobs_mode="processed")
+    sched = Scheduler(eng, params)
+    r = sched.submit(A, 3, SamplingParams(logit_bias=((77, 100.0),)), logprobs=2,
+                     ignore_eos=True)
+    run(sched)
+    assert r.output == [77, 77, 77] and len(r.token_logprobs) == 3
+    lps = [lp for lp, _, _ in r.token_logprobs]
+    if mode == "processed":
+        assert all(lp == pytest.approx(0.0, abs=1e-5) for lp in lps)
+    else:
+        assert all(lp < -1.0 for lp in lps)  # the model itself does not favour token 77

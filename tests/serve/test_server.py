@@ -42,7 +42,7 @@ def test_health_models_metrics(server):
     srv, _ = server
     assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
     assert httpx.get(srv.url + "/v1/models").json()["data"][0]["id"] == "tiny"
-    m = httpx.get(srv.url + "/metrics").json()
+    m = httpx.get(srv.url + "/metrics.json").json()
     assert {"queue_depth", "tokens_per_second", "compilations", "active_slots"} <= set(m)
 
 
@@ -350,7 +350,7 @@ def test_speculative_server_is_lossless_and_reports_acceptance(cfg, params):
                            json={"prompt": p, "max_tokens": 10, "temperature": 0})
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["token_ids"] == w
-        m = httpx.get(srv.url + "/metrics").json()
+        m = httpx.get(srv.url + "/metrics.json").json()
         assert m["speculative_k"] == 2 and 1.0 <= m["mean_accept_length"] <= 3.0
         assert m["decode_steps"] > 0
         r = httpx.post(srv.url + "/v1/completions", timeout=30,
@@ -374,15 +374,24 @@ _VALID = {
         st.text(min_size=1, max_size=3), st.lists(st.text(min_size=1, max_size=3), max_size=3)),
     "stream": st.booleans(), "user": st.text(max_size=10), "model": st.just("tiny"),
     "ignore_eos": st.booleans(), "stream_options": st.just({"include_usage": True}),
-    "unknown_field": _JSON,
+    "unknown_field": _JSON, "n": st.integers(1, 3), "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2),
+    "logit_bias": st.dictionaries(st.integers(0, 299).map(str), st.floats(-100, 100),
+                                  max_size=3),
 }
 _COMPLETION = {"prompt": st.one_of(st.text(min_size=1, max_size=40),
                                    st.lists(st.integers(3, 299), min_size=1, max_size=8)),
-               **_VALID}
+               "logprobs": st.integers(0, 5), "echo": st.booleans(), **_VALID}
 _CHAT = {"messages": st.lists(st.fixed_dictionaries(
     {"role": st.sampled_from(["system", "user", "assistant", "developer"]),
      "content": st.text(max_size=20)}), min_size=1, max_size=3),
-    "max_completion_tokens": st.integers(1, 4), "enable_thinking": st.booleans(), **_VALID}
+    "max_completion_tokens": st.integers(1, 4), "enable_thinking": st.booleans(),
+    "logprobs": st.just(True), "top_logprobs": st.integers(0, 5),
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}, {
+        "type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "integer"}}}]),
+    "tools": st.just([{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer"}}}}}]),
+    "tool_choice": st.sampled_from(["auto", "none", "required"]), **_VALID}
 _NAMES = sorted({*_COMPLETION, *_CHAT, "n", "logprobs", "logit_bias", "echo", "suffix",
                  "response_format", "tools", "tool_choice", "presence_penalty",
                  "frequency_penalty", "stop_token_ids", "max_tokens"})
@@ -427,3 +436,20 @@ def test_property_no_body_gives_5xx_or_hurts_the_engine(server, request):
     assert httpx.get(srv.url + "/health").status_code == 200
     wait_idle(sched)
     assert sched.error is None and sched._prefilling is None
+
+
+def test_prometheus_metrics(server):
+    srv, _ = server
+    httpx.post(srv.url + "/v1/completions", json={"prompt": "abc", "max_tokens": True})
+    assert httpx.post(srv.url + "/v1/completions", timeout=60,
+                      json={"prompt": [1, 2, 3], "max_tokens": 3}).status_code == 200
+    r = httpx.get(srv.url + "/metrics")
+    assert r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for name in ("cpmjax:time_to_first_token_seconds_bucket", "cpmjax:inter_token_latency_seconds",
+                 "cpmjax:e2e_request_latency_seconds_count", "cpmjax:request_queue_time_seconds",
+                 "cpmjax:num_requests_running", "cpmjax:num_requests_waiting",
+                 "cpmjax:kv_slots_used_ratio", "cpmjax:generation_tokens_per_second",
+                 "cpmjax:mean_accept_length", 'cpmjax:compilations_total{function="generate"}',
+                 'outcome="rejected_4xx"', 'outcome="length"'):
+        assert name in text, name

@@ -1,19 +1,12 @@
-"""launch/sparse_retrieval.py: the task's rows, the phase flag, and the pair-block diagnostic."""
+"""cpmjax.eval.sparse_retrieval: the task's rows, the phase flag, and the pair-block diagnostic."""
 from __future__ import annotations
-
-import importlib.util
-import pathlib
 
 import jax
 import numpy as np
 import pytest
 
+from cpmjax.eval import sparse_retrieval as sr
 from cpmjax.model import init_params
-
-_PATH = pathlib.Path(__file__).resolve().parents[2] / "launch" / "sparse_retrieval.py"
-_spec = importlib.util.spec_from_file_location("sparse_retrieval", _PATH)
-sr = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sr)
 
 
 def test_rows_hide_the_pair_after_block_zero_in_the_first_quarter():
