@@ -4,9 +4,10 @@ checkpoints) plus an ``rl`` section, validated before anything is compiled.
 Defaults follow the papers where they give a value: DAPO (arXiv 2503.14476) for clip-higher
 (eps_low 0.2, eps_high 0.28), token-level loss averaging, dynamic sampling and overlong
 handling; Ye et al. 2020 (arXiv 1912.09729) for dual-clip c = 3; MiniCPM4 (arXiv 2506.07900
-§3.2) for the KL coefficient 0.001 with a periodically refreshed reference, temperature 1.0,
-top-p 1.0 and chunk-wise rollout. Sizes (group size, batch, response budget) are for the tiny
-model on a CPU; MiniCPM4 uses 16 samples per prompt, batch 256 and mini-batch 128.
+§3.2) for the KL coefficient 0.001 with a periodically refreshed reference, temperature 1.0
+with top-p 1.0 (no truncation of the sampler) and chunk-wise rollout. Sizes (group size, batch,
+response budget) are for the tiny model on a CPU; MiniCPM4 uses 16 samples per prompt, batch 256
+and mini-batch 128.
 
 The train section keeps its meaning for the update (``lr``, ``schedule``, Adam, ``clip_norm``,
 ``grad_accum``, ``compute_dtype``, ``remat``, ``seed``, ``steps`` = RL steps, ``log_every``,
@@ -56,7 +57,7 @@ def rl_experiment_config(model: Mapping[str, Any], name: str) -> ml_collections.
     r.rollout_batch = 64  # trajectories per round = engine slots; 0: groups_per_step x group_size
     r.chunk_tokens = 16  # per trajectory per round; 0: vanilla (wait for every response)
     r.max_response = 64
-    r.temperature, r.top_p = 1.0, 1.0
+    r.temperature = 1.0  # no top-k / top-p: the loss's softmax(logits / T) is the sampler's
     r.dynamic_sampling = True
     r.max_rounds = 32  # rounds per step before training on fewer than groups_per_step groups
     r.overlong = "filter"  # filter | penalty | none
@@ -89,7 +90,6 @@ def check_rl_config(cfg: ml_collections.ConfigDict) -> None:
     need(r.dual_clip == 0 or r.dual_clip > 1, "dual_clip", "must be 0 (off) or > 1")
     need(r.kl_coef >= 0, "kl_coef", "must be >= 0")
     need(r.temperature > 0, "temperature", "must be > 0 (RL samples)")
-    need(0 < r.top_p <= 1, "top_p", "must be in (0, 1]")
     need(r.eval_temperature >= 0, "eval_temperature", "must be >= 0")
     need(r.loss_agg in AGGREGATIONS, "loss_agg", f"is not one of {AGGREGATIONS}")
     need(r.overlong in OVERLONG, "overlong", f"is not one of {OVERLONG}")

@@ -7,8 +7,8 @@ Per response token t of trajectory i, with the ratio ``r = pi_theta(o_t) / pi_b(
 the behaviour policy b that sampled the token (under chunk-wise rollout the policy version of
 the token's chunk: MiniCPM4's chunk-level importance sampling) and the trajectory's advantage A:
 
-    l_t = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))     PPO clip; clip-higher: eps_high > eps_low
-    l_t = min(l_t, -c A)  where A < 0                           dual-clip, c > 1
+    l_t = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))   PPO clip; eps_high > eps_low
+    l_t = min(l_t, -c A)  where A < 0                         dual-clip, c > 1
     J   = sum_t w_t (l_t + beta KL_t),  KL_t = exp(q - p) - (q - p) - 1
 
 with p, q the token's log-probabilities under pi_theta and the reference model (the k3 estimator

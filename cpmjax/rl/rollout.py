@@ -4,8 +4,10 @@ Algorithm 1).
 One *round* generates at most ``chunk_tokens`` new tokens for every unfinished trajectory: those
 carried over in the replay buffer, plus new groups of ``group_size`` samples of fresh prompts up
 to ``rollout_batch`` trajectories. Everything goes through the scheduler's continuous batching at
-the current parameters; the engine reports each sampled token's log-probability, recorded with
-the policy version. Trajectories that stop (a stop token) or reach ``max_response`` are done; the
+the current parameters; the engine reports each sampled token's log-probability under the
+distribution it sampled from (``logprobs_mode="processed"``: ``softmax(logits / temperature)``,
+the one the loss evaluates; RL sampling uses no top-k, top-p or penalties), recorded with the
+policy version. Trajectories that stop (a stop token) or reach ``max_response`` are done; the
 others stay in the buffer and continue next round, after the update, under the new policy. When
 every member of a group is done the group is scored and, with dynamic sampling (DAPO, arXiv
 2503.14476 §3.2), kept only if its rewards differ. With ``chunk_tokens == max_response`` a round
@@ -48,7 +50,6 @@ class RolloutSettings:
     max_response: int
     stop_token_ids: tuple[int, ...]
     temperature: float = 1.0
-    top_p: float = 1.0
     dynamic_sampling: bool = True
     overlong: str = "filter"  # truncated responses: out of the loss | soft penalty | as is
     overlong_buffer: int = 16
@@ -91,7 +92,7 @@ class ChunkedRollout:
             state.in_flight.append(self._new_group(state))
 
     def _sampling(self, group: Group, member: int, traj: Trajectory) -> SamplingParams:
-        return SamplingParams(temperature=self.s.temperature, top_p=self.s.top_p,
+        return SamplingParams(temperature=self.s.temperature,
                               seed=sampling_seed(self.s.seed, group.id, member, traj.chunks,
                                                  traj.restarts))
 
@@ -107,18 +108,18 @@ class ChunkedRollout:
                     continue
                 budget = min(self.s.chunk_tokens, self.s.max_response - len(traj.response))
                 req = self.scheduler.submit(traj.prompt + traj.response, budget,
-                                            self._sampling(g, i, traj), self.s.stop_token_ids)
+                                            self._sampling(g, i, traj), self.s.stop_token_ids,
+                                            logprobs=0)
                 submitted.append((traj, req))
         start = time.perf_counter()
         self.scheduler.run_until_done()
         seconds = time.perf_counter() - start
         tokens = 0
-        logprobs = self._interim_logprobs(submitted)
-        for (traj, req), lp in zip(submitted, logprobs):
+        for traj, req in submitted:
             if req.finish_reason not in ("stop", "length"):
                 raise RuntimeError(f"rollout request {req.id} ended with {req.finish_reason!r}"
-                                   f" ({self.scheduler.error!r})")
-            traj.extend(req.output, lp, state.version)
+                                   f" ({req.error or self.scheduler.error!r})")
+            traj.extend(req.output, [lp for lp, _, _ in req.token_logprobs], state.version)
             tokens += len(req.output)
             if req.finish_reason == "stop":
                 traj.finish = "stop"
@@ -127,31 +128,6 @@ class ChunkedRollout:
         state.count("generated_tokens", tokens)
         return {"tokens": tokens, "seconds": seconds, "requests": len(submitted),
                 **self._score_finished(state)}
-
-    def _interim_logprobs(self, submitted: list) -> list[list[float]]:
-        # INTERIM until the engine reports sampled-token log-probs: score the chunks
-        import jax
-        from cpmjax.rl.loss import target_logprobs
-        from cpmjax.serve.engine import pow2_bucket
-        if not hasattr(self, "_score"):
-            self._score = jax.jit(lambda p, b: target_logprobs(p, self.engine.cfg, b,
-                                                               self.s.temperature)[0])
-        rows = [traj.prompt + traj.response + req.output for traj, req in submitted]
-        T = pow2_bucket(max(len(r) for r in rows), 64)
-        B = pow2_bucket(len(rows), 8)
-        b = {k: np.zeros((B, T), np.int32) for k in ("inputs", "targets", "positions",
-                                                      "segment_ids")}
-        for i, r in enumerate(rows):
-            n = len(r) - 1
-            b["inputs"][i, :n], b["targets"][i, :n] = r[:-1], r[1:]
-            b["positions"][i, :n], b["segment_ids"][i, :n] = np.arange(n), 1
-        lp = np.asarray(self._score(self.scheduler.params, b))
-        out = []
-        for i, (traj, req) in enumerate(submitted):
-            k = len(req.output)
-            n = len(rows[i]) - 1
-            out.append(lp[i, n - k:n].tolist())
-        return out
 
     def _score_finished(self, state: RolloutState) -> dict[str, Any]:
         """Move groups whose members are all done out of flight: scored, then kept or dropped."""
@@ -184,9 +160,9 @@ class ChunkedRollout:
         with the response budget of training and no overlong penalty; mean response length and
         the share of responses cut at the budget."""
         prompts = self.prompts.prompts(split)
+        seed = lambda i: sampling_seed(self.s.seed, _EVAL_STREAM, i)
         reqs = [self.scheduler.submit(list(p), self.s.max_response,
-                                      SamplingParams(temperature=temperature,
-                                                     seed=sampling_seed(self.s.seed, _EVAL_STREAM, i)),
+                                      SamplingParams(temperature=temperature, seed=seed(i)),
                                       self.s.stop_token_ids) for i, p in enumerate(prompts)]
         self.scheduler.run_until_done()
         rewards = [self.prompts.reward(split, i, r.output) for i, r in enumerate(reqs)]

@@ -129,11 +129,12 @@ class RLTrainer:
         engine = DecodeEngine(model_cfg, max_slots=batch,
                               max_len=min(pow2_bucket(need, 128),
                                           model_cfg.max_position_embeddings),
-                              chunk=r.prefill_chunk, dtype=self.dtype)
+                              chunk=r.prefill_chunk, dtype=self.dtype,
+                              logprobs_mode="processed")
         self.settings = RolloutSettings(
             group_size=r.group_size, rollout_batch=batch, chunk_tokens=rl_config.chunk_tokens(r),
             max_response=r.max_response, stop_token_ids=_stop_ids(cfg, model_cfg),
-            temperature=r.temperature, top_p=r.top_p, dynamic_sampling=r.dynamic_sampling,
+            temperature=r.temperature, dynamic_sampling=r.dynamic_sampling,
             overlong=r.overlong, overlong_buffer=r.overlong_buffer,
             max_staleness=r.max_staleness, stale_policy=r.stale_policy, seed=t.seed)
         self.rollout = ChunkedRollout(engine, self.state["params"], self.prompts, self.settings)
