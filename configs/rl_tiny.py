@@ -6,7 +6,7 @@ and SFT::
     python launch/rl.py --config=configs/rl_tiny.py --results=bench/results/rl_tiny
 
 GRPO with DAPO's clip-higher, token-level loss, dynamic sampling and overlong filtering,
-dual-clip, a KL term to a reference refreshed every 50 steps, chunk-wise rollout with 16-token
+dual-clip, a KL term to a reference refreshed every 50 steps, 100 steps, chunk-wise rollout with 16-token
 chunks of a 64-token response budget. The held-out reward is greedy decoding's on held-out
 problems the training never sees.
 """
@@ -19,8 +19,8 @@ def get_config():
     cfg = rl_experiment_config(presets.tiny(), name="rl_tiny")
     t = cfg.train
     t.init_from = "runs/sft_tiny"
-    t.steps, t.lr = 200, 1e-3
-    t.log_every, t.eval_every = 1, 20
+    t.steps, t.lr = 100, 1e-3
+    t.log_every, t.eval_every = 1, 10
     cfg.checkpoint.every = 20
     r = cfg.rl
     r.group_size, r.groups_per_step, r.minibatches = 8, 8, 2

@@ -3,7 +3,8 @@
 GRPO with DAPO's techniques and chunk-wise rollout on the serving engine (``cpmjax.rl``). Any
 config field can be overridden (``--config.rl.chunk_tokens=0`` is vanilla rollout). The run
 directory (``--workdir``, default ``runs/<config name>``) gets metrics.jsonl, TensorBoard events
-and orbax checkpoints holding the replay buffer; rerunning the same command resumes.
+and orbax checkpoints holding the replay buffer; rerunning the same command resumes (a different
+config is refused; ``--new_run`` moves the old run aside).
 ``--results=bench/results/rl_tiny`` writes the held-out rewards and every step's metrics as
 JSON and the reward curve as PNG.
 """
@@ -19,6 +20,8 @@ from cpmjax.rl.trainer import train
 _CONFIG = config_flags.DEFINE_config_file("config", None, "RL experiment config file",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default runs/<config name>)")
+_NEW_RUN = flags.DEFINE_bool("new_run", False, "move an earlier run in --workdir aside "
+                             "(nothing is deleted) and start afresh")
 _RESULTS = flags.DEFINE_string("results", "", "write <path>.json and <path>.png of the run")
 
 
@@ -30,7 +33,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config is required, e.g. --config=configs/rl_tiny.py")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     workdir = _WORKDIR.value or f"runs/{cfg.name}"
-    train(cfg, workdir)
+    train(cfg, workdir, new_run=_NEW_RUN.value)
     if _RESULTS.value:
         summary = write_report(workdir, _RESULTS.value, {"config": cfg.to_dict()})
         print(f"held-out reward {summary['start_eval_reward']:.3f} (step "

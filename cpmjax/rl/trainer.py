@@ -35,9 +35,10 @@ from cpmjax.rl.prompts import load_prompt_set, run_tokenizer
 from cpmjax.rl.rollout import ChunkedRollout, RolloutSettings
 from cpmjax.serve.engine import DecodeEngine, pow2_bucket
 from cpmjax.train import checkpoint as ckpt
-from cpmjax.train.loop import check_train_config
+from cpmjax.train.experiment import check_experiment
 from cpmjax.train.metrics import MetricsWriter
 from cpmjax.train.optimizer import make_optimizer
+from cpmjax.train.rundir import RunDir
 from cpmjax.train.step import batch_sharding, init_state, jit_train_step, state_shardings
 
 log = logging.getLogger(__name__)
@@ -70,15 +71,25 @@ class RLTrainer:
     """A resumable RL run in ``workdir``; ``step()`` runs one RL step and returns its metrics."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str | Path,
-                 write_metrics: bool = True) -> None:
-        check_train_config(cfg.train)
+                 write_metrics: bool = True, new_run: bool = False) -> None:
+        model_cfg = self.model_cfg = check_experiment(cfg)
         rl_config.check_rl_config(cfg)
-        self.cfg, r, t = cfg, cfg.rl, cfg.train
-        self.work = Path(workdir)
-        self.work.mkdir(parents=True, exist_ok=True)
-        model_cfg = self.model_cfg = ModelConfig.from_hf_config(cfg.model.to_dict())
-        (self.work / "config.json").write_text(json.dumps(model_cfg.to_hf_config(), indent=2))
-        (self.work / "experiment.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
+        self.cfg = cfg
+        # the training system's run dir: one trainer per workdir, resumed only with its config
+        self.run = RunDir(workdir)
+        self.run.acquire()
+        try:
+            self.run.prepare(json.loads(cfg.to_json_best_effort()), model_cfg.to_hf_config(),
+                             run_tokenizer(cfg), new_run)
+            self._build(cfg, model_cfg, write_metrics)
+        except BaseException:
+            self.run.release()
+            raise
+
+    def _build(self, cfg: ml_collections.ConfigDict, model_cfg: ModelConfig,
+               write_metrics: bool) -> None:
+        r, t = cfg.rl, cfg.train
+        self.work = self.run.path
         self.prompts = load_prompt_set(cfg)
         self.rows = r.groups_per_step * r.group_size
         self.loss = PolicyLoss(r.eps_low, r.eps_high, r.dual_clip or None, r.kl_coef,
@@ -141,7 +152,7 @@ class RLTrainer:
         self._steps: dict[int, Any] = {}
         self._ref_logprobs = jax.jit(lambda p, b: target_logprobs(
             p, model_cfg, b, r.temperature, self.dtype)[0])
-        self.writer = MetricsWriter(self.work, enabled=write_metrics)
+        self.writer = MetricsWriter(self.work, enabled=write_metrics, resume_step=self.done)
 
     # ---- the update ----------------------------------------------------------------------
     def _step_fn(self, length: int) -> Any:
@@ -250,14 +261,19 @@ class RLTrainer:
         return {f"eval_{k}": v for k, v in out.items()}
 
     def close(self) -> None:
-        self.checkpointer.close()
-        self.writer.close()
+        try:
+            self.checkpointer.close()
+            self.writer.close()
+        finally:
+            self.run.release()
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[str, Any]]:
-    """Run (or resume) ``train.steps`` RL steps in ``workdir``; the metrics of each step run
-    here, preceded by the starting policy's held-out evaluation (step 0) on a fresh run."""
-    trainer = RLTrainer(cfg, workdir)
+def train(cfg: ml_collections.ConfigDict, workdir: str | Path, new_run: bool = False
+          ) -> list[dict[str, Any]]:
+    """Run (or resume) ``train.steps`` RL steps in ``workdir`` (``new_run``: move an earlier run
+    there aside first); the metrics of each step run here, preceded by the starting policy's
+    held-out evaluation (step 0) on a fresh run."""
+    trainer = RLTrainer(cfg, workdir, new_run=new_run)
     history = []
     try:
         if trainer.done == 0:

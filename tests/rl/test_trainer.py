@@ -16,6 +16,9 @@ import pytest
 
 from cpmjax.config import ConfigError
 from cpmjax.rl.config import check_rl_config
+from cpmjax.rl.prompts import run_tokenizer
+from cpmjax.rl.trainer import RLTrainer
+from cpmjax.train.rundir import RunDir, RunDirError
 from tests.rl.helpers import toy_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,9 +48,10 @@ def test_sigkill_mid_rollout_resumes_with_the_same_buffer_and_losses(tmp_path):
     assert m, resumed.stdout[-2000:]
     start, buffered = int(m.group(1)), int(m.group(3))
     assert 2 <= start <= 4 and buffered > 0  # mid-trajectory state came back from the checkpoint
-    after = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
-    after = after[len(before):]
-    assert [r["step"] for r in after] == list(range(start + 1, 8))
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(8))  # the recomputed steps logged once
+    assert rows[:start + 1] == before[:start + 1]
+    after = rows[start + 1:]
     overlap = range(start + 1, 6)
     assert len(overlap) >= 1
     for step in overlap:
@@ -71,3 +75,18 @@ def test_config_errors_name_the_field(field, value, rule):
     cfg.rl[field] = value
     with pytest.raises(ConfigError, match=f"rl.{field}'.*{rule}"):
         check_rl_config(cfg)
+
+
+def test_a_workdir_in_use_or_of_another_config_is_refused_before_anything_runs(tmp_path):
+    work = tmp_path / "run"
+    with RunDir(work):  # another trainer holds the workdir
+        with pytest.raises(RunDirError, match="in use by another trainer"):
+            RLTrainer(toy_config(), work)
+    RunDir(work).prepare(json.loads(toy_config().to_json_best_effort()), {},
+                         run_tokenizer(toy_config()))
+    other = toy_config()
+    other.rl.eps_high = 0.3
+    with pytest.raises(RunDirError, match="rl.eps_high"):
+        RLTrainer(other, work)
+    assert sorted(p.name for p in work.iterdir()) == ["config.json", "experiment.json",
+                                                      "tokenizer", "train.lock"]
