@@ -11,11 +11,17 @@ JSON and the reward curve as PNG.
 
 from __future__ import annotations
 
+import os
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cpmjax.config import ConfigError
 from cpmjax.rl.report import write_report
 from cpmjax.rl.trainer import train
+from cpmjax.train.checkpoint import CheckpointSaveError, quiet_orbax_tracebacks
+from cpmjax.train.rundir import RunDirError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "RL experiment config file",
                                           lock_config=True)
@@ -32,8 +38,15 @@ def main(argv: list[str]) -> None:
     if cfg is None:
         raise app.UsageError("--config is required, e.g. --config=configs/rl_tiny.py")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    quiet_orbax_tracebacks()
     workdir = _WORKDIR.value or f"runs/{cfg.name}"
-    train(cfg, workdir, new_run=_NEW_RUN.value)
+    try:
+        train(cfg, workdir, new_run=_NEW_RUN.value)
+    except (ConfigError, RunDirError, CheckpointSaveError) as e:
+        print(f"rl: error: {e}", file=sys.stderr, flush=True)
+        if isinstance(e, CheckpointSaveError):  # don't wait for the failed save's writer threads
+            os._exit(1)
+        sys.exit(1)
     if _RESULTS.value:
         summary = write_report(workdir, _RESULTS.value, {"config": cfg.to_dict()})
         print(f"held-out reward {summary['start_eval_reward']:.3f} (step "
