@@ -19,7 +19,7 @@ def get_config():
     cfg = rl_experiment_config(presets.tiny(), name="rl_tiny")
     t = cfg.train
     t.init_from = "runs/sft_tiny"
-    t.steps, t.lr = 100, 1e-3
+    t.steps, t.lr = 100, 3e-4  # 1e-3: held-out reward fell 0.664 -> 0.609 in 30 steps
     t.log_every, t.eval_every = 1, 10
     cfg.checkpoint.every = 20
     r = cfg.rl
