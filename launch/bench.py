@@ -1,4 +1,4 @@
-"""Benchmarks: ``python launch/bench.py train|attention|decode|decode_constrained|qat|gpu``.
+"""Benchmarks: ``python launch/bench.py train|attention|decode|decode_constrained|qat|rl|gpu``.
 
 Each suite measures cpmjax and its baseline side by side in one process, prints a table and
 appends JSON lines (device, config, metric, value, baseline, ratio) under ``bench/results/``.
@@ -14,7 +14,7 @@ from absl import app
 
 SUITES = {"train": "cpmjax.bench.train", "attention": "cpmjax.bench.attention",
           "gpu": "cpmjax.bench.gpu", "decode": "bench_decode",
-          "decode_constrained": "bench_decode", "qat": "bench_qat"}
+          "decode_constrained": "bench_decode", "qat": "bench_qat", "rl": "bench_rl"}
 
 
 def main(argv: list[str]) -> None:

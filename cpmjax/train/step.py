@@ -163,6 +163,24 @@ def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(BATCH_AXES, mesh, shape=shape))
 
 
+def accumulate_grads(value_and_grad: Callable[..., Any], tree: Any, batch: dict[str, jax.Array],
+                     grad_accum: int, aux_zeros: Any) -> tuple[Any, Any]:
+    """(grads, aux) of ``value_and_grad(tree, micro) -> ((value, aux), grads)`` summed over
+    ``grad_accum`` microbatches of ``batch`` (a scan). The objective must already be normalised by
+    whole-batch counts, so the sums equal one big batch; ``aux_zeros`` is the shape of ``aux``."""
+    if grad_accum == 1:
+        (_, aux), grads = value_and_grad(tree, batch)
+        return grads, aux
+    micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+
+    def body(acc: Any, mb: dict[str, jax.Array]) -> tuple[Any, None]:
+        (_, aux), g = value_and_grad(tree, mb)
+        return jax.tree.map(jnp.add, acc, (g, aux)), None
+
+    (grads, aux), _ = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, tree), aux_zeros), micro)
+    return grads, aux
+
+
 def make_grad_fn(cfg: ModelConfig, *, grad_accum: int = 1, dtype: Any = jnp.float32,
                  remat: str = "none", mtp_weight: float = 0.0,
                  freeze_model: bool = False, mtp_distill: bool = False,
@@ -202,18 +220,9 @@ def make_grad_fn(cfg: ModelConfig, *, grad_accum: int = 1, dtype: Any = jnp.floa
     def grad_fn(tree: Any, batch: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
         counts = [jnp.sum(batch["loss_mask"])] + ([jnp.sum(mtp_mask(batch))] if with_mtp else [])
         counts = jnp.maximum(jnp.stack(counts), 1.0)
-        value_and_grad = jax.value_and_grad(objective, has_aux=True)
-        if grad_accum == 1:
-            (_, sums), grads = value_and_grad(tree, batch, counts)
-        else:
-            micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
-
-            def body(acc: Any, mb: dict[str, jax.Array]) -> tuple[Any, None]:
-                (_, s), g = value_and_grad(tree, mb, counts)
-                return jax.tree.map(jnp.add, acc, (g, s)), None
-
-            zeros = (jax.tree.map(jnp.zeros_like, tree), jnp.zeros(counts.shape))
-            (grads, sums), _ = jax.lax.scan(body, zeros, micro)
+        value_and_grad = jax.value_and_grad(lambda t, mb: objective(t, mb, counts), has_aux=True)
+        grads, sums = accumulate_grads(value_and_grad, tree, batch, grad_accum,
+                                       jnp.zeros(counts.shape))
         losses = sums / counts
         metrics = {"loss": losses[0], "tokens": counts[0]}
         if with_mtp:
@@ -221,6 +230,35 @@ def make_grad_fn(cfg: ModelConfig, *, grad_accum: int = 1, dtype: Any = jnp.floa
         return grads, metrics
 
     return grad_fn
+
+
+def make_update_step(tx: optax.GradientTransformation, grad_fn: Callable[..., Any], *,
+                     total_loss: Callable[[dict[str, jax.Array]], jax.Array] = lambda m: m["loss"],
+                     freeze_model: bool = False) -> Callable[..., Any]:
+    """``step(state, batch) -> (state, metrics)`` applying ``grad_fn(tree, batch) -> (grads,
+    metrics)`` through ``tx``; the update is skipped (state kept, ``nonfinite_steps`` counted) when
+    ``total_loss(metrics)`` or the gradient norm is not finite. State entries other than the
+    trainable ones (e.g. an RL reference model) pass through unchanged."""
+
+    def step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
+        tree = trainable(state)
+        grads, metrics = grad_fn(tree, batch)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(total_loss(metrics)) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state["opt_state"], tree)
+        new_tree = optax.apply_updates(tree, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        params, mtp_params = split_trainable(keep(new_tree, tree), "mtp_params" in state)
+        if freeze_model:  # weight decay would still move it
+            params = state["params"]
+        new_state = {**state, "step": state["step"] + 1, "params": params,
+                     "opt_state": keep(opt_state, state["opt_state"]),
+                     "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32)}
+        if mtp_params is not None:
+            new_state["mtp_params"] = mtp_params
+        return new_state, {**metrics, "grad_norm": grad_norm, "finite": finite}
+
+    return step
 
 
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, *, grad_accum: int = 1,
@@ -236,27 +274,9 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, *, grad_
                            mtp_weight=mtp_weight, freeze_model=freeze_model,
                            mtp_distill=mtp_distill, transforms=transforms,
                            attn_impl=attn_impl, sparse_impl=sparse_impl)
-
-    def step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
-        tree = trainable(state)
-        grads, metrics = grad_fn(tree, batch)
-        loss = metrics["loss"] + mtp_weight * metrics.get("mtp_loss", 0.0)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state["opt_state"], tree)
-        new_tree = optax.apply_updates(tree, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        params, mtp_params = split_trainable(keep(new_tree, tree), "mtp_params" in state)
-        if freeze_model:  # weight decay would still move it
-            params = state["params"]
-        new_state = {**state, "step": state["step"] + 1, "params": params,
-                     "opt_state": keep(opt_state, state["opt_state"]),
-                     "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32)}
-        if mtp_params is not None:
-            new_state["mtp_params"] = mtp_params
-        return new_state, {**metrics, "grad_norm": grad_norm, "finite": finite}
-
-    return step
+    return make_update_step(
+        tx, grad_fn, total_loss=lambda m: m["loss"] + mtp_weight * m.get("mtp_loss", 0.0),
+        freeze_model=freeze_model)
 
 
 def make_eval_step(cfg: ModelConfig, dtype: Any = jnp.float32,
