@@ -19,14 +19,19 @@ from cpmjax.tokens import check_token_ids
 
 
 class Model:
-    """A loaded model: its config, its parameters and (when the folder has one) its tokenizer."""
+    """A loaded model: its config, its parameters and (when the folder has one) its tokenizer.
+    ``path`` and ``tokenizer_path`` say where they were loaded from (None when built in memory);
+    exports carry that tokenizer along and never write into ``path``."""
 
     def __init__(self, config: ModelConfig, params: Params, tokenizer: Any = None,
-                 dtype: Any = jnp.float32) -> None:
+                 dtype: Any = jnp.float32, path: Path | None = None,
+                 tokenizer_path: Path | None = None) -> None:
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
         self.dtype = dtype
+        self.path = path
+        self.tokenizer_path = tokenizer_path
 
     @functools.cached_property
     def _logits_fn(self):
@@ -56,24 +61,32 @@ class Model:
 
 
 def tokenizer_file(folder: str | os.PathLike, vocab_size: int) -> Path | None:
-    """The tokenizer a checkpoint was made with: its own ``tokenizer.json`` (HF folders), or, for
-    a training run (its workdir, ``checkpoints/`` or one step), the run's ``data.tokenizer`` or the
-    project tokenizer its ``data.cache_dir`` holds for this vocabulary; None if none is there."""
-    folder = Path(folder)
+    """The tokenizer a checkpoint was made with: its own ``tokenizer.json`` (HF folders and
+    exports), or, for a training run (its workdir, ``checkpoints/`` or one step), the copy the run
+    keeps in ``tokenizer/``; None if there is none. Runs written before runs kept a copy fall back
+    to their ``data.tokenizer`` / ``data.cache_dir``, which were relative to the directory the run
+    was started from: they are tried relative to the run's parent and to the current one."""
+    folder = Path(folder).absolute()
     if (folder / "tokenizer.json").is_file():
         return folder / "tokenizer.json"
     run = next((d for d in (folder, folder.parent, folder.parent.parent)
                 if (d / "experiment.json").is_file()), None)
     if run is None:
         return None
+    if (run / "tokenizer" / "tokenizer.json").is_file():
+        return run / "tokenizer" / "tokenizer.json"
     data = json.loads((run / "experiment.json").read_text()).get("data", {})
     tok_dir = (Path(data["tokenizer"]) if data.get("tokenizer")
                else Path(data.get("cache_dir", ".cache/cpmjax")) / f"tokenizer-{vocab_size}")
-    return tok_dir / "tokenizer.json" if (tok_dir / "tokenizer.json").is_file() else None
+    for base in (run.parent, run.parent.parent, Path.cwd()):
+        candidate = base / tok_dir / "tokenizer.json" if not tok_dir.is_absolute() else (
+            tok_dir / "tokenizer.json")
+        if candidate.is_file():
+            return candidate
+    return None
 
 
-def _load_tokenizer(folder: Path, vocab_size: int) -> Any:
-    path = tokenizer_file(folder, vocab_size)
+def _load_tokenizer(path: Path | None) -> Any:
     if path is None:
         return None
     from tokenizers import Tokenizer
@@ -94,13 +107,18 @@ def load(path: str | os.PathLike, dtype: Any = jnp.float32) -> Model:
         from cpmjax.train.checkpoint import load_model
 
         cfg, params = load_model(folder, dtype=dtype)
-    return Model(cfg, params, tokenizer=_load_tokenizer(folder, cfg.vocab_size), dtype=dtype)
+    tok = tokenizer_file(folder, cfg.vocab_size)
+    return Model(cfg, params, tokenizer=_load_tokenizer(tok), dtype=dtype,
+                 path=folder.absolute(), tokenizer_path=tok)
 
 
 def save_hf(model: Model, out_dir: str | os.PathLike, format: str = "minicpm",
             **kwargs: Any) -> Path:
     """Export to an HF folder: ``format="minicpm"`` (trust_remote_code) or ``"llama"`` (muP scales
-    folded into the weights, loadable by engines without MiniCPM support)."""
+    folded into the weights, loadable by engines without MiniCPM support). The model's tokenizer
+    comes along; the folder it was loaded from is never a valid destination."""
     from cpmjax.convert import save_hf as _save_hf
 
+    kwargs.setdefault("tokenizer", model.tokenizer_path)
+    kwargs.setdefault("sources", [model.path] if model.path is not None else [])
     return _save_hf(model.config, model.params, out_dir, format=format, **kwargs)

@@ -4,17 +4,36 @@ A write goes to a temporary name in the destination's own folder (same filesyste
 ``os.replace`` is atomic) and is renamed into place only after it finished; a failure or a kill
 leaves the previous content untouched and at most a hidden ``.NAME.tmp-*`` entry behind. This is
 the one implementation every writer in the project uses.
+
+Object-store URLs (``gs://bucket/run/x.json``) go through ``etils.epath``, the path library orbax
+uses: ``pathlib`` would turn ``gs://bucket`` into the local path ``gs:/bucket``. An object store
+publishes an object only once its upload completes, so there the content is buffered and uploaded
+in one piece on success (nothing on failure).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
+
+from etils import epath
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """True for URLs such as ``gs://bucket/run`` (any ``scheme://``), which only epath handles."""
+    return "://" in os.fspath(path)
+
+
+def storage_path(path: str | os.PathLike) -> epath.Path:
+    """``path`` as an ``epath.Path``: a URL kept exactly as given, a local path made absolute."""
+    text = os.fspath(path)
+    return epath.Path(text if is_remote(text) else os.path.abspath(text))
 
 
 @contextlib.contextmanager
@@ -24,6 +43,12 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", encoding: str | None =
     renamed onto ``path``, on an exception removed. ``mode`` is ``"w"`` or ``"wb"``."""
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+    if is_remote(path):
+        buffer: IO[Any] = io.BytesIO() if "b" in mode else io.StringIO()
+        yield buffer
+        with epath.Path(os.fspath(path)).open(mode) as f:
+            f.write(buffer.getvalue())
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
@@ -44,7 +69,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically."""
     with atomic_file(path) as f:
         f.write(text)
-    return Path(path)
+    return storage_path(path) if is_remote(path) else Path(path)
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:

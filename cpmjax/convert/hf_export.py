@@ -3,7 +3,8 @@ this project's own PyTorch modeling file) or the llama layout (muP scales folded
 engines without MiniCPM support).
 
 Folders are written atomically: everything goes to a temporary sibling directory that is renamed
-into place at the end; an existing folder is never overwritten unless asked.
+into place at the end; an existing folder is never overwritten unless asked, and then only if it
+is a previous export (``cpmjax.convert.export_dir``). The source's tokenizer files come along.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from safetensors.numpy import save_file
 from cpmjax.atomic import atomic_dir
 from cpmjax.config import ModelConfig
 from cpmjax.convert import layout
+from cpmjax.convert.export_dir import check_destination, copy_tokenizer, write_manifest
 from cpmjax.convert.hf_import import INDEX_NAME, SINGLE_NAME
 from cpmjax.model.params import Params, abstract_params
 from cpmjax.model.rope import rope_frequencies
@@ -171,13 +173,15 @@ def _plan_shards(cfg: ModelConfig, params: Params, fmt: Format, itemsize: int,
 
 def save_hf(cfg: ModelConfig, params: Params, out_dir: str | os.PathLike,
             format: Format = "minicpm", max_shard_size: int | str = "5GB",
-            dtype: str | None = None, overwrite: bool = False) -> Path:
-    """Write an HF folder; returns its path. ``dtype`` defaults to the config's torch_dtype."""
+            dtype: str | None = None, overwrite: bool = False,
+            tokenizer: str | os.PathLike | None = None,
+            sources: Iterable[str | os.PathLike] = ()) -> Path:
+    """Write an HF folder; returns its path. ``dtype`` defaults to the config's torch_dtype.
+    ``tokenizer``: a tokenizer.json (or its folder) whose files are copied in; ``sources``:
+    paths the export was made from, which the destination must not contain."""
     if format not in ("minicpm", "llama"):
         raise ValueError(f"format must be 'minicpm' or 'llama', got {format!r}")
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+    out = check_destination(out_dir, overwrite, sources)
     dtype_name = dtype or cfg.torch_dtype
     if dtype_name not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype_name!r}")
@@ -212,5 +216,7 @@ def save_hf(cfg: ModelConfig, params: Params, out_dir: str | os.PathLike,
         if format == "minicpm":
             for src in ("configuration_minicpm.py", "modeling_minicpm.py"):
                 shutil.copyfile(HF_FILES / src, tmp / src)
+        copy_tokenizer(tokenizer, tmp)
+        write_manifest(tmp, format)
     return out
 

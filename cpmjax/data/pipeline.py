@@ -25,7 +25,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from cpmjax.data.sources import SourceType, read_documents
+from cpmjax.data.sources import DataError, SourceType, read_documents
 from cpmjax.data.tokenizer import encode, load_tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -85,10 +85,17 @@ class PackedRows:
 
 
 def packed_dataset(source: Source, tokenizer_path: str, seq_len: int) -> grain.MapDataset:
-    """Unshuffled packed rows of one source, in document order."""
+    """Unshuffled packed rows of one source, in document order; a source too small for one row
+    is a DataError naming it."""
     docs = read_documents(source.path, source.type, source.text_field)
-    return grain.MapDataset.source(PackedRows(*pack_rows(
-        tokenize_documents(docs, tokenizer_path), seq_len)))
+    if not docs:
+        raise DataError(f"data source {source.path} holds no documents (an empty file?)")
+    try:
+        rows = pack_rows(tokenize_documents(docs, tokenizer_path), seq_len)
+    except ValueError as e:
+        raise DataError(f"data source {source.path}: {e} (train.seq_len + 1); give it more "
+                        "text or use a shorter train.seq_len") from e
+    return grain.MapDataset.source(PackedRows(*rows))
 
 
 def _host_slice(batch: Batch, shard_index: int, shard_count: int) -> Batch:
@@ -126,7 +133,9 @@ def eval_batches(source: Source, tokenizer_path: str, seq_len: int, batch_size: 
     ds = packed_dataset(source, tokenizer_path, seq_len)
     n = min(max_batches, len(ds) // batch_size)
     if n == 0:
-        raise ValueError(f"held-out set {source.path} has fewer than {batch_size} rows")
+        raise DataError(f"held-out set {source.path} has {len(ds)} packed rows of "
+                        f"{seq_len + 1} tokens, fewer than one batch of {batch_size} "
+                        "(train.global_batch_size); give it more text or use a smaller batch")
     return [ds.batch(batch_size)[i] for i in range(n)]
 
 

@@ -246,7 +246,7 @@ class DecodeEngine:
         def zf() -> jax.Array:
             return jnp.zeros((B,), jnp.float32)
 
-        K = TOP_LOGPROBS
+        K = min(TOP_LOGPROBS, V)  # token_logprobs returns at most V alternatives
         return DecodeState(cache=init_cache(self.cfg, B, self.max_len, self.dtype), tokens=zi(),
                            lengths=jnp.full((B,), -1, jnp.int32), steps=zi(),
                            seen=jnp.zeros((B, V), bool), temperature=zf(),

@@ -197,8 +197,9 @@ def sample(logits: jax.Array, seen: jax.Array, step: jax.Array, *, temperature: 
 def token_logprobs(logits: jax.Array, tokens: jax.Array, k: int
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(log-probability of ``tokens [B]``, top-k ids ``[B, k]``, their log-probabilities) under
-    log_softmax of ``logits [B, V]``."""
+    log_softmax of ``logits [B, V]``; ``k`` is capped at ``V`` (a vocabulary smaller than ``k``
+    has only ``V`` alternatives)."""
     lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     chosen = jnp.take_along_axis(lp, tokens[:, None].astype(jnp.int32), axis=-1)[:, 0]
-    top_vals, top_ids = jax.lax.top_k(lp, k)
+    top_vals, top_ids = jax.lax.top_k(lp, min(k, lp.shape[-1]))
     return chosen, top_ids.astype(jnp.int32), top_vals

@@ -1,11 +1,16 @@
 """The experiment config: model + data + optimizer + mesh + checkpoint, as one ml_collections
-ConfigDict that absl ``config_flags`` can override field by field (``--config.a.b=value``)."""
+ConfigDict that absl ``config_flags`` can override field by field (``--config.a.b=value``), and
+``check_experiment``, which validates all of it before anything is compiled or written."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import math
+import os
+from typing import Any, Callable, Mapping
 
 import ml_collections
+
+from cpmjax.config import ConfigError, ModelConfig
 
 
 def experiment_config(model: Mapping[str, Any], name: str) -> ml_collections.ConfigDict:
@@ -34,6 +39,11 @@ def experiment_config(model: Mapping[str, Any], name: str) -> ml_collections.Con
     t.compute_dtype = "float32"  # bfloat16 on accelerators; master weights stay float32
     t.remat = "none"  # none | full | dots | dots_no_batch
     t.on_nonfinite = "skip"  # skip | stop
+    # skip budget: stop (non-zero exit) once this many consecutive steps were skipped, or more
+    # than this fraction of the last nonfinite_window steps
+    t.nonfinite_max_consecutive = 5
+    t.nonfinite_max_fraction = 0.1
+    t.nonfinite_window = 100
     t.mtp_weight = 0.0  # lambda of the multi-token-prediction loss (MiniCPM4 report §2.3.2); 0 = no MTP head
     # a trained target (run dir or HF folder): train only the MTP/EAGLE draft head on top of it,
     # frozen (CPM.cu EAGLE draft); needs mtp_weight > 0 and the target's model config
@@ -60,3 +70,120 @@ def experiment_config(model: Mapping[str, Any], name: str) -> ml_collections.Con
     c.keep = 3
     c.async_save = True
     return cfg
+
+
+_CHOICES = {
+    "train.parametrization": ("mup", "standard"),
+    "train.schedule": ("wsd", "cosine", "constant"),
+    "train.decay_shape": ("exponential", "linear", "cosine", "1-sqrt"),
+    "train.compute_dtype": ("float32", "bfloat16", "float16"),
+    "train.remat": ("none", "full", "dots", "dots_no_batch"),
+    "train.on_nonfinite": ("skip", "stop"),
+    "data.source_type": ("jsonl", "text", "arrayrecord"),
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _rules(cfg: ml_collections.ConfigDict) -> list[tuple[str, Callable[[Any], bool], str]]:
+    """(section.field, predicate, rule) for every scalar field."""
+    t = cfg.train
+    positive_int = (lambda v: _is_int(v) and v >= 1, "must be an integer >= 1")
+    rules = [(f"train.{f}", *positive_int) for f in
+             ("steps", "seq_len", "global_batch_size", "grad_accum", "log_every", "eval_every",
+              "eval_batches", "nonfinite_max_consecutive", "nonfinite_window")]
+    rules += [(f"checkpoint.{f}", *positive_int) for f in ("every", "keep")]
+    rules += [(f"train.{f}", lambda v: _is_int(v) and v >= 0, "must be an integer >= 0")
+              for f in ("seed", "warmup_steps")]
+    rules += [(f"train.{f}", lambda v: _is_number(v) and v > 0, "must be a finite number > 0")
+              for f in ("lr", "eps")]
+    rules += [(f"train.{f}", lambda v: _is_number(v) and v >= 0, "must be a finite number >= 0")
+              for f in ("weight_decay", "clip_norm", "mtp_weight", "peak_flops")]
+    rules += [(f"train.{f}", lambda v: _is_number(v) and 0 <= v < 1, "must be in [0, 1)")
+              for f in ("b1", "b2")]
+    rules += [(f"train.{f}", lambda v: _is_number(v) and 0 <= v <= 1, "must be in [0, 1]")
+              for f in ("decay_fraction", "nonfinite_max_fraction")]
+    rules += [("train.final_lr_ratio", lambda v: _is_number(v) and 0 < v <= 1,
+               "must be in (0, 1]")]
+    rules += [(f, lambda v, c=c: v in c, f"must be one of {', '.join(c)}")
+              for f, c in _CHOICES.items()]
+    rules += [(f"train.{f}", lambda v: isinstance(v, bool), "must be true or false")
+              for f in ("decay_embeddings", "mtp_distill")]
+    rules += [("checkpoint.async_save", lambda v: isinstance(v, bool), "must be true or false")]
+    rules += [(f"mesh.{f}", lambda v: _is_int(v) and (v >= 1 or v == -1),
+               "must be an integer >= 1, or -1 for the remaining devices")
+              for f in ("data", "fsdp", "tensor")]
+    rules += [(f"data.{f}", lambda v: isinstance(v, str), "must be a string")
+              for f in ("cache_dir", "train_files", "valid_file", "weights", "tokenizer")]
+    rules += [("train.freeze_target", lambda v: isinstance(v, str), "must be a string")]
+    rules += [("name", lambda v: isinstance(v, str) and v.strip() != "", "must be a non-empty "
+               "string")]
+    if _is_int(t.get("global_batch_size")) and _is_int(t.get("grad_accum")):
+        rules.append(("train.grad_accum", lambda v: t.global_batch_size % v == 0,
+                      f"must divide train.global_batch_size ({t.global_batch_size})"))
+    return rules
+
+
+def _get(cfg: ml_collections.ConfigDict, field: str) -> Any:
+    node: Any = cfg
+    for key in field.split("."):
+        if key not in node:
+            raise ConfigError(f"config field '{field}': missing (the config file must define it)")
+        node = node[key]
+    return node
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
+    """The experiment's ModelConfig; its errors name the field as ``model.<field>``."""
+    try:
+        return ModelConfig.from_hf_config(cfg.model.to_dict())
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("config field '", "config field 'model.", 1)) from e
+
+
+def check_experiment(cfg: ml_collections.ConfigDict) -> ModelConfig:
+    """Validate the whole experiment config before anything is compiled or written; every error
+    names ``section.field`` and the rule. Returns the model config."""
+    for field, ok, rule in _rules(cfg):
+        value = _get(cfg, field)
+        if not ok(value):
+            raise ConfigError(f"config field '{field}': {rule} (got {value!r})")
+    model = model_config(cfg)
+    t, d = cfg.train, cfg.data
+    if t.seq_len > model.max_position_embeddings:
+        raise ConfigError(f"config field 'train.seq_len': {t.seq_len} exceeds "
+                          f"model.max_position_embeddings ({model.max_position_embeddings})")
+    if t.freeze_target and t.mtp_weight <= 0:
+        raise ConfigError("config field 'train.freeze_target' trains only the MTP draft head: "
+                          f"set train.mtp_weight > 0 (got {t.mtp_weight})")
+    files = [f.strip() for f in d.train_files.split(",") if f.strip()]
+    if d.weights.strip():
+        if not files:
+            raise ConfigError("config field 'data.weights': mixture weights need "
+                              "data.train_files (the default corpus is a single source)")
+        try:
+            weights = [float(w) for w in d.weights.split(",")]
+        except ValueError:
+            raise ConfigError(f"config field 'data.weights': must be comma-separated numbers "
+                              f"(got {d.weights!r})") from None
+        if len(weights) != len(files):
+            raise ConfigError(f"config field 'data.weights': {len(weights)} weights for "
+                              f"{len(files)} train files")
+        if not all(math.isfinite(w) and w > 0 for w in weights):
+            raise ConfigError(f"config field 'data.weights': every weight must be a finite "
+                              f"number > 0 (got {d.weights!r})")
+    for field, paths in (("data.train_files", files),
+                         ("data.valid_file", [d.valid_file] if d.valid_file else [])):
+        for path in paths:
+            if not os.path.exists(path):
+                raise ConfigError(f"config field '{field}': {path} does not exist")
+    if d.tokenizer and not (os.path.isfile(d.tokenizer) or
+                            os.path.isfile(os.path.join(d.tokenizer, "tokenizer.json"))):
+        raise ConfigError(f"config field 'data.tokenizer': no tokenizer.json at {d.tokenizer}")
+    return model

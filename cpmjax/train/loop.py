@@ -1,12 +1,20 @@
-"""The training loop: data, sharded state, steps, evaluation, metrics and checkpoints."""
+"""The training loop: data, sharded state, steps, evaluation, metrics and checkpoints.
+
+Order of a start: the whole experiment config is validated and the data read (nothing written
+yet); then the workdir is locked and checked against the run it holds (``RunDir``); only then is
+anything written. A run stops with a non-zero exit (never a silent 0) when a checkpoint save fails
+(``CheckpointSaveError``, raised within a step of the failure), when a step is non-finite under
+``train.on_nonfinite=stop``, or when skipped non-finite steps exceed the skip budget.
+"""
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -20,8 +28,10 @@ from cpmjax.data.corpus import build_default_corpus
 from cpmjax.model.mtp import save_mtp
 from cpmjax.parallel import make_mesh
 from cpmjax.train import checkpoint as ckpt
+from cpmjax.train.experiment import check_experiment
 from cpmjax.train.metrics import MetricsWriter, device_peak_flops, flops_per_token
 from cpmjax.train.optimizer import make_optimizer, make_schedule
+from cpmjax.train.rundir import RunDir
 from cpmjax.train.step import (batch_sharding, init_state, jit_train_step, make_eval_step,
                                make_train_step, state_shardings)
 
@@ -29,7 +39,8 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
-    """Raised with ``train.on_nonfinite=stop`` when a step has a non-finite loss or gradient."""
+    """A non-finite step under ``train.on_nonfinite=stop``, skipped steps past the skip budget,
+    or parameters that are no longer finite."""
 
 
 @dataclasses.dataclass
@@ -44,9 +55,6 @@ def resolve_data(cfg: ml_collections.ConfigDict, vocab_size: int) -> DataSetup:
     if d.train_files:
         files = [f.strip() for f in d.train_files.split(",") if f.strip()]
         weights = ([float(w) for w in d.weights.split(",")] if d.weights else [1.0] * len(files))
-        if len(weights) != len(files):
-            raise ConfigError(f"config field 'data.weights': {len(weights)} weights for "
-                              f"{len(files)} train files")
         sources = [Source(f, d.source_type, w) for f, w in zip(files, weights)]
         valid = Source(d.valid_file or files[0], d.source_type)
     else:
@@ -68,35 +76,68 @@ def _unigram_baseline(data: DataSetup, vocab_size: int) -> float:
     return unigram_loss(train, valid, vocab_size)
 
 
-def check_train_config(t: ml_collections.ConfigDict) -> None:
-    """Fail before any compile with a message naming the bad field."""
-    if t.on_nonfinite not in ("skip", "stop"):
-        raise ConfigError(f"config field 'train.on_nonfinite': {t.on_nonfinite!r} is not "
-                          "'skip' or 'stop'")
-    if t.grad_accum < 1 or t.global_batch_size % t.grad_accum:
-        raise ConfigError(f"config field 'train.grad_accum': {t.grad_accum} must be >= 1 and "
-                          f"divide train.global_batch_size ({t.global_batch_size})")
-    if t.mtp_weight < 0:
-        raise ConfigError(f"config field 'train.mtp_weight': {t.mtp_weight} is negative")
-    if t.get("freeze_target") and t.mtp_weight <= 0:
-        raise ConfigError("config field 'train.freeze_target' trains only the MTP draft head: "
-                          f"set train.mtp_weight > 0 (got {t.mtp_weight})")
-    for field in ("steps", "seq_len", "global_batch_size", "log_every", "eval_every"):
-        if t[field] < 1:
-            raise ConfigError(f"config field 'train.{field}': {t[field]} must be >= 1")
+class SkipBudget:
+    """Steps skipped for a non-finite loss or gradient (``train.on_nonfinite=skip``), checked
+    against ``train.nonfinite_max_consecutive`` and ``nonfinite_max_fraction`` of the last
+    ``nonfinite_window`` steps. Flags stay on the device until ``settle`` (at log steps and
+    before saves), so skipping costs no host sync per step."""
+
+    def __init__(self, t: ml_collections.ConfigDict) -> None:
+        self.max_consecutive = t.nonfinite_max_consecutive
+        self.max_fraction, self.window = t.nonfinite_max_fraction, t.nonfinite_window
+        self._recent: collections.deque[bool] = collections.deque(maxlen=self.window)
+        self._pending: list[tuple[int, jax.Array]] = []
+        self._run: list[int] = []
+
+    def add(self, step: int, finite: jax.Array) -> None:
+        self._pending.append((step, finite))
+
+    def settle(self) -> None:
+        pending, self._pending = self._pending, []
+        for step, finite in pending:
+            skipped = not bool(finite)
+            self._recent.append(skipped)
+            self._run = self._run + [step] if skipped else []
+            if len(self._run) >= self.max_consecutive:
+                raise NonFiniteError(
+                    f"non-finite loss or gradient in {len(self._run)} consecutive steps "
+                    f"({self._run[0]}-{step}), the limit of "
+                    f"train.nonfinite_max_consecutive={self.max_consecutive}; stopping")
+            if sum(self._recent) > self.max_fraction * self.window:
+                raise NonFiniteError(
+                    f"non-finite loss or gradient in {sum(self._recent)} of the last "
+                    f"{len(self._recent)} steps (up to step {step}), more than "
+                    f"train.nonfinite_max_fraction={self.max_fraction} of "
+                    f"train.nonfinite_window={self.window}; stopping")
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train (resuming from the newest good checkpoint in ``workdir``); returns final metrics."""
+def train(cfg: ml_collections.ConfigDict, workdir: str, new_run: bool = False
+          ) -> dict[str, Any]:
+    """Train, resuming from the newest complete and intact checkpoint in ``workdir`` (see
+    ``RunDir`` for what a workdir accepts and ``new_run``); returns final metrics."""
+    model_cfg = check_experiment(cfg)
     t = cfg.train
-    check_train_config(t)
-    work = Path(workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    model_cfg = ModelConfig.from_hf_config(cfg.model.to_dict())
-    (work / "config.json").write_text(json.dumps(model_cfg.to_hf_config(), indent=2) + "\n")
-    (work / "experiment.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
     data = resolve_data(cfg, model_cfg.vocab_size)
+    iterator = make_batch_iterator(data.train_sources, data.tokenizer, t.seq_len,
+                                   t.global_batch_size, t.seed, jax.process_index(),
+                                   jax.process_count())
+    evals = eval_batches(data.valid, data.tokenizer, t.seq_len, t.global_batch_size,
+                         t.eval_batches)
+    baseline = _unigram_baseline(data, model_cfg.vocab_size)
+    primary = jax.process_index() == 0
+    with RunDir(workdir, primary) as run:
+        run.prepare(json.loads(cfg.to_json_best_effort()), model_cfg.to_hf_config(),
+                    data.tokenizer, new_run)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
 
+            multihost_utils.sync_global_devices("cpmjax run dir prepared")
+        return _run(cfg, model_cfg, run, iterator, evals, baseline)
+
+
+def _run(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, run: RunDir, iterator: Any,
+         evals: list, baseline: float) -> dict[str, Any]:
+    t = cfg.train
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     dtype = jnp.dtype(t.compute_dtype)
     tx = make_optimizer(t, model_cfg)
@@ -113,12 +154,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                              state_sh, mesh, batch_shape)
     eval_fn = jax.jit(make_eval_step(model_cfg, dtype))
 
-    checkpointer = ckpt.TrainCheckpointer(work, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    checkpointer = ckpt.TrainCheckpointer(run.path, cfg.checkpoint.keep,
+                                          cfg.checkpoint.async_save)
     restored = checkpointer.restore(jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh))
-    iterator = make_batch_iterator(data.train_sources, data.tokenizer, t.seq_len,
-                                   t.global_batch_size, t.seed, jax.process_index(),
-                                   jax.process_count())
     if restored is None:
         state = jax.jit(init, out_shardings=state_sh)(jax.random.key(t.seed))
         if t.get("freeze_target"):
@@ -130,10 +169,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         iterator.set_state(data_state)
         print(f"resumed from step {start}", flush=True)
 
-    evals = eval_batches(data.valid, data.tokenizer, t.seq_len, t.global_batch_size,
-                         t.eval_batches)
-    baseline = _unigram_baseline(data, model_cfg.vocab_size)
-    writer = MetricsWriter(work, enabled=jax.process_index() == 0)
+    writer = MetricsWriter(run.path, enabled=run.primary, resume_step=start)
     peak = device_peak_flops(t.peak_flops or None)
     flops_tok = flops_per_token(model_cfg, t.seq_len)
     bsh = batch_sharding(mesh, batch_shape)
@@ -149,50 +185,68 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         return float(sum(s for s, _ in sums) / sum(c for _, c in sums))
 
     last: dict[str, Any] = {"unigram_loss": baseline}
+    budget = SkipBudget(t)
     skipped_logged = int(state["nonfinite_steps"])
     window_start, window_steps = time.perf_counter(), 0
-    for step in range(start, t.steps):
-        batch = jax.make_array_from_process_local_data(bsh, next(iterator), batch_shape)
-        state, m = step_fn(state, batch)
-        done = step + 1
-        if step == start:  # keep compilation out of the throughput figures
-            jax.block_until_ready(m["loss"])
-            print(f"step {done} (compilation included) took "
-                  f"{time.perf_counter() - window_start:.1f}s", flush=True)
-            window_start = time.perf_counter()
-        else:
-            window_steps += 1
-        if t.on_nonfinite == "stop" and not bool(m["finite"]):  # a host sync every step
-            raise NonFiniteError(f"non-finite loss or gradient at step {done}")
-        if done % t.log_every == 0 or done == t.steps:
-            loss, skipped = float(m["loss"]), int(state["nonfinite_steps"])
-            if skipped > skipped_logged:
-                log.warning("%d step(s) up to step %d had a non-finite loss or gradient; their "
-                            "updates were skipped", skipped - skipped_logged, done)
-                skipped_logged = skipped
-            step_time = ((time.perf_counter() - window_start) / window_steps
-                         if window_steps else None)
-            tps = t.global_batch_size * t.seq_len / step_time if step_time else None
-            last.update(loss=loss, lr=float(schedule(done - 1)), grad_norm=float(m["grad_norm"]),
-                        tokens_per_sec=tps, step_time=step_time,
-                        mfu=(tps * flops_tok / (peak * jax.device_count()))
-                        if peak and tps else None,
-                        nonfinite_steps=skipped)
-            if "mtp_loss" in m:
-                last["mtp_loss"] = float(m["mtp_loss"])
-            if done % t.eval_every == 0 or done == t.steps:
-                last["eval_loss"] = evaluate(state["params"])
+    finished = False
+    try:
+        for step in range(start, t.steps):
+            checkpointer.check()  # a failed background save stops the run here, not later
+            batch = jax.make_array_from_process_local_data(bsh, next(iterator), batch_shape)
+            state, m = step_fn(state, batch)
+            done = step + 1
+            if step == start:  # keep compilation out of the throughput figures
+                jax.block_until_ready(m["loss"])
+                print(f"step {done} (compilation included) took "
+                      f"{time.perf_counter() - window_start:.1f}s", flush=True)
+                window_start = time.perf_counter()
             else:
-                last.pop("eval_loss", None)
-            writer.write(done, {k: v for k, v in last.items() if k != "unigram_loss"})
-            window_start, window_steps = time.perf_counter(), 0
-        if done % cfg.checkpoint.every == 0 or done == t.steps:
-            checkpointer.save(done, state, iterator.get_state(), cfg.to_dict())
-    checkpointer.close()
-    writer.close()
-    if t.get("freeze_target") and jax.process_index() == 0:
-        save_mtp(model_cfg, jax.device_get(state["mtp_params"]), work / "draft.safetensors")
-        print(f"draft head written to {work / 'draft.safetensors'} (EAGLE layout)", flush=True)
+                window_steps += 1
+            if t.on_nonfinite == "stop" and not bool(m["finite"]):  # a host sync every step
+                raise NonFiniteError(f"non-finite loss or gradient at step {done}")
+            budget.add(done, m["finite"])
+            if done % t.log_every == 0 or done == t.steps:
+                loss, skipped = float(m["loss"]), int(state["nonfinite_steps"])
+                if skipped > skipped_logged:
+                    log.warning("%d step(s) up to step %d had a non-finite loss or gradient; "
+                                "their updates were skipped", skipped - skipped_logged, done)
+                    skipped_logged = skipped
+                step_time = ((time.perf_counter() - window_start) / window_steps
+                             if window_steps else None)
+                tps = t.global_batch_size * t.seq_len / step_time if step_time else None
+                last.update(loss=loss, lr=float(schedule(done - 1)),
+                            grad_norm=float(m["grad_norm"]), tokens_per_sec=tps,
+                            step_time=step_time,
+                            mfu=(tps * flops_tok / (peak * jax.device_count()))
+                            if peak and tps else None,
+                            nonfinite_steps=skipped)
+                if "mtp_loss" in m:
+                    last["mtp_loss"] = float(m["mtp_loss"])
+                if done % t.eval_every == 0 or done == t.steps:
+                    last["eval_loss"] = evaluate(state["params"])
+                else:
+                    last.pop("eval_loss", None)
+                writer.write(done, {k: v for k, v in last.items() if k != "unigram_loss"})
+                budget.settle()
+                window_start, window_steps = time.perf_counter(), 0
+            if done % cfg.checkpoint.every == 0 or done == t.steps:
+                budget.settle()
+                if not ckpt.all_finite(state["params"]):
+                    raise NonFiniteError(f"the parameters are non-finite at step {done}; not "
+                                         "saving them (the newest checkpoint is step "
+                                         f"{checkpointer.last_complete})")
+                checkpointer.save(done, state, iterator.get_state(), cfg.to_dict())
+        checkpointer.close()
+        finished = True
+    finally:
+        if not finished:  # finish an in-flight save; the error being raised is the one to report
+            with contextlib.suppress(Exception):
+                checkpointer.close()
+        writer.close()
+    if t.get("freeze_target") and run.primary:
+        save_mtp(model_cfg, jax.device_get(state["mtp_params"]), run.path / "draft.safetensors")
+        print(f"draft head written to {run.path / 'draft.safetensors'} (EAGLE layout)",
+              flush=True)
     return last
 
 

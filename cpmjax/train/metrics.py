@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
+import sys
 from typing import Any
 
 import jax
 
+from cpmjax.atomic import is_remote, storage_path, write_text
 from cpmjax.config import ModelConfig
 from cpmjax.model import count_params
 
@@ -40,24 +41,41 @@ def device_peak_flops(override: float | None = None) -> float | None:
 
 class MetricsWriter:
     """Writes one JSON object per logged step to metrics.jsonl and the same scalars to
-    TensorBoard, and prints a progress line."""
+    TensorBoard, and prints a progress line.
 
-    def __init__(self, workdir: str | os.PathLike, enabled: bool = True) -> None:
+    ``resume_step``: the step the run (re)starts from. Rows past it (steps a killed run logged
+    after its last checkpoint, which this run computes again) and a torn last line are dropped
+    first, in one atomic rewrite, and TensorBoard is told to purge its events past it, so each
+    step has one row across resumes. On an object store (``gs://``), where files cannot be
+    appended to, the whole file is rewritten at each write (it holds one small row per logged
+    step).
+    """
+
+    def __init__(self, workdir: str | os.PathLike, enabled: bool = True,
+                 resume_step: int = 0) -> None:
         self.enabled = enabled
         if not enabled:
             return
-        Path(workdir).mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(Path(workdir) / "metrics.jsonl", "a", encoding="utf-8")
-        from tensorboardX import SummaryWriter
-
-        self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+        work = storage_path(workdir)
+        work.mkdir(parents=True, exist_ok=True)
+        self.path = work / "metrics.jsonl"
+        self._rows = _rows_up_to(self.path, resume_step)
+        self._file = None
+        if not is_remote(self.path):
+            self._file = open(self.path, "a", encoding="utf-8")
+        self._tb = _summary_writer()(str(work / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        line = json.dumps(record) + "\n"
+        if self._file is not None:
+            self._file.write(line)
+            self._file.flush()
+        else:
+            self._rows.append(line)
+            write_text(self.path, "".join(self._rows))
         for k, v in record.items():
             if k != "step" and isinstance(v, (int, float)):
                 self._tb.add_scalar(k, v, step)
@@ -67,8 +85,46 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self.enabled:
-            self._jsonl.close()
+            if self._file is not None:
+                self._file.close()
             self._tb.close()
+
+
+def _summary_writer() -> Any:
+    """tensorboardX's SummaryWriter class. tensorboardX imports torch at import time when torch
+    is installed (only to accept torch tensors, which these scalars never are), which cost every
+    trainer start 1.5-5 s on 2 cores; torch is hidden for that one import unless it is loaded."""
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+    else:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` fail
+        try:
+            from tensorboardX import SummaryWriter
+        finally:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
+def _rows_up_to(path: Any, step: int) -> list[str]:
+    """The rows of an existing metrics.jsonl up to ``step``, rewritten atomically if any other
+    row was there (each row is a whole line; a kill can tear only the last one)."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept != lines:
+        write_text(path, "".join(kept))
+        print(f"{path}: kept {len(kept)} row(s) up to step {step}, dropped "
+              f"{len(lines) - len(kept)} row(s) past it (this run computes those steps again)",
+              flush=True)
+    return kept
 
 
 def _clean(v: Any) -> Any:

@@ -129,6 +129,8 @@ def test_tied_config_with_lm_head_tensor(tmp_path):
 
 
 def test_export_refuses_to_overwrite_and_keeps_the_old_folder(good_folder, tmp_path):
+    """Without overwrite nothing is replaced; with it, only a previous export is: a folder with
+    files its manifest does not list (a user's file) is refused and left as it was."""
     folder, _ = good_folder
     cfg, params = load_hf(folder)
     dst = tmp_path / "out"
@@ -136,10 +138,16 @@ def test_export_refuses_to_overwrite_and_keeps_the_old_folder(good_folder, tmp_p
     (dst / "precious.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not empty"):
         save_hf(cfg, params, dst)
+    with pytest.raises(FileExistsError, match="precious.txt.*nothing was changed"):
+        save_hf(cfg, params, dst, overwrite=True)
+    assert sorted(p.name for p in dst.iterdir()) == ["precious.txt"]
     assert (dst / "precious.txt").read_text() == "keep me"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
-    save_hf(cfg, params, dst, overwrite=True)
-    assert not (dst / "precious.txt").exists() and (dst / "config.json").is_file()
+    (dst / "precious.txt").unlink()
+    save_hf(cfg, params, dst)  # an empty folder is fine
+    save_hf(cfg, params, dst, overwrite=True, format="llama")  # a previous export is replaced
+    assert json.loads((dst / "config.json").read_text())["model_type"] == "llama"
+    assert not (dst / "modeling_minicpm.py").exists()  # the old export's files went with it
     umask = os.umask(0)
     os.umask(umask)
     assert dst.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700

@@ -165,3 +165,21 @@ def test_unigram_loss_by_hand_and_on_corpus(corpus_dir: Path, tokenizer_dir: Pat
     docs = lambda f: tokenize_documents(read_documents(corpus_dir / f, "jsonl"), tok)  # noqa: E731
     loss = unigram_loss(docs("train.jsonl"), docs("valid.jsonl"), 1024)
     assert 3.0 < loss < np.log(1024), loss  # far from uniform, far from zero
+
+
+def test_empty_or_too_small_source_is_named(tmp_path: Path, tokenizer_dir: Path) -> None:
+    from cpmjax.data import DataError
+
+    empty, small = tmp_path / "empty.jsonl", tmp_path / "small.jsonl"
+    empty.write_text("\n")
+    small.write_text(json.dumps({"text": "a few words"}) + "\n")
+    with pytest.raises(DataError, match=f"data source {empty} holds no documents"):
+        make_batch_iterator([Source(str(empty))], str(tokenizer_dir), L, B, 0)
+    with pytest.raises(DataError, match=rf"data source {small}: \d+ tokens are fewer than one "
+                                        rf"row of {L + 1} \(train.seq_len \+ 1\)"):
+        make_batch_iterator([Source(str(small))], str(tokenizer_dir), L, B, 0)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"text": "word " * 200}) + "\n")
+    with pytest.raises(DataError, match=f"held-out set {rows} has \\d+ packed rows of {L + 1} "
+                                        f"tokens, fewer than one batch of {B}"):
+        eval_batches(Source(str(rows)), str(tokenizer_dir), L, B, 1)

@@ -61,3 +61,28 @@ def test_unknown_type_is_rejected(tmp_path: Path) -> None:
     p.write_text("a,b\n")
     with pytest.raises(DataError, match="unknown source type 'csv'"):
         read_documents(p, "csv")  # type: ignore[arg-type]
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path: Path) -> None:
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(json.dumps({"text": "ok"}).encode() + b"\n" + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=rf"{p}:2: not valid UTF-8 \(byte b'\\xe9' at offset 13"):
+        read_documents(p, "jsonl")
+    t = tmp_path / "t.txt"
+    t.write_bytes(b"line one\nline two \xff\n")
+    with pytest.raises(DataError, match=rf"{t}:2: not valid UTF-8"):
+        read_documents(t, "text")
+    a = tmp_path / "d.array_record"
+    writer = ArrayRecordWriter(str(a), "group_size:1")
+    for record in (b"fine", b"\xc3\x28"):
+        writer.write(record)
+    writer.close()
+    with pytest.raises(DataError, match=rf"{a}: record 1: not valid UTF-8"):
+        read_documents(a, "arrayrecord")
+
+
+def test_unpaired_surrogate_in_jsonl_is_named(tmp_path: Path) -> None:
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "fine"}\n{"text": "half a pair \\ud800 here"}\n')
+    with pytest.raises(DataError, match=rf"{p}:2: the text has an unpaired surrogate"):
+        read_documents(p, "jsonl")

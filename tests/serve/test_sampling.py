@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cpmjax.serve.sampling import (SamplingParams, apply_repetition_penalty, sample, top_k_mask,
-                                   top_p_mask)
+                                   top_p_mask, token_logprobs)
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative():
@@ -98,3 +98,13 @@ def test_argmax_last_equals_argmax_including_ties():
     assert (argmax_last(x) == jnp.argmax(x, -1)).all()
     tied = jnp.asarray([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
     assert argmax_last(tied).tolist() == [1, 0]  # the first maximum, as jnp.argmax
+
+
+def test_token_logprobs_caps_alternatives_at_the_vocabulary_size():
+    """A vocabulary smaller than the requested alternatives (tiny test models) yields all V."""
+    logits = jnp.array([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]])
+    chosen, ids, vals = token_logprobs(logits, jnp.array([1, 2]), 20)
+    assert ids.shape == vals.shape == (2, 3)
+    np.testing.assert_array_equal(np.asarray(ids[:, 0]), [1, 0])
+    lp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    np.testing.assert_allclose(np.asarray(chosen), [lp[0, 1], lp[1, 2]], rtol=1e-6)

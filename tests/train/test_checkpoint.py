@@ -1,5 +1,7 @@
 """Training checkpoints: newest good step is restored; a damaged or partial latest step is
-detected, warned about and skipped. Model checkpoints: save/load round trip, no overwrite."""
+detected, warned about, quarantined and never re-sealed; seals are written when a save completes,
+off the training thread, hashing in chunks; failed background saves surface at once. Model
+checkpoints: save/load round trip, no overwrite."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import pytest
 
 from cpmjax.config import ModelConfig
 from cpmjax.model import init_params
-from cpmjax.train.checkpoint import INTEGRITY_FILE, TrainCheckpointer, load_model, save_model
+from cpmjax.train.checkpoint import (INTEGRITY_FILE, CheckpointSaveError, TrainCheckpointer,
+                                     all_finite, check_sealed, load_model, save_model)
 from tests.conftest import tiny_hf_config
 
 
@@ -126,3 +129,126 @@ def test_load_mtp_params_from_run(tmp_path: Path) -> None:
         np.testing.assert_array_equal(a, b)
     with pytest.raises(KeyError, match=r"no \['mtp_params'\].*mtp_weight"):
         load_mtp_params(tmp_path / "without")
+
+
+def _wait_for(cond, seconds: float = 60.0) -> None:
+    import time
+
+    deadline = time.time() + seconds
+    while not cond():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_step_is_sealed_when_its_save_completes_off_the_training_thread(tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    """No later save or close is needed for the seal; the hashing runs on another thread."""
+    import threading
+
+    from cpmjax.train import checkpoint
+
+    threads = []
+    real = checkpoint._sha256
+    monkeypatch.setattr(checkpoint, "_sha256",
+                        lambda f: threads.append(threading.current_thread().name) or real(f))
+    ck = TrainCheckpointer(tmp_path, max_to_keep=5)
+    ck.save(1, _state(1), {"pos": 1}, {})
+    _wait_for(lambda: (tmp_path / "checkpoints" / "1" / INTEGRITY_FILE).is_file())
+    assert threads and threading.main_thread().name not in threads
+    ck.close()
+
+
+def test_seal_hashes_in_chunks_never_whole_files(tmp_path: Path, monkeypatch) -> None:
+    import hashlib
+
+    from cpmjax.atomic import storage_path
+    from cpmjax.train import checkpoint
+
+    step = tmp_path / "7"
+    (step / "state").mkdir(parents=True)
+    blob = np.random.default_rng(0).bytes(3 * checkpoint._CHUNK + 5)
+    (step / "state" / "big").write_bytes(blob)
+    reads = []
+    path_class = type(storage_path(step))
+    real_open = path_class.open
+
+    def counting_open(self, mode="r", **kw):
+        f = real_open(self, mode, **kw)
+        real_read = f.read
+        f.read = lambda n=-1: reads.append(n) or real_read(n)
+        return f
+
+    monkeypatch.setattr(path_class, "open", counting_open)
+    checkpoint.seal(step)
+    assert reads and all(0 < n <= checkpoint._CHUNK for n in reads)  # never read(-1)
+    seal_rec = json.loads((step / INTEGRITY_FILE).read_text())
+    assert seal_rec["state/big"] == [len(blob), hashlib.sha256(blob).hexdigest()]
+
+
+def test_old_steps_go_only_after_a_newer_one_is_sealed(tmp_path: Path) -> None:
+    ck = TrainCheckpointer(tmp_path, max_to_keep=2)
+    for s in (1, 2, 3, 4):
+        ck.save(s, _state(s), {"pos": s}, {})
+        sealed = [p for p in (tmp_path / "checkpoints").iterdir()
+                  if (p / INTEGRITY_FILE).is_file()]
+        assert sealed or s == 1  # once the first save is sealed, a complete step always exists
+    ck.close()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "4"]
+
+
+def test_after_a_fallback_the_damaged_step_is_never_resealed(tmp_path: Path) -> None:
+    """The scenario that made a damaged step load later: the resumed run saves the same step
+    numbers again. The damaged copy is quarantined untouched and the new save is its own."""
+    _save_steps(tmp_path, [1, 2])
+    victim = max((p for p in (tmp_path / "checkpoints" / "2" / "state").rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+    raw = bytearray(victim.read_bytes())
+    raw[0] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    ck = TrainCheckpointer(tmp_path, max_to_keep=5)
+    with pytest.warns(UserWarning, match="step 2 .* is damaged.*quarantine/2-damaged"):
+        step, _, _ = ck.restore(jax.eval_shape(lambda: _state(0)))
+    assert step == 1
+    ck.save(2, _state(2.5), {"pos": 2}, {})
+    with pytest.raises(CheckpointSaveError, match="step 2 already exists"):
+        ck.save(2, _state(2.5), {"pos": 2}, {})
+    ck.close()
+    kept = tmp_path / "checkpoints" / "quarantine" / "2-damaged"
+    assert check_sealed(kept)[0] == "damaged"  # still damaged, still its old seal
+    step, state, _ = _restore(tmp_path)
+    assert step == 2 and float(state["w"][0, 0]) == 2.5
+
+
+def test_a_nonfinite_step_is_quarantined(tmp_path: Path) -> None:
+    _save_steps(tmp_path, [1])
+    ck = TrainCheckpointer(tmp_path, max_to_keep=5)
+    ck.save(2, {"step": jnp.asarray(2), "w": jnp.full((4, 8), jnp.nan)}, {"pos": 2}, {})
+    ck.close()
+    with pytest.warns(UserWarning, match="step 2 .* holds non-finite numbers.*2-nonfinite"):
+        assert _restore(tmp_path)[0] == 1
+    assert all_finite({"a": jnp.ones(3), "n": jnp.asarray(3)})
+    assert not all_finite({"a": jnp.asarray([1.0, jnp.inf])})
+
+
+def test_a_failed_background_save_surfaces_at_the_next_check(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("CPMJAX_FAULT", "enospc@2")
+    ck = TrainCheckpointer(tmp_path, max_to_keep=5)
+    ck.save(1, _state(1), {"pos": 1}, {})
+    ck.save(2, _state(2), {"pos": 2}, {})
+
+    def failed() -> bool:
+        try:
+            ck.check()
+        except CheckpointSaveError as e:
+            failed.message = str(e)
+            return True
+        return False
+
+    _wait_for(failed)
+    assert failed.message.startswith(f"checkpoint save of step 2 under {tmp_path / 'checkpoints'}"
+                                     " failed: no space left on device")
+    assert "a rerun resumes from step 1, the newest complete one" in failed.message
+    assert "\n" not in failed.message
+    ck.close()  # the failure was reported once; close() does not raise orbax's copy of it
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()
+                  if not p.name.startswith("2.")) == ["1"]

@@ -38,3 +38,19 @@ def test_writer_jsonl_and_tensorboard(tmp_path: Path, capsys: pytest.CaptureFixt
     assert rec == {"step": 10, "loss": 2.5, "lr": 1e-3, "mfu": None, "grad_norm": None}
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert "step=10 loss=2.5" in capsys.readouterr().out
+
+
+def test_resume_keeps_one_row_per_step(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A killed run logged steps 1-7 (the last line torn) but its checkpoint is step 4: the
+    resumed writer keeps rows 1-4 (one atomic rewrite) and appends from step 5."""
+    rows = "".join(json.dumps({"step": s, "loss": float(s)}) + "\n" for s in range(1, 8))
+    (tmp_path / "metrics.jsonl").write_text(rows + '{"step": 8, "lo')
+    w = MetricsWriter(tmp_path, resume_step=4)
+    assert "kept 4 row(s) up to step 4, dropped 4 row(s)" in capsys.readouterr().out
+    for s in (5, 6):
+        w.write(s, {"loss": 10.0 + s})
+    w.close()
+    got = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    assert got[4]["loss"] == 15.0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".metrics")] == []

@@ -84,14 +84,13 @@ def test_remat_policies_give_the_same_gradients() -> None:
 
 def test_bad_train_config_names_the_field() -> None:
     from cpmjax.config import ConfigError
-    from cpmjax.train.experiment import experiment_config
-    from cpmjax.train.loop import check_train_config
+    from cpmjax.train.experiment import check_experiment, experiment_config
     from tests.conftest import tiny_hf_config
 
     for field, value, match in [("on_nonfinite", "ignore", "train.on_nonfinite"),
                                 ("grad_accum", 3, "train.grad_accum"),
                                 ("steps", 0, "train.steps")]:
-        t = experiment_config(tiny_hf_config(), "t").train
-        t[field] = value
+        cfg = experiment_config(tiny_hf_config(), "t")
+        cfg.train[field] = value
         with pytest.raises(ConfigError, match=match):
-            check_train_config(t)
+            check_experiment(cfg)
