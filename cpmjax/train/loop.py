@@ -15,7 +15,7 @@ import dataclasses
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Collection
 
 import jax
 import jax.numpy as jnp
@@ -111,10 +111,11 @@ class SkipBudget:
                     f"train.nonfinite_window={self.window}; stopping")
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str, new_run: bool = False
-          ) -> dict[str, Any]:
+def train(cfg: ml_collections.ConfigDict, workdir: str, new_run: bool = False,
+          supervisor_files: Collection[str] = ()) -> dict[str, Any]:
     """Train, resuming from the newest complete and intact checkpoint in ``workdir`` (see
-    ``RunDir`` for what a workdir accepts and ``new_run``); returns final metrics."""
+    ``RunDir`` for what a workdir accepts, ``new_run`` and ``supervisor_files``); returns final
+    metrics."""
     model_cfg = check_experiment(cfg)
     t = cfg.train
     data = resolve_data(cfg, model_cfg.vocab_size)
@@ -125,7 +126,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, new_run: bool = False
                          t.eval_batches)
     baseline = _unigram_baseline(data, model_cfg.vocab_size)
     primary = jax.process_index() == 0
-    with RunDir(workdir, primary) as run:
+    with RunDir(workdir, primary, supervisor_files) as run:
         run.prepare(json.loads(cfg.to_json_best_effort()), model_cfg.to_hf_config(),
                     data.tokenizer, new_run)
         if jax.process_count() > 1:
