@@ -95,11 +95,16 @@ def _load_tokenizer(path: Path | None) -> Any:
 
 
 def load(path: str | os.PathLike, dtype: Any = jnp.float32) -> Model:
-    """Load an HF MiniCPM folder (config.json + safetensors) or a cpmjax checkpoint."""
+    """Load an HF MiniCPM folder (config.json + safetensors), a cpmjax checkpoint or a packed
+    ternary folder (``cpmjax.quant.ternary``; its params stay packed, the engine unpacks them)."""
     folder = Path(path)
     if not folder.exists():
         raise FileNotFoundError(f"no checkpoint at {folder}")
-    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+    from cpmjax.quant import ternary
+
+    if ternary.is_packed_folder(folder):
+        cfg, params, _ = ternary.load_packed(folder)
+    elif (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
         from cpmjax.convert import load_hf
 
         cfg, params = load_hf(folder, dtype=dtype)

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python launch/bench.py train|attention|decode|decode_constrained``.
+"""Benchmarks: ``python launch/bench.py train|attention|decode|decode_constrained|qat``.
 
 Each suite measures cpmjax and its baseline side by side in one process, prints a table and
 appends JSON lines (device, config, metric, value, baseline, ratio) under ``bench/results/``.
@@ -12,7 +12,7 @@ import sys
 from absl import app
 
 SUITES = {"train": "bench_train", "attention": "bench_attention", "decode": "bench_decode",
-          "decode_constrained": "bench_decode"}
+          "decode_constrained": "bench_decode", "qat": "bench_qat"}
 
 
 def main(argv: list[str]) -> None:

@@ -1,5 +1,10 @@
-"""Held-out perplexity of a model in full precision vs int4 g128 RTN, GPTQ and P-GPTQ (MiniCPM4 report §4.1.2):
+"""Held-out perplexity of a model in full precision vs int4 g128 RTN, GPTQ and P-GPTQ (MiniCPM4
+report §4.1.2) and ternary (BitCPM, §3.3; ``cpmjax.quant.ternary``):
 ``python launch/quant_eval.py [--checkpoint=runs/tiny] [--out=bench/results/quant_cpu.json]``.
+
+The ``ternary`` row rounds the checkpoint's decoder linears to {-1, 0, +1} x absmean scales with
+no training; ``--ternary_qat=RUN`` adds the row of a ternary QAT run of the same model (trained
+with ``configs/bitcpm_tiny.py --config.train.init_from=runs/tiny --config.data.format=text``).
 
 Calibration rows come from the default corpus's train split through the data pipeline
 (``cpmjax.data``), evaluation rows from its held-out split. Needs a trained checkpoint (the tiny
@@ -23,7 +28,7 @@ from cpmjax.data.corpus import build_default_corpus
 from cpmjax.data.pipeline import Source, eval_batches
 from cpmjax.data.tokenizer import get_or_build_default_tokenizer
 from cpmjax.model import forward
-from cpmjax.quant import qforward, quantize_params
+from cpmjax.quant import qforward, quantize_params, ternary
 from cpmjax.train.checkpoint import load_trained_model
 
 flags.DEFINE_string("checkpoint", "runs/tiny", "trained model checkpoint or run workdir")
@@ -34,6 +39,8 @@ flags.DEFINE_integer("seq_len", 256, "tokens per row")
 flags.DEFINE_integer("calib_rows", 32, "calibration rows (train split)")
 flags.DEFINE_integer("eval_rows", 32, "held-out rows")
 flags.DEFINE_string("cache_dir", ".cache/cpmjax", "default corpus and tokenizer cache")
+flags.DEFINE_integer("ternary_group", 128, "ternary row: input rows per absmean scale")
+flags.DEFINE_string("ternary_qat", "", "a ternary QAT run of the same model: adds its row")
 
 
 def _nll(logits: jax.Array, batch: dict) -> tuple[float, float]:
@@ -72,6 +79,19 @@ def main(argv: list[str]) -> int:
         secs = time.perf_counter() - t0
         results[method] = {"ppl": perplexity(qforward, q, cfg, held), "quantize_s": round(secs, 2)}
         print(f"{method}: ppl {results[method]['ppl']:.4f} (quantized in {secs:.1f}s)")
+    plain = ternary.TernaryConfig(group_size=f.ternary_group)
+    plain.validate(cfg, "--ternary_group")
+    rows = {"ternary": (plain, params)}
+    if f.ternary_qat:
+        qat_cfg, qat_params = load_trained_model(f.ternary_qat)
+        if qat_cfg != cfg:
+            print(f"error: {f.ternary_qat} is not a run of this model", file=sys.stderr)
+            return 1
+        rows["ternary_qat"] = (ternary.ternary_config_of_run(f.ternary_qat), qat_params)
+    for name, (tc, weights) in rows.items():
+        results[name] = {"ppl": perplexity(qforward, ternary.pack_params(weights, tc), cfg, held),
+                         "group_size": tc.group_size}
+        print(f"{name}: ppl {results[name]['ppl']:.4f}")
     report = {"checkpoint": f.checkpoint, "bits": f.bits, "group_size": f.group_size,
               "seq_len": f.seq_len, "calib_rows": f.calib_rows,
               "eval_tokens": int(sum(np.sum(b["loss_mask"]) for b in held)),

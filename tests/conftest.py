@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from cpmjax.config import ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_hf_config(**overrides) -> dict:
@@ -30,3 +34,12 @@ def tiny_hf_config(**overrides) -> dict:
 @pytest.fixture
 def tiny_cfg() -> ModelConfig:
     return ModelConfig.from_hf_config(tiny_hf_config())
+
+
+@pytest.fixture(scope="session")
+def project_tokenizer() -> Path:
+    """The project tokenizer (4096 tokens, chat tokens included) in the repo's .cache, built on
+    first use as the main job builds it."""
+    from cpmjax.data.tokenizer import get_or_build_default_tokenizer
+
+    return get_or_build_default_tokenizer(ROOT / ".cache" / "cpmjax", 4096)

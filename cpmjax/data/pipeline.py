@@ -60,14 +60,19 @@ def pack_rows(token_docs: Sequence[np.ndarray], seq_len: int) -> tuple[np.ndarra
     return stream[:n].reshape(rows, -1), doc_ids[:n].reshape(rows, -1)
 
 
+def segment_positions(seg: np.ndarray) -> np.ndarray:
+    """Positions that restart at 0 wherever the segment id of a row changes."""
+    starts = np.r_[0, np.flatnonzero(seg[1:] != seg[:-1]) + 1]
+    return (np.arange(len(seg)) - np.repeat(starts, np.diff(np.r_[starts, len(seg)]))
+            ).astype(np.int32)
+
+
 def row_example(tokens: np.ndarray, doc_ids: np.ndarray) -> Batch:
     """Model inputs of one packed row."""
     seg_full = np.cumsum(np.r_[1, doc_ids[1:] != doc_ids[:-1]]).astype(np.int32)
     seg = seg_full[:-1]
-    starts = np.r_[0, np.flatnonzero(seg[1:] != seg[:-1]) + 1]
-    positions = np.arange(len(seg)) - np.repeat(starts, np.diff(np.r_[starts, len(seg)]))
     return {"inputs": tokens[:-1], "targets": tokens[1:], "segment_ids": seg,
-            "positions": positions.astype(np.int32),
+            "positions": segment_positions(seg),
             "loss_mask": (seg_full[1:] == seg).astype(np.float32)}
 
 
@@ -108,13 +113,22 @@ def make_batch_dataset(sources: Sequence[Source], tokenizer_path: str, seq_len: 
                        global_batch_size: int, seed: int, shard_index: int = 0,
                        shard_count: int = 1) -> grain.MapDataset:
     """Infinite MapDataset of this host's batches; element s is the batch of step s."""
+    return batch_dataset([packed_dataset(s, tokenizer_path, seq_len) for s in sources],
+                         [s.weight for s in sources], global_batch_size, seed, shard_index,
+                         shard_count)
+
+
+def batch_dataset(row_datasets: Sequence[grain.MapDataset], weights: Sequence[float],
+                  global_batch_size: int, seed: int, shard_index: int = 0,
+                  shard_count: int = 1) -> grain.MapDataset:
+    """Infinite MapDataset of this host's batches from unshuffled row datasets: each shuffled
+    (reshuffled every epoch) and repeated, mixed by weight, batched, sliced per host."""
     if global_batch_size % shard_count:
         raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the "
                          f"{shard_count} hosts")
-    datasets = [packed_dataset(s, tokenizer_path, seq_len).shuffle(seed=seed + i).repeat()
-                for i, s in enumerate(sources)]
-    ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(
-        datasets, weights=[s.weight for s in sources])
+    datasets = [rows.shuffle(seed=seed + i).repeat() for i, rows in enumerate(row_datasets)]
+    ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets,
+                                                                     weights=list(weights))
     ds = ds.batch(global_batch_size)
     return ds.map(lambda b: _host_slice(b, shard_index, shard_count))
 
@@ -130,21 +144,35 @@ def make_batch_iterator(sources: Sequence[Source], tokenizer_path: str, seq_len:
 def eval_batches(source: Source, tokenizer_path: str, seq_len: int, batch_size: int,
                  max_batches: int) -> list[Batch]:
     """A fixed, unshuffled list of held-out batches."""
-    ds = packed_dataset(source, tokenizer_path, seq_len)
-    n = min(max_batches, len(ds) // batch_size)
+    return fixed_batches(packed_dataset(source, tokenizer_path, seq_len), seq_len, batch_size,
+                         max_batches, source.path)
+
+
+def fixed_batches(rows: grain.MapDataset, seq_len: int, batch_size: int, max_batches: int,
+                  name: str) -> list[Batch]:
+    """The first ``max_batches`` full batches of ``rows`` (of ``seq_len + 1`` tokens) in order
+    (``name`` is for errors)."""
+    n = min(max_batches, len(rows) // batch_size)
     if n == 0:
-        raise DataError(f"held-out set {source.path} has {len(ds)} packed rows of "
-                        f"{seq_len + 1} tokens, fewer than one batch of {batch_size} "
-                        "(train.global_batch_size); give it more text or use a smaller batch")
-    return [ds.batch(batch_size)[i] for i in range(n)]
+        raise DataError(f"held-out set {name} has {len(rows)} packed rows of {seq_len + 1} "
+                        f"tokens, fewer than one batch of {batch_size} (train.global_batch_size);"
+                        " give it more text or use a smaller batch")
+    return [rows.batch(batch_size)[i] for i in range(n)]
 
 
 def unigram_loss(train_docs: Sequence[np.ndarray], eval_docs: Sequence[np.ndarray],
                  vocab_size: int) -> float:
     """Cross-entropy (nats/token) of an add-one unigram model fitted on train, on eval tokens:
     the loss a model that ignores context would reach."""
-    counts = np.bincount(np.concatenate(train_docs), minlength=vocab_size) + 1.0
+    return unigram_token_loss(np.concatenate(train_docs),
+                              np.concatenate([d[1:] for d in eval_docs]),  # bos: never a target
+                              vocab_size)
+
+
+def unigram_token_loss(train_tokens: np.ndarray, eval_tokens: np.ndarray,
+                       vocab_size: int) -> float:
+    """:func:`unigram_loss` on flat token arrays (the tokens that are targets)."""
+    counts = np.bincount(train_tokens, minlength=vocab_size) + 1.0
     logp = np.log(counts / counts.sum())
-    eval_tokens = np.concatenate([d[1:] for d in eval_docs])  # bos is never a target
     return float(-logp[eval_tokens].mean())
 

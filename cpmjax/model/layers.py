@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -17,11 +19,15 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def swiglu_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
-               taps: dict[str, jax.Array] | None = None) -> jax.Array:
-    """``down(silu(gate(x)) * up(x))`` with no biases; ``taps["down_in"]`` gets down's input."""
+               taps: dict[str, jax.Array] | None = None,
+               act_transform: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """``down(silu(gate(x)) * up(x))`` with no biases; ``taps["down_in"]`` gets down's input;
+    ``act_transform`` maps each matmul's input (quantized activations)."""
     dt = x.dtype
-    gate = jax.nn.silu(x @ w_gate.astype(dt))
-    inner = gate * (x @ w_up.astype(dt))
+    act = act_transform or (lambda a: a)
+    xa = act(x)
+    gate = jax.nn.silu(xa @ w_gate.astype(dt))
+    inner = gate * (xa @ w_up.astype(dt))
     if taps is not None:
         taps["down_in"] = inner
-    return inner @ w_down.astype(dt)
+    return act(inner) @ w_down.astype(dt)

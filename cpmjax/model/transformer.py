@@ -64,6 +64,7 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
                   attn_impl: attn_lib.Implementation = "auto",
                   residual_scale: float | None = None, taps: dict[str, jax.Array] | None = None,
                   kv_len: int | None = None,
+                  act_transform: Callable[[jax.Array], jax.Array] | None = None,
                   ) -> tuple[jax.Array, tuple[jax.Array, ...] | None]:
     """One pre-norm block; returns the new hidden state and the updated (k, v) cache of the layer.
 
@@ -77,15 +78,19 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
     ``kv_len`` (static; dense models with a cache): attention reads only cache positions below it,
     which the caller guarantees hold every position a query may see (the serving engine's
     length buckets: a short request in a long-context cache does not read the whole cache).
+    ``act_transform`` maps the input of every linear before its matmul (int8 activations of
+    quantization-aware training, ``cpmjax.quant.ternary``); taps see the untransformed input.
     """
     dt = h.dtype
+    act = act_transform or (lambda a: a)
     scale = jnp.asarray(cfg.residual_scale if residual_scale is None else residual_scale, dt)
     x = rms_norm(h, layer["input_norm"], cfg.rms_norm_eps)
     if taps is not None:
         taps["attn_in"] = x
-    q = jnp.einsum("btd,dhk->bthk", x, layer["wq"].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", x, layer["wk"].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", x, layer["wv"].astype(dt))
+    xa = act(x)
+    q = jnp.einsum("btd,dhk->bthk", xa, layer["wq"].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", xa, layer["wk"].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", xa, layer["wv"].astype(dt))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache_kv is None:
         keys, values, kv_pos, kv_seg = k, v, positions, segment_ids
@@ -109,12 +114,12 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
                           compressed=compressed)
     if taps is not None:
         taps["wo_in"] = out
-    attn_out = jnp.einsum("bthk,hkd->btd", out, layer["wo"].astype(dt))
+    attn_out = jnp.einsum("bthk,hkd->btd", act(out), layer["wo"].astype(dt))
     h = h + attn_out * scale
     x = rms_norm(h, layer["post_norm"], cfg.rms_norm_eps)
     if taps is not None:
         taps["mlp_in"] = x
-    mlp_out = swiglu_mlp(x, layer["w_gate"], layer["w_up"], layer["w_down"], taps)
+    mlp_out = swiglu_mlp(x, layer["w_gate"], layer["w_up"], layer["w_down"], taps, act_transform)
     h = h + mlp_out * scale
     return h, new_cache
 
@@ -124,7 +129,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
             cache: KVCache | None = None, dtype: Any = jnp.float32, return_logits: bool = True,
             remat: str = "none", attn_impl: attn_lib.Implementation = "auto",
             layer_transform: Callable[[Params], Params] | None = None,
-            kv_len: int | None = None) -> ModelOutput:
+            kv_len: int | None = None,
+            act_transform: Callable[[jax.Array], jax.Array] | None = None) -> ModelOutput:
     """Run the decoder.
 
     Args:
@@ -139,6 +145,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
       layer_transform: maps one layer's params before use, inside the scan (``cpmjax.quant``
         dequantizes packed weights there, so only one layer is ever dequantized at a time).
       kv_len: with a cache, attend only to its first ``kv_len`` positions (see `decoder_layer`).
+      act_transform: maps every decoder linear's input (see `decoder_layer`).
     """
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
@@ -156,7 +163,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
             layer = layer_transform(layer)
         return decoder_layer(carry, layer, cfg, cos=cos, sin=sin, positions=positions,
                              segment_ids=segment_ids, cache_kv=cache_kv, attn_impl=attn_impl,
-                             kv_len=kv_len)
+                             kv_len=kv_len, act_transform=act_transform)
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)

@@ -83,7 +83,12 @@ def quantize_rtn(w: Any, bits: int = 4, group_size: int = 128) -> QTensor:
 
 
 def dequantize(qt: QTensor, dtype: Any = jnp.float32) -> jax.Array:
-    """``[..., in, out]`` weights from a packed tensor (int4 if ``qweight`` is int32)."""
+    """``[..., in, out]`` weights from a packed tensor (int4 if ``qweight`` is int32, ternary
+    if it is uint8: :mod:`cpmjax.quant.ternary`)."""
+    if np.dtype(qt["qweight"].dtype) == np.uint8:
+        from cpmjax.quant.ternary import dequantize_packed  # ternary builds on this module
+
+        return dequantize_packed(qt, dtype)
     qw, scales = qt["qweight"], jnp.asarray(qt["scales"])
     q = unpack_int4(jnp.asarray(qw)) if qw.dtype == jnp.int32 else jnp.asarray(qw, jnp.int32)
     group = q.shape[-2] // scales.shape[-2]

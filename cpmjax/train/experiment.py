@@ -48,6 +48,9 @@ def experiment_config(model: Mapping[str, Any], name: str) -> ml_collections.Con
     # a trained target (run dir or HF folder): train only the MTP/EAGLE draft head on top of it,
     # frozen (CPM.cu EAGLE draft); needs mtp_weight > 0 and the target's model config
     t.freeze_target = ""
+    # a trained model (run dir, cpmjax checkpoint or HF folder) whose weights start a fresh run
+    # (SFT, QAT); optimizer and LR schedule start afresh (warmup again); ignored on resume
+    t.init_from = ""
     t.mtp_distill = False  # MTP labels = the model's own next-next-token distribution (drafts)
     t.log_every = 20
     t.eval_every = 200
@@ -61,6 +64,17 @@ def experiment_config(model: Mapping[str, Any], name: str) -> ml_collections.Con
     d.source_type = "jsonl"
     d.weights = ""  # comma-separated mixture weights, one per train file
     d.tokenizer = ""  # folder with tokenizer.json; empty = the project's default tokenizer
+    # text: documents, every token a target; chat: OpenAI/ShareGPT conversations (SFT), only the
+    # assistant's tokens are targets, and empty train_files = the project's instruction set
+    d.format = "text"
+    d.long_conversations = "truncate"  # chat rows: a conversation over seq_len+1 tokens: or drop
+
+    # BitCPM ternary quantization-aware training (cpmjax.quant.ternary; MiniCPM4 report §3.3)
+    cfg.qat = q = ml_collections.ConfigDict()
+    q.enabled = False
+    q.group_size = 128  # input rows per absmean scale; -1 per output channel; 0 per tensor
+    q.targets = "wq,wk,wv,wo,w_gate,w_up,w_down"  # may add embed, lm_head
+    q.act_bits = 0  # 8: int8 per-token activations (BitNet b1.58); 0: compute dtype
 
     cfg.mesh = m = ml_collections.ConfigDict()
     m.data, m.fsdp, m.tensor = 1, -1, 1
@@ -80,6 +94,8 @@ _CHOICES = {
     "train.remat": ("none", "full", "dots", "dots_no_batch"),
     "train.on_nonfinite": ("skip", "stop"),
     "data.source_type": ("jsonl", "text", "arrayrecord"),
+    "data.format": ("text", "chat"),
+    "data.long_conversations": ("truncate", "drop"),
 }
 
 
@@ -121,7 +137,10 @@ def _rules(cfg: ml_collections.ConfigDict) -> list[tuple[str, Callable[[Any], bo
               for f in ("data", "fsdp", "tensor")]
     rules += [(f"data.{f}", lambda v: isinstance(v, str), "must be a string")
               for f in ("cache_dir", "train_files", "valid_file", "weights", "tokenizer")]
-    rules += [("train.freeze_target", lambda v: isinstance(v, str), "must be a string")]
+    rules += [(f"train.{f}", lambda v: isinstance(v, str), "must be a string")
+              for f in ("freeze_target", "init_from")]
+    rules += [("qat.enabled", lambda v: isinstance(v, bool), "must be true or false")]
+    rules += [(f"qat.{f}", _is_int, "must be an integer") for f in ("group_size", "act_bits")]
     rules += [("name", lambda v: isinstance(v, str) and v.strip() != "", "must be a non-empty "
                "string")]
     if _is_int(t.get("global_batch_size")) and _is_int(t.get("grad_accum")):
@@ -162,6 +181,13 @@ def check_experiment(cfg: ml_collections.ConfigDict) -> ModelConfig:
     if t.freeze_target and t.mtp_weight <= 0:
         raise ConfigError("config field 'train.freeze_target' trains only the MTP draft head: "
                           f"set train.mtp_weight > 0 (got {t.mtp_weight})")
+    if t.freeze_target and t.init_from:
+        raise ConfigError("config fields 'train.init_from' and 'train.freeze_target' both name "
+                          "starting weights; set one")
+    if cfg.qat.enabled:
+        from cpmjax.quant.ternary import TernaryConfig  # pulls in the model; import on use
+
+        TernaryConfig.from_dict(cfg.qat).validate(model)
     files = [f.strip() for f in d.train_files.split(",") if f.strip()]
     if d.weights.strip():
         if not files:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import json
 import logging
 import time
@@ -21,14 +20,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cpmjax.config import ConfigError, ModelConfig
-from cpmjax.data import (Source, eval_batches, get_or_build_default_tokenizer, load_tokenizer,
-                         make_batch_iterator, read_documents, tokenize_documents, unigram_loss)
-from cpmjax.data.corpus import build_default_corpus
+from cpmjax.config import ModelConfig
 from cpmjax.model.mtp import save_mtp
 from cpmjax.parallel import make_mesh
+from cpmjax.quant.ternary import transforms_for_run
 from cpmjax.train import checkpoint as ckpt
 from cpmjax.train.experiment import check_experiment
+from cpmjax.train.init_from import load_matching_params
+from cpmjax.train.inputs import TrainInputs, make_inputs
 from cpmjax.train.metrics import MetricsWriter, device_peak_flops, flops_per_token
 from cpmjax.train.optimizer import make_optimizer, make_schedule
 from cpmjax.train.rundir import RunDir
@@ -41,39 +40,6 @@ log = logging.getLogger(__name__)
 class NonFiniteError(RuntimeError):
     """A non-finite step under ``train.on_nonfinite=stop``, skipped steps past the skip budget,
     or parameters that are no longer finite."""
-
-
-@dataclasses.dataclass
-class DataSetup:
-    train_sources: list[Source]
-    valid: Source
-    tokenizer: str
-
-
-def resolve_data(cfg: ml_collections.ConfigDict, vocab_size: int) -> DataSetup:
-    d = cfg.data
-    if d.train_files:
-        files = [f.strip() for f in d.train_files.split(",") if f.strip()]
-        weights = ([float(w) for w in d.weights.split(",")] if d.weights else [1.0] * len(files))
-        sources = [Source(f, d.source_type, w) for f, w in zip(files, weights)]
-        valid = Source(d.valid_file or files[0], d.source_type)
-    else:
-        corpus = build_default_corpus(d.cache_dir)
-        sources = [Source(str(corpus / "train.jsonl"))]
-        valid = Source(str(corpus / "valid.jsonl"))
-    tokenizer = d.tokenizer or str(get_or_build_default_tokenizer(d.cache_dir, vocab_size))
-    tok_vocab = load_tokenizer(tokenizer).get_vocab_size()
-    if tok_vocab > vocab_size:
-        raise ConfigError(f"config field 'model.vocab_size': {vocab_size} is smaller than the "
-                          f"tokenizer's vocabulary ({tok_vocab}) at {tokenizer}")
-    return DataSetup(sources, valid, tokenizer)
-
-
-def _unigram_baseline(data: DataSetup, vocab_size: int) -> float:
-    train = tokenize_documents(read_documents(data.train_sources[0].path,
-                                              data.train_sources[0].type), data.tokenizer)
-    valid = tokenize_documents(read_documents(data.valid.path, data.valid.type), data.tokenizer)
-    return unigram_loss(train, valid, vocab_size)
 
 
 class SkipBudget:
@@ -117,28 +83,22 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, new_run: bool = False,
     ``RunDir`` for what a workdir accepts, ``new_run`` and ``supervisor_files``); returns final
     metrics."""
     model_cfg = check_experiment(cfg)
-    t = cfg.train
-    data = resolve_data(cfg, model_cfg.vocab_size)
-    iterator = make_batch_iterator(data.train_sources, data.tokenizer, t.seq_len,
-                                   t.global_batch_size, t.seed, jax.process_index(),
-                                   jax.process_count())
-    evals = eval_batches(data.valid, data.tokenizer, t.seq_len, t.global_batch_size,
-                         t.eval_batches)
-    baseline = _unigram_baseline(data, model_cfg.vocab_size)
+    inputs = make_inputs(cfg, model_cfg.vocab_size, jax.process_index(), jax.process_count())
     primary = jax.process_index() == 0
     with RunDir(workdir, primary, supervisor_files) as run:
         run.prepare(json.loads(cfg.to_json_best_effort()), model_cfg.to_hf_config(),
-                    data.tokenizer, new_run)
+                    inputs.tokenizer, new_run)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("cpmjax run dir prepared")
-        return _run(cfg, model_cfg, run, iterator, evals, baseline)
+        return _run(cfg, model_cfg, run, inputs)
 
 
-def _run(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, run: RunDir, iterator: Any,
-         evals: list, baseline: float) -> dict[str, Any]:
+def _run(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, run: RunDir,
+         inputs: TrainInputs) -> dict[str, Any]:
     t = cfg.train
+    iterator, evals, baseline = inputs.iterator, inputs.evals, inputs.baseline
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     dtype = jnp.dtype(t.compute_dtype)
     tx = make_optimizer(t, model_cfg)
@@ -148,12 +108,14 @@ def _run(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, run: RunDir, it
     abstract = jax.eval_shape(init, jax.random.key(t.seed))
     state_sh = state_shardings(model_cfg, abstract, mesh)
     batch_shape = (t.global_batch_size, t.seq_len)
+    transforms = transforms_for_run(cfg.get("qat"), model_cfg)  # None unless ternary QAT
     step_fn = jit_train_step(make_train_step(model_cfg, tx, grad_accum=t.grad_accum, dtype=dtype,
                                              remat=t.remat, mtp_weight=t.mtp_weight,
                                              freeze_model=bool(t.get("freeze_target")),
-                                             mtp_distill=bool(t.get("mtp_distill"))),
+                                             mtp_distill=bool(t.get("mtp_distill")),
+                                             transforms=transforms),
                              state_sh, mesh, batch_shape)
-    eval_fn = jax.jit(make_eval_step(model_cfg, dtype))
+    eval_fn = jax.jit(make_eval_step(model_cfg, dtype, transforms))
 
     checkpointer = ckpt.TrainCheckpointer(run.path, cfg.checkpoint.keep,
                                           cfg.checkpoint.async_save)
@@ -161,9 +123,12 @@ def _run(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, run: RunDir, it
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh))
     if restored is None:
         state = jax.jit(init, out_shardings=state_sh)(jax.random.key(t.seed))
-        if t.get("freeze_target"):
-            state["params"] = jax.device_put(_frozen_target(t.freeze_target, model_cfg),
+        start_from = t.get("freeze_target") or t.get("init_from")
+        if start_from:
+            field = "train.freeze_target" if t.get("freeze_target") else "train.init_from"
+            state["params"] = jax.device_put(load_matching_params(start_from, model_cfg, field),
                                              state_sh["params"])
+            print(f"weights from {start_from}", flush=True)
         start = 0
     else:
         start, state, data_state = restored
@@ -250,13 +215,3 @@ def _run(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, run: RunDir, it
               flush=True)
     return last
 
-
-def _frozen_target(path: str, model_cfg: ModelConfig) -> Any:
-    """The trained target's params; its config must be the run's model config."""
-    target_cfg, params = ckpt.load_model(path)
-    ours, theirs = model_cfg.to_hf_config(), target_cfg.to_hf_config()
-    diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-    if diff:
-        raise ConfigError(f"config field 'train.freeze_target': the model at {path} differs from "
-                          f"this config's model in {', '.join(diff)}")
-    return params

@@ -14,7 +14,7 @@ the latter from the MTP head on (h_i, x_{i+1}) through the shared output head.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,21 +27,41 @@ from cpmjax.model.mtp import init_mtp_params, mtp_loss, mtp_param_axes
 from cpmjax.parallel.rules import logical_to_spec
 
 State = dict[str, Any]
+
+
+class Transforms(NamedTuple):
+    """Maps applied in the training forward pass, gradients flowing through them
+    (quantization-aware training: ``cpmjax.quant.ternary.qat_transforms``)."""
+
+    params: Callable[[Any], Any] | None = None  # the params, before the forward pass
+    activation: Callable[[jax.Array], jax.Array] | None = None  # every decoder linear's input
+
+
+def transformed_forward(params: Any, cfg: ModelConfig, tokens: jax.Array,
+                        transforms: Transforms | None = None, **kwargs: Any) -> Any:
+    """``cpmjax.model.forward`` with ``transforms`` applied."""
+    t = transforms or Transforms()
+    if t.params is not None:
+        params = t.params(params)
+    return forward(params, cfg, tokens, act_transform=t.activation, **kwargs)
 BATCH_AXES = ("batch", "length")
 
 
-def _nll_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+def nll_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Sum of the next-token negative log-likelihood over the targets where ``mask`` is 1."""
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(nll * mask)
 
 
 def token_loss_sums(params: Any, cfg: ModelConfig, batch: dict[str, jax.Array], dtype: Any,
-                    remat: str) -> tuple[jax.Array, jax.Array]:
+                    remat: str, transforms: Transforms | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
     """(sum of next-token NLL over unmasked targets, number of such targets)."""
-    out = forward(params, cfg, batch["inputs"], positions=batch["positions"],
-                  segment_ids=batch["segment_ids"], dtype=dtype, remat=remat)
-    return _nll_sum(out.logits, batch["targets"], batch["loss_mask"]), jnp.sum(batch["loss_mask"])
+    out = transformed_forward(params, cfg, batch["inputs"], transforms,
+                              positions=batch["positions"], segment_ids=batch["segment_ids"],
+                              dtype=dtype, remat=remat)
+    return nll_sum(out.logits, batch["targets"], batch["loss_mask"]), jnp.sum(batch["loss_mask"])
 
 
 def mtp_mask(batch: dict[str, jax.Array]) -> jax.Array:
@@ -113,11 +133,13 @@ def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
 
 def make_grad_fn(cfg: ModelConfig, *, grad_accum: int = 1, dtype: Any = jnp.float32,
                  remat: str = "none", mtp_weight: float = 0.0,
-                 freeze_model: bool = False, mtp_distill: bool = False) -> Callable[..., Any]:
+                 freeze_model: bool = False, mtp_distill: bool = False,
+                 transforms: Transforms | None = None) -> Callable[..., Any]:
     """``grads(tree, batch) -> (grads, metrics)`` of the mean-token objective over the whole batch,
     accumulated over ``grad_accum`` microbatches (scan); ``tree`` is what the optimizer sees.
     ``freeze_model``: the model is a constant (zero gradients, no backward pass through it).
-    ``mtp_distill``: the MTP head learns the model's own next-next-token distribution."""
+    ``mtp_distill``: the MTP head learns the model's own next-next-token distribution.
+    ``transforms``: maps inside the forward pass (:class:`Transforms`)."""
     with_mtp = mtp_weight > 0
 
     def objective(tree: Any, micro: dict[str, jax.Array], counts: jax.Array
@@ -125,9 +147,10 @@ def make_grad_fn(cfg: ModelConfig, *, grad_accum: int = 1, dtype: Any = jnp.floa
         params, mtp_params = split_trainable(tree, with_mtp)
         if freeze_model:
             params = jax.lax.stop_gradient(params)
-        out = forward(params, cfg, micro["inputs"], positions=micro["positions"],
-                      segment_ids=micro["segment_ids"], dtype=dtype, remat=remat)
-        sums = [_nll_sum(out.logits, micro["targets"], micro["loss_mask"])]
+        out = transformed_forward(params, cfg, micro["inputs"], transforms,
+                                  positions=micro["positions"],
+                                  segment_ids=micro["segment_ids"], dtype=dtype, remat=remat)
+        sums = [nll_sum(out.logits, micro["targets"], micro["loss_mask"])]
         if with_mtp:
             teacher = out.logits if mtp_distill else None
             sums.append(mtp_loss(mtp_params, params, cfg, out.hidden, micro, teacher)[0])
@@ -162,13 +185,15 @@ def make_grad_fn(cfg: ModelConfig, *, grad_accum: int = 1, dtype: Any = jnp.floa
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, *, grad_accum: int = 1,
                     dtype: Any = jnp.float32, remat: str = "none",
                     mtp_weight: float = 0.0, freeze_model: bool = False,
-                    mtp_distill: bool = False) -> Callable[..., Any]:
+                    mtp_distill: bool = False,
+                    transforms: Transforms | None = None) -> Callable[..., Any]:
     """``step(state, batch) -> (state, metrics)``; batch leaves are ``[global_batch, T]``.
     ``freeze_model``: only the MTP head learns (draft training on a frozen target);
-    ``mtp_distill``: its labels are the model's own predictions (see ``mtp_loss``)."""
+    ``mtp_distill``: its labels are the model's own predictions (see ``mtp_loss``);
+    ``transforms``: see :class:`Transforms`."""
     grad_fn = make_grad_fn(cfg, grad_accum=grad_accum, dtype=dtype, remat=remat,
                            mtp_weight=mtp_weight, freeze_model=freeze_model,
-                           mtp_distill=mtp_distill)
+                           mtp_distill=mtp_distill, transforms=transforms)
 
     def step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
         tree = trainable(state)
@@ -192,9 +217,10 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, *, grad_
     return step
 
 
-def make_eval_step(cfg: ModelConfig, dtype: Any = jnp.float32) -> Callable[..., Any]:
+def make_eval_step(cfg: ModelConfig, dtype: Any = jnp.float32,
+                   transforms: Transforms | None = None) -> Callable[..., Any]:
     def eval_step(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        return token_loss_sums(params, cfg, batch, dtype, "none")
+        return token_loss_sums(params, cfg, batch, dtype, "none", transforms)
 
     return eval_step
 
