@@ -19,15 +19,29 @@ import ml_collections
 from cpmjax.config import ConfigError
 from cpmjax.data.corpus import build_default_corpus
 from cpmjax.experiments.study import study_config
+from cpmjax.train.experiment import experiment_config
 
 
 def pretrained_experiment(run_dir: str | Path) -> ml_collections.ConfigDict:
-    """The experiment config a training run was made with (its ``experiment.json``)."""
+    """The experiment config a training run was made with (its ``experiment.json``), on top of
+    this checkout's defaults, so a run trained before a config field was added still anneals
+    (the field takes its default, as a resumed run's missing fields do)."""
     path = Path(run_dir) / "experiment.json"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run (no experiment.json); train "
                                 "one first (python launch/train.py --config=configs/tiny.py)")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    stored = json.loads(path.read_text())
+    cfg = experiment_config(stored.get("model", {}), stored.get("name", "pretrained"))
+    _overlay(cfg, stored)
+    return cfg
+
+
+def _overlay(cfg: ml_collections.ConfigDict, values: dict) -> None:
+    for k, v in values.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), ml_collections.ConfigDict):
+            _overlay(cfg[k], v)
+        else:
+            cfg[k] = v
 
 
 def default_mix(cfg: ml_collections.ConfigDict) -> tuple[list[str], list[float], str]:

@@ -46,6 +46,12 @@ def test_verification_study_mixes_30_percent_candidate_into_the_default_mix(tmp_
     (tmp_path / "p2").mkdir()
     plain = verification_study(_pretrained(tmp_path / "p2"), {"c": [str(cand)]})
     assert expand_runs(plain)[0].config.data.train_files.endswith("corpus/train.jsonl")
+    # a run trained before a field existed: the field takes this checkout's default
+    old = json.loads((run / "experiment.json").read_text())
+    del old["train"]["init_from"], old["data"]["cache_dir"]
+    (run / "experiment.json").write_text(json.dumps(old))
+    cfg = expand_runs(verification_study(run, {"c": [str(cand)]}))[0].config
+    assert cfg.data.cache_dir == ".cache/cpmjax" and cfg.train.init_from == str(run.absolute())
 
 
 def test_verification_refuses_bad_inputs(tmp_path):
