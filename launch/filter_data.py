@@ -12,11 +12,18 @@ and a score histogram:
     python launch/filter_data.py --action=filter --model=runs/quality/quality.bin \\
         --shards=data/a.jsonl,data/b.arrayrecord --out=data/filtered --workers=2
 
+An unfiltered shard to try them on (corpus paragraphs and generated low-quality text, half each,
+every record tagged with its ``source``):
+
+    python launch/filter_data.py --action=pool --out=data/pool.jsonl --pool_docs=2000
+
 Efficient verification: anneal a pre-trained run on 30% candidate / 70% default data next to the
-default mix alone (one study, one table of held-out loss and indicator):
+default mix alone, one variant per candidate set (``NAME=FILE[+FILE...]``; one study, one table
+of held-out loss and indicator):
 
     python launch/filter_data.py --action=verify --pretrained=runs/tiny \
-        --candidates=data/filtered/a.jsonl --anneal_steps=100 --out=runs/verify/a
+        --candidates=raw=data/pool.jsonl,filtered=data/filtered/pool.jsonl \
+        --anneal_steps=100 --out=runs/verify/pool
 
 fastText settings default to the report's (dim 256, lr 0.1, wordNgrams 3, minCount 5, 3 epochs,
 threshold 0.5); with a few hundred seeds 3 epochs at lr 0.1 underfit, hence the example's flags.
@@ -34,11 +41,13 @@ from absl import app, flags
 from cpmjax.data import read_documents
 from cpmjax.data.tokenizer import get_or_build_default_tokenizer, load_tokenizer
 from cpmjax.experiments.filtering import filter_shards, shard_type
-from cpmjax.experiments.quality import FastTextParams, build_classifier
+from cpmjax.atomic import write_text
+from cpmjax.experiments.quality import (FastTextParams, build_classifier, candidate_pool,
+                                        corpus_paragraphs)
 from cpmjax.experiments.runner import run_study
-from cpmjax.experiments.verify_data import verification_study
+from cpmjax.experiments.verify_data import candidate_sets, verification_study
 
-_ACTION = flags.DEFINE_enum("action", None, ["train", "filter", "verify"], "what to do")
+_ACTION = flags.DEFINE_enum("action", None, ["train", "filter", "pool", "verify"], "what to do")
 _MODEL = flags.DEFINE_string("model", "runs/quality/quality.bin", "fastText model path")
 _POS = flags.DEFINE_list("positives", [], "JSONL/ArrayRecord files of positive seeds")
 _NEG = flags.DEFINE_list("negatives", [], "files of negative seeds")
@@ -58,7 +67,9 @@ _THRESHOLD = flags.DEFINE_float("threshold", 0.5, "keep documents with P(high qu
 _WORKERS = flags.DEFINE_integer("workers", 2, "grain worker processes")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace an existing output folder")
 _PRETRAINED = flags.DEFINE_string("pretrained", "runs/tiny", "verify: the pre-trained run")
-_CANDIDATES = flags.DEFINE_list("candidates", [], "verify: candidate data files (JSONL)")
+_CANDIDATES = flags.DEFINE_list("candidates", [], "verify: candidate sets, NAME=FILE[+FILE...] "
+                                "(JSONL) or FILE (named after it), one variant each")
+_POOL_DOCS = flags.DEFINE_integer("pool_docs", 2000, "pool: documents in the shard")
 _SHARE = flags.DEFINE_float("share", 0.3, "verify: candidate share of the annealing mix")
 _ANNEAL = flags.DEFINE_integer("anneal_steps", 100, "verify: annealing steps")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "verify: seeds of both variants")
@@ -92,15 +103,23 @@ def main(argv: list[str]) -> None:
                                 _THRESHOLD.value, _WORKERS.value, overwrite=_OVERWRITE.value)
         print(json.dumps({k: v for k, v in summary.items() if k != "shards"}))
         print(f"filtered shards, scores.jsonl, summary.json, score_histogram.png in {_OUT.value}")
+    elif _ACTION.value == "pool":
+        if not _OUT.value:
+            raise app.UsageError("--action=pool needs --out (the JSONL file to write)")
+        records = candidate_pool(corpus_paragraphs(_CACHE.value, "train"), _POOL_DOCS.value,
+                                 seed=_SEED.value + 7)
+        write_text(_OUT.value, "".join(json.dumps(r) + "\n" for r in records))
+        print(f"{len(records)} documents in {_OUT.value}")
     elif _ACTION.value == "verify":
         if not _OUT.value:
             raise app.UsageError("--action=verify needs --out (the study folder)")
-        study = verification_study(_PRETRAINED.value, _CANDIDATES.value, share=_SHARE.value,
+        study = verification_study(_PRETRAINED.value, candidate_sets(_CANDIDATES.value),
+                                   share=_SHARE.value,
                                    steps=_ANNEAL.value, seeds=[int(s) for s in _SEEDS.value])
         run_study(study, _OUT.value, command=shlex.join(["python", *sys.argv]))
         print((Path(_OUT.value) / "summary.md").read_text())
     else:
-        raise app.UsageError("--action is required: train, filter or verify")
+        raise app.UsageError("--action is required: train, filter, pool or verify")
 
 
 if __name__ == "__main__":

@@ -106,6 +106,23 @@ def corpus_paragraphs(cache_dir: str | os.PathLike, split: str = "train",
     return [p.strip() for d in docs for p in d.split("\n\n") if len(p.strip()) >= min_chars]
 
 
+def candidate_pool(real: Sequence[str], n: int, junk_share: float = 0.5, seed: int = 7
+                   ) -> list[dict[str, str]]:
+    """An unfiltered shard to try the filter and its verification on: ``n`` records (``text``,
+    ``source`` = "real" or "generated"), ``junk_share`` of them `synthetic_negatives` of a seed
+    the classifier's seeds do not use, the rest drawn from ``real``, shuffled."""
+    if not real or n < 1 or not 0.0 <= junk_share <= 1.0:
+        raise ValueError(f"a pool needs real documents, n >= 1 (got {n}) and junk_share in "
+                         f"[0, 1] (got {junk_share})")
+    rng = np.random.default_rng(seed)
+    n_junk = int(round(n * junk_share))
+    picks = rng.choice(len(real), n - n_junk, replace=n - n_junk > len(real))
+    records = ([{"text": real[int(i)], "source": "real"} for i in picks] +
+               [{"text": t, "source": "generated"} for t in
+                synthetic_negatives(list(real), n_junk, seed)])
+    return [records[int(i)] for i in rng.permutation(len(records))]
+
+
 class QualityClassifier:
     """A trained fastText model scoring documents: P(high quality) in [0, 1]."""
 

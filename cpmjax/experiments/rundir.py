@@ -24,6 +24,8 @@ from cpmjax.experiments.study import Run
 
 RUN_SPEC, RESULT, LOG, CONFIG_PY = "run.json", "result.json", "log.txt", "config.py"
 CKPT_DIR = "checkpoints"
+# the runner's own files in a run folder; the training loop's RunDir leaves them alone
+SUPERVISOR_FILES = (RUN_SPEC, RESULT, LOG, CONFIG_PY)
 
 _CONFIG_PY = '''"""Run {name!s} of study {study!s} (written by cpmjax.experiments): its config.
 

@@ -95,11 +95,23 @@ def sweep_study(base: ml_collections.ConfigDict, name: str, points: Sequence[Poi
     """A study with one variant per point (``sweep`` records each variant's point)."""
     if not points:
         raise ConfigError("sweep has no points")
-    variants = {p.name: point_overrides(p, base_width, head_dim, mlp_ratio) for p in points}
+    variant = {p: shared_base_variant(p, points, base_width) for p in points}
+    variants = {variant[p]: point_overrides(p, base_width, head_dim, mlp_ratio)
+                for p in points if variant[p] == p.name}
     study = study_config(base, name, variants=variants, seeds=tuple(seeds))
     study.sweep = ml_collections.ConfigDict({"base_width": base_width, "points": [
-        dataclasses.asdict(p) | {"variant": p.name} for p in points]})
+        dataclasses.asdict(p) | {"variant": variant[p]} for p in points]})
     return study
+
+
+def shared_base_variant(p: Point, points: Sequence[Point], base_width: int) -> str:
+    """The variant that trains ``p``: a standard point at the base width is the muP point with
+    the same settings when the sweep has it (m = 1: the same model, trained once for both)."""
+    if p.parametrization == "standard" and p.width == base_width:
+        twin = dataclasses.replace(p, parametrization="mup")
+        if twin in points:
+            return twin.name
+    return p.name
 
 
 def _loss(row: dict[str, Any]) -> float:
@@ -107,6 +119,18 @@ def _loss(row: dict[str, Any]) -> float:
     v = row.get("final_eval_loss")
     return float(v) if row.get("status") == "done" and isinstance(v, (int, float)) and \
         math.isfinite(v) else math.inf
+
+
+def fitted_optimum(lrs: Sequence[float], loss: Sequence[float]) -> float | None:
+    """The LR at the vertex of the parabola in log2(LR) through the best grid point and its two
+    neighbours (a finer optimum than the grid's; how loss-vs-LR optima are usually read off a
+    sweep); None when the best point is at the grid's edge or a neighbour has no finite loss."""
+    i = int(np.argmin(loss)) if len(loss) else 0
+    if not 0 < i < len(loss) - 1 or not all(math.isfinite(v) for v in loss[i - 1:i + 2]):
+        return None
+    x = np.log2(lrs[i - 1:i + 2])
+    a, b, _ = np.polyfit(x, loss[i - 1:i + 2], 2)
+    return float(2.0 ** np.clip(-b / (2 * a), x[0], x[-1])) if a > 0 else float(lrs[i])
 
 
 def analyze(rows: Sequence[dict[str, Any]], points: Sequence[dict[str, Any]],
@@ -122,8 +146,10 @@ def analyze(rows: Sequence[dict[str, Any]], points: Sequence[dict[str, Any]],
         key = (p["parametrization"], p["init_scale"], p["batch_size"], p["width"])
         losses = by_variant.get(p["variant"], [])
         finite = [x for x in losses if math.isfinite(x)]
+        complete = len(finite) == len(losses) and finite
         curves.setdefault(key, {})[p["lr"]] = {
-            "mean": float(np.mean(finite)) if len(finite) == len(losses) and finite else math.inf,
+            "mean": float(np.mean(finite)) if complete else math.inf,
+            "std": float(np.std(finite)) if complete else math.inf,
             "min": min(finite) if finite else math.inf, "max": max(finite) if finite else math.inf,
             "seeds": len(losses)}
     groups: dict[tuple, dict[str, Any]] = {}
@@ -134,8 +160,13 @@ def analyze(rows: Sequence[dict[str, Any]], points: Sequence[dict[str, Any]],
         g = groups.setdefault((par, init, batch), {
             "parametrization": par, "init_scale": init, "batch_size": batch,
             "grid_step_log2": float(np.median(steps)), "widths": {}})
+        loss = [per_lr[lr]["mean"] for lr in lrs]
         g["widths"][width] = {"best_lr": best, "best_loss": per_lr[best]["mean"],
-                              "lrs": lrs, "loss": [per_lr[lr]["mean"] for lr in lrs],
+                              "best_loss_std": per_lr[best]["std"],
+                              "fit_best_lr": fitted_optimum(lrs, loss),
+                              "at_grid_edge": len(lrs) > 1 and best in (lrs[0], lrs[-1]),
+                              "lrs": lrs, "loss": loss,
+                              "loss_std": [per_lr[lr]["std"] for lr in lrs],
                               "loss_min": [per_lr[lr]["min"] for lr in lrs],
                               "loss_max": [per_lr[lr]["max"] for lr in lrs]}
     for g in groups.values():
@@ -148,6 +179,9 @@ def analyze(rows: Sequence[dict[str, Any]], points: Sequence[dict[str, Any]],
             w["shift_grid_steps"] = (grid.index(w["best_lr"]) - grid.index(ref["best_lr"])
                                      if ref is not None and math.isfinite(w["best_loss"])
                                      else None)
+            fits = ref is not None and None not in (w["fit_best_lr"], ref["fit_best_lr"])
+            w["fit_shift_grid_steps"] = (math.log2(w["fit_best_lr"] / ref["fit_best_lr"]) /
+                                         g["grid_step_log2"] if fits else None)
         shifts = [abs(w["shift_grid_steps"]) for w in done.values()]
         # a verdict needs the base width and another width with finished runs
         g["max_abs_shift"] = max(shifts) if len(shifts) > 1 and base_width in done else None
@@ -156,24 +190,29 @@ def analyze(rows: Sequence[dict[str, Any]], points: Sequence[dict[str, Any]],
 
 
 def results_table(analysis: dict[str, Any]) -> str:
-    """Markdown: per group and width, the best LR, its loss and the shift in grid steps."""
+    """Markdown: per group and width, the best LR (``edge``: the grid's first or last, so the
+    optimum may lie outside it), its loss (mean +- std over seeds), the shift in grid steps, and
+    the fitted optimum with its shift."""
     lines = ["| parametrization | init | batch | width | best LR | loss at best | shift "
-             "(grid steps) |", "|---|---|---|---|---|---|---|"]
+             "(grid steps) | fitted optimum | fitted shift |", "|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f: "-" if v is None else format(v, f)
     for g in analysis["groups"]:
         for width, w in sorted(g["widths"].items()):
+            head = f"| {g['parametrization']} | {g['init_scale']:g} | {g['batch_size']} | {width} |"
             if w["shift_grid_steps"] is None:
-                lines.append(f"| {g['parametrization']} | {g['init_scale']:g} | "
-                             f"{g['batch_size']} | {width} | - | - | - |")
+                lines.append(head + " - | - | - | - | - |")
                 continue
-            lines.append(f"| {g['parametrization']} | {g['init_scale']:g} | {g['batch_size']} | "
-                         f"{width} | {w['best_lr']:.4g} | {w['best_loss']:.4f} | "
-                         f"{w['shift_grid_steps']:+.2f} |")
+            edge = " (edge)" if w["at_grid_edge"] else ""
+            lines.append(f"{head} {w['best_lr']:.4g}{edge} | {w['best_loss']:.4f} ± "
+                         f"{w['best_loss_std']:.4f} | {w['shift_grid_steps']:+.2f} | "
+                         f"{fmt(w['fit_best_lr'], '.4g')} | "
+                         f"{fmt(w['fit_shift_grid_steps'], '+.2f')} |")
     return "\n".join(lines)
 
 
 def plot_loss_vs_lr(analysis: dict[str, Any], path: Path, title: str = "") -> Path:
     """One panel per parametrization (x init x batch): final eval loss vs LR, a curve per width
-    (mean over seeds, band = min..max), the optimum starred."""
+    (mean over seeds, error bars = their std), the optimum starred."""
     plt = pyplot()
 
     groups = analysis["groups"]
@@ -185,10 +224,8 @@ def plot_loss_vs_lr(analysis: dict[str, Any], path: Path, title: str = "") -> Pa
             if not ok:
                 continue
             xs = [w["lrs"][j] for j in ok]
-            ax.plot(xs, [w["loss"][j] for j in ok], marker="o", color=f"C{i}",
-                    label=f"width {width}")
-            ax.fill_between(xs, [w["loss_min"][j] for j in ok], [w["loss_max"][j] for j in ok],
-                            color=f"C{i}", alpha=0.15)
+            ax.errorbar(xs, [w["loss"][j] for j in ok], yerr=[w["loss_std"][j] for j in ok],
+                        marker="o", color=f"C{i}", capsize=3, label=f"width {width}")
             if math.isfinite(w["best_loss"]):
                 ax.plot([w["best_lr"]], [w["best_loss"]], marker="*", markersize=14,
                         color=f"C{i}", markeredgecolor="k")

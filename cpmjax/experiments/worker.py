@@ -46,7 +46,8 @@ def run(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     spec = rundir.read_spec(run_dir)
     t0 = time.time()
-    train(ml_collections.ConfigDict(spec["config"]), str(run_dir))
+    train(ml_collections.ConfigDict(spec["config"]), str(run_dir),
+          supervisor_files=rundir.SUPERVISOR_FILES)
     return finish(run_dir, time.time() - t0)
 
 

@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Collection
 
 import jax
 import jax.numpy as jnp
@@ -78,14 +78,15 @@ class SkipBudget:
                     f"train.nonfinite_window={self.window}; stopping")
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str, new_run: bool = False
-          ) -> dict[str, Any]:
+def train(cfg: ml_collections.ConfigDict, workdir: str, new_run: bool = False,
+          supervisor_files: Collection[str] = ()) -> dict[str, Any]:
     """Train, resuming from the newest complete and intact checkpoint in ``workdir`` (see
-    ``RunDir`` for what a workdir accepts and ``new_run``); returns final metrics."""
+    ``RunDir`` for what a workdir accepts, ``new_run`` and ``supervisor_files``); returns final
+    metrics."""
     model_cfg = check_experiment(cfg)
     inputs = make_inputs(cfg, model_cfg.vocab_size, jax.process_index(), jax.process_count())
     primary = jax.process_index() == 0
-    with RunDir(workdir, primary) as run:
+    with RunDir(workdir, primary, supervisor_files) as run:
         run.prepare(json.loads(cfg.to_json_best_effort()), model_cfg.to_hf_config(),
                     inputs.tokenizer, new_run)
         if jax.process_count() > 1:

@@ -12,6 +12,9 @@ nothing of an earlier run overwritten.
   resumes; a field the stored run lacks (added to the code since) counts as unchanged.
 - **New run.** ``new_run=True`` (``launch/train.py --new_run``) moves everything of the old run to
   a sibling ``<workdir>.prev-<UTC time>`` first; nothing is deleted.
+- **Supervisor files.** A supervisor that keeps its own files in the workdir (the ablation
+  runner's run spec, log and result) names them (``supervisor_files``); they do not make the
+  workdir foreign and a new run leaves them in place.
 - **Tokenizer.** The run keeps its own copy in ``<workdir>/tokenizer/``, so the run dir finds its
   tokenizer from any working directory; resuming with a different tokenizer is refused.
 """
@@ -24,7 +27,7 @@ import json
 import logging
 import os
 import socket
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from cpmjax.atomic import is_remote, storage_path, write_json, write_text
 
@@ -71,9 +74,11 @@ def config_differences(stored: Mapping[str, Any], new: Mapping[str, Any]) -> lis
 class RunDir:
     """The workdir of one trainer; use as a context manager around the whole run (the lock)."""
 
-    def __init__(self, workdir: str | os.PathLike, primary: bool = True) -> None:
+    def __init__(self, workdir: str | os.PathLike, primary: bool = True,
+                 supervisor_files: Collection[str] = ()) -> None:
         self.path = storage_path(workdir)
         self.primary = primary
+        self._kept = frozenset(supervisor_files) | {LOCK_FILE}
         self._lock_fd: int | None = None
 
     # ---- lock -----------------------------------------------------------------------------
@@ -134,7 +139,7 @@ class RunDir:
     def _foreign_entries(self) -> list[str]:
         if not self.path.is_dir():
             return []
-        return sorted(p.name for p in self.path.iterdir() if p.name != LOCK_FILE)
+        return sorted(p.name for p in self.path.iterdir() if p.name not in self._kept)
 
     def prepare(self, experiment: Mapping[str, Any], model_config: Mapping[str, Any],
                 tokenizer: str, new_run: bool = False) -> None:
@@ -167,9 +172,8 @@ class RunDir:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         target = self.path.parent / f"{self.path.name}.prev-{stamp}"
         target.mkdir(parents=True)
-        for entry in sorted(self.path.iterdir()):
-            if entry.name != LOCK_FILE:
-                entry.rename(target / entry.name)
+        for name in self._foreign_entries():
+            (self.path / name).rename(target / name)
         print(f"new run: moved the previous contents of {self.path} to {target} (nothing "
               "deleted)", flush=True)
 

@@ -87,3 +87,14 @@ def test_filter_shards_in_parallel_through_grain(trained, tmp_path):
     assert not (tmp_path / "o2").exists()  # nothing half-written is left
     with pytest.raises(DataError, match=".jsonl or .arrayrecord"):
         filtering.filter_shards([shards / "x.txt"], clf.path, tok_dir, tmp_path / "o3")
+
+
+def test_candidate_pool_mixes_real_and_generated_documents_shuffled():
+    real = [f"real document number {i} with several words in it" for i in range(50)]
+    pool = quality.candidate_pool(real, 40, junk_share=0.25, seed=3)
+    sources = [r["source"] for r in pool]
+    assert len(pool) == 40 and sources.count("generated") == 10
+    assert all(r["text"] in real for r in pool if r["source"] == "real")
+    assert sources != sorted(sources) and pool == quality.candidate_pool(real, 40, 0.25, 3)
+    with pytest.raises(ValueError, match="junk_share"):
+        quality.candidate_pool(real, 10, junk_share=1.5)

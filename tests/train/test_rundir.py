@@ -89,6 +89,17 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+def test_a_supervisors_files_are_not_foreign_and_stay_on_a_new_run(tmp_path) -> None:
+    work, tok = tmp_path / "run", str(_tokenizer(tmp_path / "t"))
+    work.mkdir()
+    (work / "run.json").write_text("{}")  # e.g. the ablation runner's run spec
+    RunDir(work, supervisor_files=["run.json"]).prepare(EXPERIMENT, {}, tok)
+    RunDir(work, supervisor_files=["run.json"]).prepare(EXPERIMENT, {}, tok, new_run=True)
+    (old,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.prev-")]
+    assert (work / "run.json").read_text() == "{}" and not (old / "run.json").exists()
+    assert (old / "experiment.json").is_file()
+
+
 def test_training_another_config_in_a_run_is_refused_then_new_run(reference_run, train_data,
                                                                    jax_cache, tmp_path) -> None:
     work = tmp_path / "run"
