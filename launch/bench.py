@@ -2,8 +2,8 @@
 
 Each suite measures cpmjax and its baseline side by side in one process, prints a table and
 appends JSON lines (device, config, metric, value, baseline, ratio) under ``bench/results/``.
-``train``, ``attention`` and ``gpu`` live in ``cpmjax.bench``; ``gpu`` needs a CUDA GPU.
-``decode`` and ``decode_constrained`` are ``launch/bench_decode.py``, next to this script.
+Every suite lives in ``cpmjax.bench`` (``decode_constrained`` is ``cpmjax.bench.decode``'s
+grammar-constrained variant); ``gpu`` needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import importlib
 from absl import app
 
 SUITES = {"train": "cpmjax.bench.train", "attention": "cpmjax.bench.attention",
-          "gpu": "cpmjax.bench.gpu", "decode": "bench_decode",
-          "decode_constrained": "bench_decode", "qat": "bench_qat", "rl": "bench_rl"}
+          "gpu": "cpmjax.bench.gpu", "decode": "cpmjax.bench.decode",
+          "decode_constrained": "cpmjax.bench.decode", "qat": "cpmjax.bench.qat",
+          "rl": "cpmjax.bench.rl"}
 
 
 def main(argv: list[str]) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,18 +29,15 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cpmjax import presets  # noqa: E402
-from cpmjax.config import ModelConfig  # noqa: E402
-from cpmjax.convert import save_hf  # noqa: E402
-from cpmjax.model import init_params  # noqa: E402
-from cpmjax.serve.engine import DecodeEngine  # noqa: E402
-from cpmjax.serve.generate import Speculative  # noqa: E402
-from cpmjax.serve.spec_engine import SpeculativeEngine  # noqa: E402
-from cpmjax.serve.scheduler import Scheduler  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+from cpmjax import presets
+from cpmjax.bench.common import RESULTS
+from cpmjax.config import ModelConfig
+from cpmjax.convert import save_hf
+from cpmjax.model import init_params
+from cpmjax.serve.engine import DecodeEngine
+from cpmjax.serve.generate import Speculative
+from cpmjax.serve.scheduler import Scheduler
+from cpmjax.serve.spec_engine import SpeculativeEngine
 
 
 def _prompts(cfg: ModelConfig, batch: int, prompt_len: int) -> list[list[int]]:

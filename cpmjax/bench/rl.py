@@ -23,7 +23,6 @@ import json
 import os
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -31,11 +30,10 @@ import ml_collections
 
 from cpmjax import presets
 from cpmjax.atomic import write_json
+from cpmjax.bench.common import RESULTS
 from cpmjax.rl.compare import reward_at_matched_tokens, run_side_by_side, summarize_run
 from cpmjax.rl.config import rl_experiment_config
 from cpmjax.rl.report import plot_curves
-
-RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 
 
 def bench_config(chunk_tokens: int, init_from: str, steps: int) -> ml_collections.ConfigDict:

@@ -11,17 +11,15 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 import jax
 
 from cpmjax import presets
+from cpmjax.bench.common import RESULTS
 from cpmjax.config import ModelConfig
 from cpmjax.quant.ternary import TernaryConfig
 from cpmjax.quant.ternary_eval import step_time_overhead
 from cpmjax.train.experiment import experiment_config
-
-RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 
 
 def run(configs: tuple[str, ...] = ("tiny", "small"), batch: int = 16, seq: int = 256,
