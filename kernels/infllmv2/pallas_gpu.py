@@ -98,4 +98,5 @@ def sparse_attention_fwd(qg: jax.Array, k: jax.Array, v: jax.Array, codes: jax.A
         out_specs=[qo_spec, lse_spec] if return_lse else qo_spec,
         out_shape=[o_shape, lse_shape] if return_lse else o_shape,
         interpret=interpret,
+        name="infllmv2_fwd_lse" if return_lse else "infllmv2_fwd",
     )(codes, q_pos.astype(jnp.int32)[..., None], qg, kh, vh)

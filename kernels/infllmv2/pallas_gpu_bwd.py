@@ -108,6 +108,7 @@ def sparse_attention_bwd(qg: jax.Array, k: jax.Array, v: jax.Array, codes: jax.A
         out_specs=pl.BlockSpec((None, None, None, g, d), tok_map),
         out_shape=jax.ShapeDtypeStruct(qg.shape, qg.dtype),
         interpret=interpret,
+        name="infllmv2_dq",
     )(codes, pos[..., None], qg, kh, vh, dog, lse, delta)
 
     raw, _, tok = inverse_index(codes, block_size)
@@ -134,5 +135,6 @@ def sparse_attention_bwd(qg: jax.Array, k: jax.Array, v: jax.Array, codes: jax.A
         out_specs=[blk_spec, blk_spec],
         out_shape=[jax.ShapeDtypeStruct(kb.shape, jnp.float32)] * 2,
         interpret=interpret,
+        name="infllmv2_dkv",
     )(starts, raw, tok, pos, qg, kb, vb, dog, lse, delta)
     return dq, dk_acc + dk, dv_acc + dv

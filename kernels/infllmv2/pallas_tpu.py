@@ -147,4 +147,5 @@ def sparse_attention_fwd(qg: jax.Array, k: jax.Array, v: jax.Array, codes: jax.A
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
+        name="infllmv2_fwd_lse" if return_lse else "infllmv2_fwd",
     )(codes.reshape(-1), q_pos.astype(jnp.int32).reshape(-1), qg, k, v)

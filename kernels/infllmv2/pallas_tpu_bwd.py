@@ -157,6 +157,7 @@ def sparse_attention_bwd(qg: jax.Array, k: jax.Array, v: jax.Array, codes: jax.A
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
+        name="infllmv2_dq",
     )(codes.reshape(-1), pos, qg, k, v, dog, lse, delta)
 
     # dK/dV: grid over the sorted (token, slot) pairs of each (b, KV head).
@@ -184,5 +185,6 @@ def sparse_attention_bwd(qg: jax.Array, k: jax.Array, v: jax.Array, codes: jax.A
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
+        name="infllmv2_dkv",
     )(raw, blocks, tok, pos, qg, k, v, dog, lse, delta, dk_acc, dv_acc)
     return dq, dk, dv

@@ -49,3 +49,20 @@ def test_kernel_counts_reads_kernel_names_from_hlo():
            '  %other = f32[] custom-call(), custom_call_target="Sharding"')
     assert aot.kernel_counts(hlo) == {"total": 2, "fwd": 1,
                                       "splash_mha_dq_segmented_no_residuals": 1}
+
+
+def test_sparse_train_step_on_packed_rows_compiles_with_infllmv2_kernels_forward_and_backward():
+    """InfLLM v2 training goes through the block-sparse Pallas kernels, not a masked dense path:
+    MiniCPM4's sparse_config on packed rows (the train step always passes segment ids)."""
+    mesh = aot.tpu_mesh("v5e:2x2", (1, -1, 1))
+    cfg = model_config("tiny", sparse="on", dense_len=512)
+    compiled = aot.compile_train_step(cfg, experiment_config({}, "tiny").train, mesh, 2048,
+                                      batch=4)
+    kernels = aot.report(compiled, "v5e:2x2")["pallas_kernels"]
+    # forward (again in the rematerialised backward), dQ and dK/dV, once in each branch of the
+    # dense/sparse switch (documents shorter than dense_len attend to all their blocks through
+    # the same kernel); no masked dense path and no splash call in a sparse layer
+    assert kernels.get("infllmv2_fwd", 0) + kernels.get("infllmv2_fwd_lse", 0) >= 2, kernels
+    assert kernels.get("infllmv2_dq") == 2 and kernels.get("infllmv2_dkv") == 2, kernels
+    assert kernels["total"] == sum(v for k, v in kernels.items() if k.startswith("infllmv2")), \
+        kernels
