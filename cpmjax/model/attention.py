@@ -25,6 +25,7 @@ from cpmjax.parallel.sharding import kernel_map
 from cpmjax.sparse import sparse_attend
 from kernels import attention as dense_op
 from kernels.infllmv2 import api as sparse_op
+from kernels.infllmv2.layout import heads_view, kv_heads
 from kernels.registry import current_platform
 
 # the query heads of one KV head stay together in a shard (GQA), see activation_q_per_kv
@@ -62,7 +63,8 @@ def _per_shard(body: Callable[..., jax.Array], q: jax.Array, k: jax.Array, v: ja
     query heads grouped per KV head, KV heads (or, when they cannot be split, the query heads
     of each group) over ``tensor``. ``extra`` pairs further arguments with their logical axes."""
     B, Tq, H, D = q.shape
-    KV = k.shape[2]
+    KV = kv_heads(k, D)  # k may be a lane-packed cache [B, S, KV * D]
+    kv_axes = _KV_AXES[:k.ndim]
 
     def shard(qg, k, v, q_pos, kv_pos, q_seg, kv_seg, *rest):
         b, t, kv, g, d = qg.shape
@@ -70,7 +72,7 @@ def _per_shard(body: Callable[..., jax.Array], q: jax.Array, k: jax.Array, v: ja
         return out.reshape(b, t, kv, g, d)
 
     seg_axes = _TOKEN_AXES if q_seg is not None else None
-    in_axes = (_Q_AXES, _KV_AXES, _KV_AXES, _TOKEN_AXES, _TOKEN_AXES, seg_axes, seg_axes,
+    in_axes = (_Q_AXES, kv_axes, kv_axes, _TOKEN_AXES, _TOKEN_AXES, seg_axes, seg_axes,
                *(axes for _, axes in extra))
     run = kernel_map(shard, in_axes, _Q_AXES)
     out = run(q.reshape(B, Tq, KV, H // KV, D), k, v, q_pos, kv_pos, q_seg, kv_seg,
@@ -111,7 +113,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Array, kv_pos
     which allows the fused causal kernels. ``implementation`` names the dense attention
     (``kernels.attention.REGISTRY``), ``sparse_implementation`` InfLLM v2's stage 2.
     ``compressed`` are the layer's cached InfLLM v2 kernels (``cpmjax.sparse.cache``), used by
-    sparse decode.
+    sparse decode. ``k``/``v`` are ``[B, Tk, KV, D]``, or a lane-packed ``[B, S, KV * D]`` cache
+    (`cpmjax.model.cache.lane_packed`), which only the sparse op reads as it is.
     """
     scale = cfg.head_dim ** -0.5
     if cfg.sparse_config is None:
@@ -121,8 +124,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Array, kv_pos
     def sparse(q, k, v, q_pos, kv_pos, q_seg, kv_seg, compressed):
         # inside a shard the dense callback runs its kernel directly (kernel_map is a no-op)
         def dense() -> jax.Array:
-            return dense_attend(q, k, v, q_pos=q_pos, kv_pos=kv_pos, q_seg=q_seg, kv_seg=kv_seg,
-                                scale=scale, kv_is_query=kv_is_query,
+            k4, v4 = heads_view(k, cfg.head_dim), heads_view(v, cfg.head_dim)
+            return dense_attend(q, k4, v4, q_pos=q_pos, kv_pos=kv_pos, q_seg=q_seg,
+                                kv_seg=kv_seg, scale=scale, kv_is_query=kv_is_query,
                                 implementation=implementation)
 
         return sparse_attend(q, k, v, q_pos=q_pos, q_seg=q_seg, cfg=cfg, dense=dense,

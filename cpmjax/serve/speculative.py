@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from cpmjax.config import ModelConfig
 from cpmjax.model import forward, lm_head
-from cpmjax.model.cache import CACHE_FIELDS, KVCache
+from cpmjax.model.cache import CACHE_FIELDS, KVCache, kv_shape
 from cpmjax.model.mtp import mtp_block
 from cpmjax.model.params import Params
 from cpmjax.quant.qforward import dense_draft, layer_transform_for
@@ -190,10 +190,10 @@ def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k:
 
 def init_draft_cache(cfg: ModelConfig, batch: int, max_len: int,
                      dtype: Any = jnp.float32) -> DraftCache:
-    """The draft layer's own KV cache ``[B, S, KV, D]`` (with the compressed keys of a sparse
+    """The draft layer's own KV cache (`cpmjax.model.cache.kv_shape`, with the compressed keys of a sparse
     model, so its multi-token writes update them in O(new tokens)) and its per-row output
     feature ``[B, d]`` (during prefill: the target's hidden state at the prompt's last token)."""
-    shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    shape = kv_shape(cfg, batch, max_len)
     cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
              "h": jnp.zeros((batch, cfg.hidden_size), jnp.float32)}
     if cfg.sparse_config is not None:

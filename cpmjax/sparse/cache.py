@@ -49,7 +49,8 @@ def truncate_compressed(compressed: Compressed, kv_len: int, sc: SparseConfig) -
 
 def update_compressed(compressed: Compressed, keys: jax.Array, positions: jax.Array,
                       sc: SparseConfig) -> Compressed:
-    """Kernel caches after ``keys [B, S, KV, D]`` (already holding the new tokens) were written
+    """Kernel caches after ``keys [B, S, KV, D]`` (or lane-packed ``[B, S, KV * D]``, see
+    `cpmjax.model.cache.lane_packed`; already holding the new tokens) were written
     at ``positions [B, T]`` (negative = padding, not written)."""
     return tuple(cache if cache.shape[1] == 0 else _write_completed(cache, keys, positions, size,
                                                                     stride)
@@ -76,11 +77,16 @@ def _write_completed(cache: jax.Array, keys: jax.Array, positions: jax.Array, si
     s = keys.shape[1]
     span = min(stride * (j.shape[1] - 1) + size, s)
     start = jnp.clip(end[:, 0] - size + 1, 0, s - span)  # [B]
-    run = jnp.concatenate([jax.lax.dynamic_slice(keys, (i, start[i], 0, 0),
+    # A lane-packed cache [B, S, KV * D] is pooled as it is (a per-lane mean is the per-head
+    # mean, same arithmetic): viewing the run as heads made libtpu keep the whole key cache
+    # S-minor, a relayout copy in and out of every batch-1 decode step (compiled HLO).
+    lanes = keys.shape[2:] if keys.ndim == 4 else (keys.shape[2], 1)
+    zeros = (0,) * (keys.ndim - 2)
+    run = jnp.concatenate([jax.lax.dynamic_slice(keys, (i, start[i], *zeros),
                                                  (1, span, *keys.shape[2:]))
-                           for i in range(b)])  # [B, span, KV, D]
+                           for i in range(b)]).reshape(b, span, *lanes)
     offsets = jnp.clip(end - size + 1 - start[:, None], 0, span - size)  # [B, m]
     windows = jnp.take_along_axis(
         run[:, None], (offsets[:, :, None] + jnp.arange(size))[:, :, :, None, None], axis=2)
-    means = window_means(windows, stride)
+    means = window_means(windows, stride).reshape(*j.shape, *cache.shape[2:])
     return cache.at[jnp.arange(b)[:, None], j].set(means, mode="drop")

@@ -23,6 +23,7 @@ from kernels.registry import Registry
 
 from .attention_xla import sparse_attention_xla
 from .documents import Documents, check_code_range, documents, kernel_slots
+from .layout import heads_view, kv_heads
 from .pallas_op import Kernels, attention as pallas_attention
 from .reference import select_blocks_reference, sparse_attention_reference
 from .selection import select_blocks_chunked, select_blocks_packed, select_from_kernels
@@ -56,7 +57,8 @@ SELECTION.register("reference", lambda: _select_reference)
 def _attend_reference(q, k, v, block_idx, q_pos, key_offset, *, block_size, softmax_scale,
                       query_chunk):
     del query_chunk
-    return sparse_attention_reference(q, k, v, block_idx, block_size=block_size,
+    d = q.shape[-1]
+    return sparse_attention_reference(q, heads_view(k, d), heads_view(v, d), block_idx, block_size=block_size,
                                       softmax_scale=softmax_scale, q_pos=q_pos,
                                       key_offset=key_offset)
 
@@ -64,7 +66,8 @@ def _attend_reference(q, k, v, block_idx, q_pos, key_offset, *, block_size, soft
 def _attend_xla(q, k, v, block_idx, q_pos, key_offset, *, block_size, softmax_scale,
                 query_chunk):
     del query_chunk
-    return sparse_attention_xla(q, k, v, block_idx, q_pos, key_offset, block_size=block_size,
+    d = q.shape[-1]
+    return sparse_attention_xla(q, heads_view(k, d), heads_view(v, d), block_idx, q_pos, key_offset, block_size=block_size,
                                 softmax_scale=softmax_scale)
 
 
@@ -84,6 +87,8 @@ def _pallas_loader(kind: str, interpret: bool) -> Callable[[], Callable[..., jax
         def impl(q, k, v, block_idx, q_pos, key_offset, *, block_size, softmax_scale,
                  query_chunk):
             check_code_range(k.shape[1], block_size)
+            if kind != "tpu":  # only the TPU kernel reads lane-packed K/V as they are
+                k, v = heads_view(k, q.shape[-1]), heads_view(v, q.shape[-1])
             q_pos = jnp.broadcast_to(q_pos, q.shape[:2]).astype(jnp.int32)
             codes = kernel_slots(block_idx, key_offset, q_pos, block_size)
             return pallas_attention(kern, q, k, v, codes, q_pos, block_size=block_size,
@@ -265,7 +270,8 @@ def sparse_attention_at(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax
                         implementation: str = "auto",
                         query_chunk: int | None = None) -> jax.Array:
     """Stage 2 for queries at per-row positions ``q_pos [B, Tq]`` in a position-addressed KV
-    cache ``k/v [B, S, KV, D]`` (key s stored at position s).
+    cache ``k/v [B, S, KV, D]`` or lane-packed ``[B, S, KV * D]`` (key s stored at position s;
+    `layout`).
 
     Reads only the ``topk * block_size`` keys of each query's selected blocks: the XLA gather
     (its relayout of the cache fuses into the gather) or the Pallas kernels, which DMA the
@@ -273,8 +279,8 @@ def sparse_attention_at(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax
     read do not grow with S. Key s is visible iff its block is in ``block_idx [B, KV, Tq, S']``
     and ``s <= q_pos``; rows with no visible key (q_pos < 0: padding) return zeros.
     """
-    _check_positioned(q, k.shape[2], q_pos)
-    want = (q.shape[0], k.shape[2], q.shape[1])
+    _check_positioned(q, kv_heads(k, q.shape[-1]), q_pos)
+    want = (q.shape[0], kv_heads(k, q.shape[-1]), q.shape[1])
     if block_idx.shape[:3] != want:
         raise ValueError(f"block_idx must be [B, KV, Tq, topk] with [B, KV, Tq] = {list(want)}, "
                          f"got {list(block_idx.shape)}")

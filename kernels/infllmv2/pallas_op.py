@@ -16,6 +16,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .layout import heads_view, kv_heads
+
 # Scalar memory holds a TPU call's prefetched slot codes (B*KV*Tq*S int32; the dK/dV kernel
 # prefetches three such arrays, plus B*Tq positions) and is 1 MiB on v5e. Calls run over query
 # chunks whose arrays take at most 3/4 of that; a 4K-token 8B-shaped call (KV 2, 96 slots)
@@ -105,13 +107,14 @@ def _attention_fwd(kern, block_size, scale, query_chunk, qg, k, v, codes, q_pos)
 
 
 def _attention_bwd(kern, block_size, scale, query_chunk, res, dog):
-    qg, k, v, codes, q_pos, out, lse = res
+    qg, k_in, v_in, codes, q_pos, out, lse = res
     b, kvh, tq, _, d = qg.shape
-    tk = k.shape[1]
+    tk = k_in.shape[1]
     nb = -(-tk // block_size)
     delta = (dog.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1, keepdims=True)
     acc = tuple(jnp.zeros((b, kvh, nb, block_size, d), jnp.float32) for _ in range(2))
     bwd = functools.partial(kern.bwd, block_size=block_size, scale=scale)
+    k, v = heads_view(k_in, d), heads_view(v_in, d)  # the backward kernels read the heads layout
     chunk = _chunk_for(kern, qg, codes, query_chunk)
     if chunk >= tq:
         dq, dk, dv = bwd(qg, k, v, codes, q_pos, lse, delta, dog, *acc)
@@ -126,11 +129,11 @@ def _attention_bwd(kern, block_size, scale, query_chunk, res, dog):
         (dk, dv), dqs = jax.lax.scan(step, acc, xs)
         dq = _unchunked(dqs, 2, tq)
 
-    def rows(x: jax.Array, like: jax.Array) -> jax.Array:  # [B, KV, nb, bs, D] -> [B, Tk, KV, D]
-        return x.transpose(0, 2, 3, 1, 4).reshape(b, nb * block_size, kvh, d)[:, :tk].astype(
-            like.dtype)
+    def rows(x: jax.Array, like: jax.Array) -> jax.Array:  # [B, KV, nb, bs, D] -> like's layout
+        return x.transpose(0, 2, 3, 1, 4).reshape(b, nb * block_size, kvh, d)[:, :tk].reshape(
+            like.shape).astype(like.dtype)
 
-    return dq, rows(dk, k), rows(dv, v), None, None
+    return dq, rows(dk, k_in), rows(dv, v_in), None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -139,10 +142,11 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def attention(kern: Kernels, q: jax.Array, k: jax.Array, v: jax.Array, codes: jax.Array,
               q_pos: jax.Array, *, block_size: int, scale: float,
               query_chunk: int | None = None) -> jax.Array:
-    """q [B, Tq, H, D], k/v [B, Tk, KV, D], codes [B, KV, Tq, S], q_pos [B, Tq] -> [B, Tq, H, D];
+    """q [B, Tq, H, D], k/v [B, Tk, KV, D] (or lane-packed [B, Tk, KV * D]: `layout`; only the
+    TPU forward reads them so), codes [B, KV, Tq, S], q_pos [B, Tq] -> [B, Tq, H, D];
     differentiable in q, k, v. ``query_chunk``: queries per kernel call (default: all, or the
     scalar-memory budget for TPU kernels)."""
-    kvh = k.shape[2]
+    kvh = kv_heads(k, q.shape[-1])
     q_pos = jnp.broadcast_to(q_pos, q.shape[:2]).astype(jnp.int32)
     out = _attention(kern, block_size, scale, query_chunk, group_queries(q, kvh), k, v,
                      codes, q_pos)

@@ -10,13 +10,19 @@ read them, so only selected blocks are DMA'd, and the causal mask uses the token
 across the slot axis; unused slots are skipped with `pl.when` and name the block the slot
 before them read, so the pipeline fetches nothing for them.
 
-K and V are passed in their own shape ``[B, Tk, KV, D]``, so a decode step DMAs the selected
-blocks of the KV cache in place. Mosaic needs the last two block dims to be (8, 128)-divisible
-or whole, so a block is ``[block_size, KV, D]`` (every KV head of those keys, one contiguous
-DMA) and the step reads its head's ``[block_size, D]`` slice (`head_tiles`). An earlier
-version viewed K/V as ``[B, Tk, KV * D]`` for per-head lane blocks; libtpu implements that
-reshape of a cache in its tiled layout as a copy of the whole cache each step (seen in the
-compiled HLO of a decode step, ``cpmjax.sparse.scale_check``).
+K and V are passed in their own shape, so a decode step DMAs the selected blocks of the KV
+cache in place. Mosaic needs the last two block dims to be (8, 128)-divisible or whole:
+- ``[B, Tk, KV, D]``: a block is ``[block_size, KV, D]`` (every KV head of those keys, one
+  contiguous DMA) and the step reads its head's ``[block_size, D]`` slice (`head_tiles`). An
+  earlier version reshaped such K/V to ``[B, Tk, KV * D]`` for per-head lane blocks; libtpu
+  implements that reshape of a cache in its tiled layout as a copy of the whole cache each step
+  (seen in the compiled HLO of a decode step, ``cpmjax.sparse.scale_check``).
+- lane-packed ``[B, Tk, KV * D]`` (a cache stored so, `layout`; for D below 128 lanes): a block
+  is ``[block_size, KV * D]``, all lanes. The query tile is spread to ``[G, KV * D]`` with zeros
+  outside its head's lanes, so ``q . k`` over all lanes is the head's score and ``p @ v`` holds
+  the head's output in its lanes, which the wrapper takes out (exact: the other terms are
+  products with zero). For D = 64, KV = 2 that doubles the tile's MXU work and VMEM, not HBM
+  traffic per selected block beyond the other head's half.
 """
 from __future__ import annotations
 
@@ -39,6 +45,28 @@ def kv_spec(block_size: int, kv_heads: int, head_dim: int,
     (the grid's head axis picks one in the kernel, `head_tiles`)."""
     return pl.BlockSpec((None, block_size, kv_heads, head_dim),
                         lambda bi, hi, *rest: (bi, block_of(bi, hi, *rest), 0, 0))
+
+
+def lane_kv_spec(block_size: int, lanes: int,
+                 block_of: Callable[..., jax.Array]) -> pl.BlockSpec:
+    """BlockSpec of lane-packed K/V ``[B, Tk, KV * D]``: aligned block, all lanes."""
+    return pl.BlockSpec((None, block_size, lanes),
+                        lambda bi, hi, *rest: (bi, block_of(bi, hi, *rest), 0))
+
+
+def spread_heads(qg: jax.Array) -> jax.Array:
+    """``[B, KV, Tq, G, D]`` -> ``[B, KV, Tq, G, KV * D]``: head h's queries in lanes
+    ``h*D .. h*D+D-1``, zeros elsewhere (the lane-packed query tile)."""
+    kvh, d = qg.shape[1], qg.shape[-1]
+    lane_head = jnp.arange(kvh * d) // d
+    head = jnp.arange(kvh)[None, :, None, None, None]
+    return jnp.where(lane_head == head, jnp.tile(qg, (1, 1, 1, 1, kvh)), jnp.zeros((), qg.dtype))
+
+
+def own_lanes(x: jax.Array, head_dim: int) -> jax.Array:
+    """Inverse of `spread_heads` on an output: each head's own ``D`` lanes."""
+    return jnp.stack([x[:, i, ..., i * head_dim:(i + 1) * head_dim]
+                      for i in range(x.shape[1])], axis=1)
 
 
 def head_tiles(refs: tuple[Any, ...], head: jax.Array, kv_heads: int,
@@ -64,7 +92,7 @@ def slot_mask(shape: tuple[int, int], code: jax.Array, q_pos: jax.Array, *, bloc
 
 def _fwd_kernel(code_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *rest, scale: float,
                 block_size: int, n_slots: int, n_keys: int, kv_heads: int,
-                with_lse: bool) -> None:
+                with_lse: bool, lane_packed: bool) -> None:
     lse_ref = rest[0] if with_lse else None
     m_sc, l_sc, acc_sc = rest[-3:]
     b, h, t, s = (pl.program_id(i) for i in range(4))
@@ -97,7 +125,10 @@ def _fwd_kernel(code_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *rest, scale: flo
         acc_sc[...] = alpha * acc_sc[...] + pv
         m_sc[...] = m_new
 
-    pl.when(code >= 0)(lambda: head_tiles((k_ref, v_ref), h, kv_heads, step))
+    if lane_packed:
+        pl.when(code >= 0)(lambda: step(k_ref[...], v_ref[...]))
+    else:
+        pl.when(code >= 0)(lambda: head_tiles((k_ref, v_ref), h, kv_heads, step))
 
     @pl.when(s == n_slots - 1)
     def _finish() -> None:
@@ -110,8 +141,9 @@ def _fwd_kernel(code_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *rest, scale: flo
 def sparse_attention_fwd(qg: jax.Array, k: jax.Array, v: jax.Array, codes: jax.Array,
                          q_pos: jax.Array, *, block_size: int, scale: float,
                          interpret: Any = False, return_lse: bool = False):
-    """Forward; qg [B, KV, Tq, G, D] (queries grouped by KV head), k/v [B, Tk, KV, D], codes
-    [B, KV, Tq, S] from `documents.kernel_slots`, q_pos [B, Tq] -> out [B, KV, Tq, G, D].
+    """Forward; qg [B, KV, Tq, G, D] (queries grouped by KV head), k/v [B, Tk, KV, D] or
+    lane-packed [B, Tk, KV * D], codes [B, KV, Tq, S] from `documents.kernel_slots`, q_pos
+    [B, Tq] -> out [B, KV, Tq, G, D].
 
     `interpret`: False on TPU, True or `pltpu.InterpretParams()` on CPU. With `return_lse`
     also returns the float32 log-sum-exp [B, KV, Tq, G, 1] of the scaled scores (the backward's
@@ -123,9 +155,15 @@ def sparse_attention_fwd(qg: jax.Array, k: jax.Array, v: jax.Array, codes: jax.A
     def block_of(bi, hi, ti, si, code_ref, pos_ref):
         return decode_slot(code_ref[((bi * kvh + hi) * tq + ti) * n_slots + si], block_size)[0]
 
-    kv = kv_spec(block_size, kvh, d, block_of)
+    lane_packed = k.ndim == 3
+    if lane_packed:
+        qg = spread_heads(qg)
+        kv = lane_kv_spec(block_size, k.shape[-1], block_of)
+    else:
+        kv = kv_spec(block_size, kvh, d, block_of)
+    dq = qg.shape[-1]  # lanes of the query/output tile
     token_map = lambda bi, hi, ti, si, *_: (bi, hi, ti, 0, 0)  # noqa: E731
-    qo_spec = pl.BlockSpec((None, None, None, g, d), token_map)
+    qo_spec = pl.BlockSpec((None, None, None, g, dq), token_map)
     lse_spec = pl.BlockSpec((None, None, None, g, 1), token_map)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
@@ -133,14 +171,14 @@ def sparse_attention_fwd(qg: jax.Array, k: jax.Array, v: jax.Array, codes: jax.A
         in_specs=[qo_spec, kv, kv],
         out_specs=[qo_spec, lse_spec] if return_lse else qo_spec,
         scratch_shapes=[pltpu.VMEM((g, 1), jnp.float32), pltpu.VMEM((g, 1), jnp.float32),
-                        pltpu.VMEM((g, d), jnp.float32)],
+                        pltpu.VMEM((g, dq), jnp.float32)],
     )
     kernel = functools.partial(_fwd_kernel, scale=scale, block_size=block_size,
                                n_slots=n_slots, n_keys=tk, kv_heads=kvh,
-                               with_lse=return_lse)
+                               with_lse=return_lse, lane_packed=lane_packed)
     o_shape = jax.ShapeDtypeStruct(qg.shape, qg.dtype)
     lse_shape = jax.ShapeDtypeStruct((*qg.shape[:-1], 1), jnp.float32)
-    return pl.pallas_call(
+    res = pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
         out_shape=[o_shape, lse_shape] if return_lse else o_shape,
@@ -149,3 +187,6 @@ def sparse_attention_fwd(qg: jax.Array, k: jax.Array, v: jax.Array, codes: jax.A
         interpret=interpret,
         name="infllmv2_fwd_lse" if return_lse else "infllmv2_fwd",
     )(codes.reshape(-1), q_pos.astype(jnp.int32).reshape(-1), qg, k, v)
+    if not lane_packed:
+        return res
+    return (own_lanes(res[0], d), res[1]) if return_lse else own_lanes(res, d)

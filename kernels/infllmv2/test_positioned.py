@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from kernels.infllmv2 import (select_blocks, select_blocks_at, sparse_attention_at)
+from kernels.infllmv2.api import ATTENTION
 from kernels.infllmv2.reference import sparse_attention_reference
 from kernels.infllmv2.selection import pooled_kernels
 
@@ -101,3 +102,24 @@ def test_more_slots_than_blocks_in_any_order():
     got = sparse_attention_at(q, k, v, idx, q_pos, block_size=16)
     want = sparse_attention_reference(q, k, v, idx, block_size=16)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", [n for n in ATTENTION.names
+                                  if n not in ("pallas_tpu", "pallas_gpu")])
+@pytest.mark.parametrize("d", [16, 64])
+def test_a_lane_packed_cache_gives_the_heads_layout_result(impl, d):
+    """K/V cached as [B, S, KV * D] (`layout`, what the TPU kernel reads in place) attend
+    exactly as [B, S, KV, D] in every implementation; the TPU kernel spreads each head's query
+    tile over all lanes, with zeros outside its own."""
+    starts = [5, 60, 140]
+    q, k, v = _cache(4, len(starts), 2, d=d)
+    q_pos = jnp.asarray([[p, p + 1] for p in starts], jnp.int32)
+    idx = _select_at(q, k, q_pos)
+    want = sparse_attention_at(q, k, v, idx, q_pos, block_size=16, implementation=impl)
+    flat = lambda x: x.reshape(*x.shape[:2], -1)  # noqa: E731
+    got = sparse_attention_at(q, flat(k), flat(v), idx, q_pos, block_size=16,
+                              implementation=impl)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(got, sparse_attention_at(q, k, v, idx, q_pos, block_size=16,
+                                                        implementation="reference"),
+                               atol=1e-5, rtol=1e-5)

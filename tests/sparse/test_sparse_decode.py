@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from cpmjax.model import forward, init_cache, init_params
+from cpmjax.model.cache import heads_view
 from cpmjax.serve.engine import DecodeEngine
 from cpmjax.serve.scheduler import Scheduler
 from cpmjax.sparse import sparse_attend
@@ -241,5 +242,6 @@ def test_speculative_decoding_keeps_both_kernel_caches():
     n = int(state.lengths[0])  # both caches hold positions 0..n-1 (speculative.py)
     for keys, kc1 in ((state.cache["k"][0], state.cache["kc1"][0]),  # layer 0 of the target
                       (state.draft["k"], state.draft["kc1"])):
-        want = jnp.transpose(pooled_kernels(keys[:, :n], 8, 4), (0, 2, 1, 3))
+        want = jnp.transpose(pooled_kernels(heads_view(keys[:, :n], cfg.head_dim), 8, 4),
+                             (0, 2, 1, 3))
         np.testing.assert_allclose(kc1[:, :n_kernels(n, 8, 4)], want, atol=1e-6)

@@ -8,6 +8,7 @@ import pytest
 
 from cpmjax.config import ConfigError, ModelConfig
 from cpmjax.model import forward, init_cache, init_params
+from cpmjax.model.cache import heads_view
 from cpmjax.model.attention import attend
 from cpmjax.sparse.cache import init_compressed, update_compressed
 from kernels import infllmv2
@@ -214,7 +215,8 @@ def test_decode_token_by_token_equals_full_sequence(setup):
         cache = out.cache
         np.testing.assert_allclose(out.logits[:, 0], full[:, t], atol=2e-5, err_msg=f"step {t}")
     # the incrementally kept kernels equal pooling the final key cache
-    want = jnp.transpose(pooled_kernels(cache["k"][0], 8, 4), (0, 2, 1, 3))
+    want = jnp.transpose(pooled_kernels(heads_view(cache["k"][0], cfg.head_dim), 8, 4),
+                         (0, 2, 1, 3))
     np.testing.assert_allclose(cache["kc1"][0], want, atol=1e-6)
 
 
