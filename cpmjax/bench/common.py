@@ -25,9 +25,11 @@ def meta() -> dict[str, Any]:
                 load_avg_1m=round(os.getloadavg()[0], 2))
 
 
-def append(rows: list[dict[str, Any]], name: str) -> Path:
-    """Append rows to ``bench/results/<name>_<platform>.jsonl``; returns the path."""
-    path = RESULTS / f"{name}_{jax.default_backend()}.jsonl"
+def append(rows: list[dict[str, Any]], name: str, per_platform: bool = True) -> Path:
+    """Append rows to ``bench/results/<name>_<platform>.jsonl`` (``<name>.jsonl`` without
+    ``per_platform``: rows whose platform is a field, e.g. a CPU host's ahead-of-time compiles
+    for a TPU); returns the path."""
+    path = RESULTS / (f"{name}_{jax.default_backend()}.jsonl" if per_platform else f"{name}.jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         for r in rows:

@@ -1,5 +1,5 @@
 """Weight-only quantization (MiniCPM4 report §4.1.2): int8/int4 symmetric group-wise RTN, GPTQ and P-GPTQ, and
-a forward pass that dequantizes one layer at a time inside the scan."""
+a forward pass whose matmuls read the packed weights (:mod:`cpmjax.quant.qlinear`)."""
 
 from cpmjax.quant.gptq import gptq_quantize, layer_hessians
 from cpmjax.quant.packing import dequantize, pack_int4, quantize_rtn, unpack_int4

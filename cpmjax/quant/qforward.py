@@ -3,8 +3,9 @@
 The quantized params are the model's tree with each of ``wq wk wv wo w_gate w_up w_down`` under
 ``layers`` replaced by a packed tensor ``{"qweight": [L, ...], "scales": [L, in/group, out]}``;
 embedding, norms and lm_head stay in floating point (as GPTQ checkpoints do). ``qforward`` is
-``cpmjax.model.forward`` with a ``layer_transform`` that dequantizes the current layer inside the
-scan, so the full-precision weights of only one layer exist at a time.
+``cpmjax.model.forward`` with a ``layer_transform`` that wraps the current layer's packed leaves
+as :class:`~cpmjax.quant.qlinear.QuantizedWeight` inside the scan; each matmul then reads the
+packed codes and dequantizes inside the matmul (:mod:`cpmjax.quant.qlinear`).
 
 GPTQ runs sequentially (Frantar et al. §4 "sequential"): each layer's Hessians are measured on
 the outputs of the already-quantized layers below it.
@@ -13,7 +14,7 @@ the outputs of the already-quantized layers below it.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from cpmjax.model import embed_tokens, forward, param_specs
 from cpmjax.model.params import Params
 from cpmjax.quant.gptq import LINEAR_INPUTS, gptq_quantize, layer_hessians
 from cpmjax.quant.packing import dequantize, quantize_rtn
+from cpmjax.quant.qlinear import QuantizedWeight, quantized_weight
 
 Method = Literal["rtn", "gptq", "pgptq"]
 PGPTQ_SKIP = 4  # positions dropped from the Hessian by P-GPTQ (MiniCPM4 report §4.1.2)
@@ -33,12 +35,15 @@ def _as_2d(w: np.ndarray, n_in: int) -> np.ndarray:
     return w.reshape(int(np.prod(w.shape[:n_in])), -1)
 
 
-def dequantize_layer(cfg: ModelConfig, dtype: Any = jnp.float32):
-    """``layer_transform`` for :func:`cpmjax.model.forward`: packed leaves -> dense weights."""
+def dequantize_layer(cfg: ModelConfig, dtype: Any = jnp.float32
+                     ) -> Callable[[Params], Params]:
+    """``layer_transform`` for :func:`cpmjax.model.forward`: packed leaves ->
+    :class:`~cpmjax.quant.qlinear.QuantizedWeight`, which the layer's matmuls read packed
+    (dequantizing inside each matmul, not the whole layer to dense first)."""
     shapes = {k: s.shape[1:] for k, s in param_specs(cfg)["layers"].items()}
 
     def transform(layer: Params) -> Params:
-        return {k: dequantize(v, dtype).reshape(shapes[k]) if isinstance(v, dict) else v
+        return {k: quantized_weight(v, shapes[k], dtype) if isinstance(v, dict) else v
                 for k, v in layer.items()}
 
     return transform
@@ -76,11 +81,13 @@ def is_quantized_draft(draft_params: Params) -> bool:
 
 
 def dense_draft(draft_params: Params, cfg: ModelConfig, dtype: Any = jnp.float32) -> Params:
-    """The draft with its layer dequantized (a no-op for a floating-point draft); inside jit this
-    dequantizes the one draft layer on the fly each step."""
+    """The draft with its layer dequantized to dense arrays (a no-op for a floating-point
+    draft); inside jit this dequantizes the one draft layer on the fly each step."""
     if not is_quantized_draft(draft_params):
         return draft_params
-    return {**draft_params, "layer": dequantize_layer(cfg, dtype)(draft_params["layer"])}
+    layer = dequantize_layer(cfg, dtype)(draft_params["layer"])
+    return {**draft_params, "layer": {k: v.dense() if isinstance(v, QuantizedWeight) else v
+                                      for k, v in layer.items()}}
 
 
 def qforward(qparams: Params, cfg: ModelConfig, tokens: jax.Array, **kwargs: Any):

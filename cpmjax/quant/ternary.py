@@ -21,9 +21,10 @@ stacked layers is ``{"qweight": uint8 [L, in/4, out], "scales": float32 [L, in/g
 input rows per byte: rows ``4j..4j+3`` of a column go to byte ``j``, row ``4j+r`` in bits
 ``2r..2r+1`` (the int4 format's row order, :mod:`cpmjax.quant.packing`). The serving engine runs
 these params as it runs int4 ones: ``cpmjax.quant.packing.dequantize`` recognises the uint8
-codes and ``layer_transform_for`` unpacks one layer at a time inside the layer scan, right before
-its matmuls. On disk a packed model is a folder with ``config.json`` (the model config plus a
-``quantization_config``) and ``ternary.safetensors`` (cpmjax key paths joined by dots).
+codes and ``layer_transform_for`` hands each layer's packed tensors, inside the layer scan, to
+matmuls that read them packed (:mod:`cpmjax.quant.qlinear`). On disk a packed model is a folder
+with ``config.json`` (the model config plus a ``quantization_config``) and
+``ternary.safetensors`` (cpmjax key paths joined by dots).
 """
 
 from __future__ import annotations
