@@ -12,8 +12,11 @@ pool join the next round's positives and negatives, as the report trains its cla
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
+import subprocess
+import sys
 import tempfile
 import unicodedata
 from pathlib import Path
@@ -148,8 +151,6 @@ def train_classifier(positives: Sequence[str], negatives: Sequence[str],
                      out_path: str | os.PathLike, tokenizer: Any,
                      params: FastTextParams = FastTextParams()) -> QualityClassifier:
     """fastText on the seeds (shuffled by ``params.seed``), saved to ``out_path``."""
-    import fasttext
-
     if not positives or not negatives:
         raise ValueError(f"quality classifier needs positives and negatives, got "
                          f"{len(positives)} and {len(negatives)}")
@@ -161,16 +162,33 @@ def train_classifier(positives: Sequence[str], negatives: Sequence[str],
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         data = Path(tmp) / "train.txt"
         data.write_text("\n".join(lines[i] for i in order) + "\n", encoding="utf-8")
-        model = fasttext.train_supervised(
-            str(data), dim=params.dim, lr=params.lr, wordNgrams=params.word_ngrams,
-            minCount=params.min_count, epoch=params.epoch, bucket=params.bucket,
-            thread=params.threads,
-            seed=params.seed, verbose=0)
         tmp_model = Path(tmp) / "model.bin"
-        model.save_model(str(tmp_model))
+        _train_fasttext(data, tmp_model, params)
         with atomic_file(out, "wb") as f:
             f.write(tmp_model.read_bytes())
     return QualityClassifier(out, tokenizer)
+
+
+# Trains in a fresh interpreter. In a process in which libtpu had compiled a TPU program (the
+# test suite's AOT tests), fastText 0.9 (fasttext-numpy2) reported "Encountered NaN" on the same
+# data, seed and single thread that train fine alone (lr 0.5, 25 epochs; seen 2026-12-07, cause
+# inside the C++ library not found); a child process gives it a clean one.
+_TRAIN_FASTTEXT = """
+import json, sys
+import fasttext
+data, out, kw = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+fasttext.train_supervised(data, verbose=0, **kw).save_model(out)
+"""
+
+
+def _train_fasttext(data: Path, out: Path, params: FastTextParams) -> None:
+    kw = dict(dim=params.dim, lr=params.lr, wordNgrams=params.word_ngrams,
+              minCount=params.min_count, epoch=params.epoch, bucket=params.bucket,
+              thread=params.threads, seed=params.seed)
+    done = subprocess.run([sys.executable, "-c", _TRAIN_FASTTEXT, str(data), str(out),
+                           json.dumps(kw)], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"fastText training failed: {done.stderr.strip().splitlines()[-1:]}")
 
 
 def accuracy(clf: QualityClassifier, positives: Sequence[str], negatives: Sequence[str],
