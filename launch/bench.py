@@ -1,9 +1,10 @@
-"""Benchmarks: ``python launch/bench.py train|attention|decode|decode_constrained|qat|rl|gpu``.
+"""Benchmarks: ``python launch/bench.py train|attention|decode|decode_constrained|decode_quant|qat|rl|gpu``.
 
 Each suite measures cpmjax and its baseline side by side in one process, prints a table and
 appends JSON lines (device, config, metric, value, baseline, ratio) under ``bench/results/``.
-Every suite lives in ``cpmjax.bench`` (``decode_constrained`` is ``cpmjax.bench.decode``'s
-grammar-constrained variant); ``gpu`` needs a CUDA GPU.
+Every suite lives in ``cpmjax.bench`` (``decode_constrained`` and ``decode_quant`` are
+``cpmjax.bench.decode``'s grammar-constrained and quantized-weight variants); ``gpu`` needs a
+CUDA GPU.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from absl import app
 
 SUITES = {"train": "cpmjax.bench.train", "attention": "cpmjax.bench.attention",
           "gpu": "cpmjax.bench.gpu", "decode": "cpmjax.bench.decode",
-          "decode_constrained": "cpmjax.bench.decode", "qat": "cpmjax.bench.qat",
+          "decode_constrained": "cpmjax.bench.decode", "decode_quant": "cpmjax.bench.decode",
+          "qat": "cpmjax.bench.qat",
           "rl": "cpmjax.bench.rl"}
 
 
@@ -22,7 +24,8 @@ def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in SUITES:
         raise app.UsageError(f"usage: python launch/bench.py {{{'|'.join(SUITES)}}}")
     module = importlib.import_module(SUITES[argv[1]])
-    (module.run_constrained if argv[1] == "decode_constrained" else module.run)()
+    variants = {"decode_constrained": "run_constrained", "decode_quant": "run_quantized"}
+    getattr(module, variants.get(argv[1], "run"))()
 
 
 if __name__ == "__main__":

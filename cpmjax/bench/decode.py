@@ -311,3 +311,46 @@ def run_constrained(batches: tuple[int, ...] = (1, 8), requests: int = 8, prompt
 
 if __name__ == "__main__":
     run()
+
+
+def run_quantized(presets_: tuple[str, ...] = ("tiny", "small"), batches: tuple[int, ...] = (1, 8),
+                  requests: int = 8, prompt_len: int = 64, new_tokens: int = 64,
+                  write: bool = True) -> list[dict[str, Any]]:
+    """Plain decoding with float32 weights next to the same model's int8 / int4 (RTN, group 128)
+    and packed ternary (BitCPM, group 128) decoder linears, read inside each matmul
+    (`cpmjax.quant.qlinear`); same prompts, same process. Rows carry tok/s and the ratio to the
+    float32 row of their batch. On CPU XLA writes the dequantized operand of every matmul, so
+    this measures what unpacking costs there, not the bandwidth a TPU or GPU would save."""
+    from cpmjax.quant.qforward import quantize_params
+    from cpmjax.quant.ternary import TernaryConfig, pack_params
+
+    rows = []
+    for name in presets_:
+        cfg, params, _, source, make_prompts = _model(name, 1)
+        variants = (("float32", params),
+                    ("int8", quantize_params(cfg, params, "rtn", bits=8)),
+                    ("int4", quantize_params(cfg, params, "rtn", bits=4)),
+                    ("ternary", pack_params(params, TernaryConfig())))
+        for batch in batches:
+            prompts = make_prompts(requests, prompt_len)
+            base = None
+            for weights, p in variants:
+                r = time_cpmjax(cfg, p, prompts, new_tokens, batch)
+                row = {"bench": "decode_quant", "impl": "cpmjax", "preset": name,
+                       "batch": batch, "requests": len(prompts), "prompt_len": prompt_len,
+                       "new_tokens": new_tokens, "weights_format": weights,
+                       "tokens_per_s": r.tokens / r.seconds,
+                       "decode_tokens_per_s": r.decode_tokens / r.decode_seconds,
+                       "ms_per_decode_step": 1e3 * r.decode_seconds / max(r.steps, 1),
+                       "weights": source, "device": jax.devices()[0].device_kind,
+                       "platform": jax.default_backend(), "cpu_count": os.cpu_count(),
+                       "load_avg_1m": round(os.getloadavg()[0], 2),
+                       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                base = base or row
+                row["decode_ratio_vs_float32"] = (row["decode_tokens_per_s"]
+                                                  / base["decode_tokens_per_s"])
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if write:
+        _append(rows)
+    return rows
