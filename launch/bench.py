@@ -1,4 +1,5 @@
-"""Benchmarks: ``python launch/bench.py train|attention|decode|decode_constrained|decode_quant|qat|rl|gpu``.
+"""Benchmarks: ``python launch/bench.py SUITE``, SUITE one of train, attention, decode,
+decode_constrained, decode_quant, qat, rl, gpu.
 
 Each suite measures cpmjax and its baseline side by side in one process, prints a table and
 appends JSON lines (device, config, metric, value, baseline, ratio) under ``bench/results/``.

@@ -36,6 +36,7 @@ from cpmjax.model.layers import linear
 from cpmjax.model.params import Params
 from cpmjax.model.rope import rope_cos_sin
 from cpmjax.model.transformer import decoder_layer
+from cpmjax.parallel.aot import tpu_devices
 from cpmjax.presets import model_config
 from cpmjax.quant.gptq import LINEAR_INPUTS
 from cpmjax.quant.qforward import dense_draft, dequantize_layer
@@ -86,12 +87,6 @@ def _transform(cfg: ModelConfig, fmt: str, fused: bool) -> Callable[[Params], Pa
     return lambda layer: dense_draft({"layer": layer}, cfg, jnp.bfloat16)["layer"]
 
 
-def _tpu_device(topology: str) -> Any:
-    from jax.experimental import topologies
-
-    return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
-
-
 class CompiledBytes(NamedTuple):
     """Bytes a compiled program moves, from its cost analysis."""
 
@@ -137,7 +132,7 @@ def linear_bytes(k: int, n: int, m: int, fmt: str, topology: str | None = None) 
 def _compiled_bytes(fn: Callable[..., Any], args: tuple[Any, ...], topology: str | None,
                     donate: tuple[int, ...] = ()) -> CompiledBytes:
     if topology is not None:
-        sharding = jax.sharding.SingleDeviceSharding(_tpu_device(topology))
+        sharding = jax.sharding.SingleDeviceSharding(tpu_devices(topology, 1)[0])
         args = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                             args)
     cost = jax.jit(fn, donate_argnums=donate).lower(*args).compile().cost_analysis()

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 
 from cpmjax.config import ModelConfig
 from cpmjax.sparse.cache import init_compressed
-from kernels.infllmv2.layout import heads_view  # noqa: F401  (re-exported for the model)
 
 KVCache = dict[str, jax.Array]
 CACHE_AXES = {"k": ("layers", "batch", "length", "kv_heads", "head_dim"),

@@ -44,14 +44,19 @@ def hbm_bytes(topology: str) -> float:
     return HBM_GIB[name] * 2**30
 
 
-def tpu_mesh(topology: str, mesh_axes: tuple[int, int, int], num_devices: int | None = None):
-    """A (data, fsdp, tensor) mesh over the devices of ``topology`` (or its first
-    ``num_devices``)."""
+def tpu_devices(topology: str, num_devices: int | None = None) -> list[Any]:
+    """The (abstract) devices of TPU ``topology``, or its first ``num_devices``, for compiling
+    ahead of time on a host without the chips."""
     from jax.experimental import topologies
 
     devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
-    devices = devices[:num_devices] if num_devices else devices
-    return make_mesh(*mesh_axes, devices=devices)
+    return list(devices[:num_devices] if num_devices else devices)
+
+
+def tpu_mesh(topology: str, mesh_axes: tuple[int, int, int], num_devices: int | None = None):
+    """A (data, fsdp, tensor) mesh over the devices of ``topology`` (or its first
+    ``num_devices``)."""
+    return make_mesh(*mesh_axes, devices=tpu_devices(topology, num_devices))
 
 
 def enable_hlo_dump() -> str:

@@ -190,9 +190,9 @@ def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k:
 
 def init_draft_cache(cfg: ModelConfig, batch: int, max_len: int,
                      dtype: Any = jnp.float32) -> DraftCache:
-    """The draft layer's own KV cache (`cpmjax.model.cache.kv_shape`, with the compressed keys of a sparse
-    model, so its multi-token writes update them in O(new tokens)) and its per-row output
-    feature ``[B, d]`` (during prefill: the target's hidden state at the prompt's last token)."""
+    """The draft layer's own KV cache (`cpmjax.model.cache.kv_shape`, with the compressed keys
+    of a sparse model, so its multi-token writes update them in O(new tokens)) and its per-row
+    output feature ``[B, d]`` (during prefill: the target's hidden state at the prompt's last token)."""
     shape = kv_shape(cfg, batch, max_len)
     cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
              "h": jnp.zeros((batch, cfg.hidden_size), jnp.float32)}

@@ -25,14 +25,13 @@ from cpmjax.config import ModelConfig
 from cpmjax.model import abstract_params, init_cache
 from cpmjax.model.rope import rope_cos_sin
 from cpmjax.model.transformer import decoder_layer
+from cpmjax.parallel.aot import tpu_devices
 
 
 def _chip(topology: str) -> Any:
-    from jax.experimental import topologies
     from jax.sharding import Mesh
 
-    devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
-    return Mesh(np.asarray(devices[:1]), ("chip",))
+    return Mesh(np.asarray(tpu_devices(topology, 1)), ("chip",))
 
 
 def _one_layer(cfg: ModelConfig, dtype: Any) -> dict[str, jax.ShapeDtypeStruct]:

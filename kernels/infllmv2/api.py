@@ -58,17 +58,17 @@ def _attend_reference(q, k, v, block_idx, q_pos, key_offset, *, block_size, soft
                       query_chunk):
     del query_chunk
     d = q.shape[-1]
-    return sparse_attention_reference(q, heads_view(k, d), heads_view(v, d), block_idx, block_size=block_size,
-                                      softmax_scale=softmax_scale, q_pos=q_pos,
-                                      key_offset=key_offset)
+    return sparse_attention_reference(q, heads_view(k, d), heads_view(v, d), block_idx,
+                                      block_size=block_size, softmax_scale=softmax_scale,
+                                      q_pos=q_pos, key_offset=key_offset)
 
 
 def _attend_xla(q, k, v, block_idx, q_pos, key_offset, *, block_size, softmax_scale,
                 query_chunk):
     del query_chunk
     d = q.shape[-1]
-    return sparse_attention_xla(q, heads_view(k, d), heads_view(v, d), block_idx, q_pos, key_offset, block_size=block_size,
-                                softmax_scale=softmax_scale)
+    return sparse_attention_xla(q, heads_view(k, d), heads_view(v, d), block_idx, q_pos,
+                                key_offset, block_size=block_size, softmax_scale=softmax_scale)
 
 
 def _pallas_loader(kind: str, interpret: bool) -> Callable[[], Callable[..., jax.Array]]:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cpmjax.model import forward, init_cache, init_params
-from cpmjax.model.cache import heads_view
+from kernels.infllmv2.layout import heads_view
 from cpmjax.serve.engine import DecodeEngine
 from cpmjax.serve.scheduler import Scheduler
 from cpmjax.sparse import sparse_attend

@@ -8,7 +8,7 @@ import pytest
 
 from cpmjax.config import ConfigError, ModelConfig
 from cpmjax.model import forward, init_cache, init_params
-from cpmjax.model.cache import heads_view
+from kernels.infllmv2.layout import heads_view
 from cpmjax.model.attention import attend
 from cpmjax.sparse.cache import init_compressed, update_compressed
 from kernels import infllmv2
