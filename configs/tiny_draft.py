@@ -10,8 +10,9 @@ The data mixes the corpus with the target's own continuations (``selfgen.jsonl``
 Only the draft head learns (the objective's MTP term: from h_t and x_{t+1}, predict the target's own
 distribution of x_{t+2}, self-distillation, since acceptance is judged against the target); the
 run keeps orbax checkpoints like any other and writes ``runs/tiny_draft/draft.safetensors`` in
-CPM.cu's EAGLE tensor layout, which ``launch/serve.py --draft=...`` and
-``launch/generate.py --draft=...`` load.
+CPM.cu's EAGLE tensor layout (in the ``mtp`` form, which the file records;
+``--config.train.draft_form=cpmcu`` trains CPM.cu's form, the one its released heads use), which
+``launch/serve.py --draft=...`` and ``launch/generate.py --draft=...`` load.
 """
 
 from cpmjax import presets

@@ -24,6 +24,9 @@ DRAFT = flags.DEFINE_string("draft", None,
 SPEC_K = flags.DEFINE_integer("spec_k", 3, "draft tokens per verify step (with --draft)")
 DRAFT_QUANTIZE = flags.DEFINE_enum("draft_quantize", "none", ["none", "rtn"],
                                    "int4 RTN of the draft layer (only with a quantized target)")
+DRAFT_FORM = flags.DEFINE_enum("draft_form", "auto", ["auto", "mtp", "cpmcu"],
+                               "the draft head's form (cpmjax.model.mtp.DRAFT_FORMS); auto: the "
+                               "file's metadata (none: CPM.cu's) or the run's train.draft_form")
 FRSPEC = flags.DEFINE_string("frspec", None, "FR-Spec token ranking .npy (launch/build_frspec.py)")
 FRSPEC_SIZE = flags.DEFINE_integer(
     "frspec_size", 0, "draft vocabulary: the N most frequent ids of --frspec (0 = all)")
@@ -35,10 +38,10 @@ def model_source() -> cli.ModelSource:
 
 
 def draft_source() -> cli.DraftSource:
-    given = frozenset(n for n in ("spec_k", "frspec", "frspec_size", "draft_quantize")
-                      if flags.FLAGS[n].present)
+    given = frozenset(n for n in ("spec_k", "frspec", "frspec_size", "draft_quantize",
+                                  "draft_form") if flags.FLAGS[n].present)
     return cli.DraftSource(DRAFT.value, SPEC_K.value, DRAFT_QUANTIZE.value, FRSPEC.value,
-                           FRSPEC_SIZE.value, given)
+                           FRSPEC_SIZE.value, given, DRAFT_FORM.value)
 
 
 def load_model():

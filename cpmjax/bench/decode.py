@@ -34,10 +34,8 @@ from cpmjax.bench.common import RESULTS
 from cpmjax.config import ModelConfig
 from cpmjax.convert import save_hf
 from cpmjax.model import init_params
-from cpmjax.serve.engine import DecodeEngine
-from cpmjax.serve.generate import Speculative
 from cpmjax.serve.scheduler import Scheduler
-from cpmjax.serve.spec_engine import SpeculativeEngine
+from cpmjax.serve.spec_engine import Speculative, make_engine
 
 
 def _prompts(cfg: ModelConfig, batch: int, prompt_len: int) -> list[list[int]]:
@@ -73,13 +71,9 @@ def time_cpmjax(cfg: ModelConfig, params: Any, prompts: list[list[int]], new_tok
     decode part is the time spent in the engine's decode steps. ``speculative`` runs the
     draft-and-verify engine; ``grammar`` (a callable making one matcher per request) constrains
     every request, and its host-side mask writing is added to the decode time (``host``)."""
-    kw = dict(max_slots=batch, max_len=len(prompts[0]) + new_tokens + 1, chunk=64)
-    if speculative is None:
-        engine = DecodeEngine(cfg, **kw)
-    else:
-        kw["max_len"] += speculative.k
-        engine = SpeculativeEngine(cfg, speculative.draft_params, k=speculative.k,
-                                   frspec_ids=speculative.frspec_ids, **kw)
+    extra = 0 if speculative is None else speculative.k  # positions a round may write ahead
+    engine = make_engine(cfg, speculative, max_slots=batch,
+                         max_len=len(prompts[0]) + new_tokens + 1 + extra, chunk=64)
     step, in_steps = engine.generate, [0.0, 0]  # seconds, calls
 
     def timed_step(*args: Any, **kw: Any) -> Any:
@@ -175,7 +169,7 @@ def _model(name: str, k: int) -> tuple[ModelConfig, Any, Speculative, str, Any]:
     """(cfg, params, speculative settings, provenance, prompt maker): the trained tiny model, its
     draft and FR-Spec ranking when the README's jobs have written them, else random weights and an
     untrained draft."""
-    from cpmjax.model.mtp import init_mtp_params, load_mtp
+    from cpmjax.model.mtp import draft_form_of, init_mtp_params, load_mtp
     from cpmjax.serve.frspec import load_frspec
     from cpmjax.train.checkpoint import load_model
 
@@ -183,7 +177,7 @@ def _model(name: str, k: int) -> tuple[ModelConfig, Any, Speculative, str, Any]:
     if target and Path(target).exists() and Path(draft).is_file():
         cfg, params = load_model(target)
         ids = load_frspec(frspec, cfg.vocab_size) if Path(frspec).is_file() else None
-        return (cfg, params, Speculative(load_mtp(cfg, draft), k, ids),
+        return (cfg, params, Speculative(load_mtp(cfg, draft), k, ids, draft_form_of(draft)),
                 f"trained ({target}, {draft}, frspec {'none' if ids is None else len(ids)})",
                 _corpus_prompts)
     cfg = ModelConfig.from_hf_config(presets.PRESETS[name]())

@@ -14,6 +14,21 @@ and no checkpoint can be read offline here, so this follows the engine that runs
 drafts. The embedding is the target's (times scale_emb; the RMSNorm after it makes that factor
 irrelevant except for eps). The draft layer sits at the positions of h_t (EAGLE convention).
 
+Two forms of the same head (``DRAFT_FORMS``), which differ only in how it meets the target:
+
+- ``"mtp"`` (the formulas above; the MTP training head of MiniCPM4 and cpmjax's default): h_t is
+  the target's last hidden state *before* its final norm, and the output goes through the
+  target's ``lm_head`` (final norm, muP division, projection);
+- ``"cpmcu"``: CPM.cu's EAGLE draft (``speculative/eagle.py``, ``minicpm4_eagle.cuh``; vLLM's
+  EAGLE path for MiniCPM agrees): h_t is the target's hidden state *after* its final norm, and
+  the draft layer's output is projected by the head's weights alone (no final norm, no muP
+  division). A released MiniCPM4 EAGLE head was trained this way; run in the other form its
+  outputs stay exact (verification decides) but its acceptance drops.
+
+In both forms the draft feeds its own raw output back as the next proposal's feature. A file
+written by :func:`save_mtp` records its form in the safetensors metadata (``draft_form``); a
+file without it is taken as CPM.cu's (:func:`draft_form_of`).
+
 HF safetensors layout of the EAGLE draft (CPM.cu ``speculative/eagle.py`` loader names):
 ``fc.weight [d, 2d]``, ``fc.bias [d]``, ``input_norm1.weight [d]`` (embedding norm),
 ``input_norm2.weight [d]`` (hidden norm), and ``layers.0.<name>`` for every per-layer tensor of
@@ -37,8 +52,11 @@ from cpmjax.config import ModelConfig
 from cpmjax.convert import layout
 from cpmjax.model.params import Params, Parametrization, ParamSpec, init_std, param_specs
 from cpmjax.model.rope import rope_cos_sin
-from cpmjax.model.transformer import decoder_layer, embed_tokens, forward, lm_head
+from cpmjax.model.transformer import decoder_layer, embed_tokens, forward, lm_head, project_vocab
 from cpmjax.model.layers import rms_norm
+
+DRAFT_FORMS = ("mtp", "cpmcu")
+_FORM_KEY = "draft_form"  # safetensors metadata key save_mtp writes
 
 _ZERO_INIT = frozenset({"fc_bias"})  # Linear biases start at zero (spec kind "ones" only groups it as 1-D)
 
@@ -88,11 +106,33 @@ def draft_residual_scale(cfg: ModelConfig) -> float:
     return cfg.scale_depth / math.sqrt(cfg.num_hidden_layers + 1)
 
 
+def check_draft_form(form: str) -> str:
+    if form not in DRAFT_FORMS:
+        raise ValueError(f"draft form must be one of {DRAFT_FORMS}, got {form!r}")
+    return form
+
+
+def draft_feature(params: Params, cfg: ModelConfig, hidden: jax.Array, form: str) -> jax.Array:
+    """What the head reads of the target's last hidden state (pre-final-norm ``hidden``)."""
+    if check_draft_form(form) == "mtp":
+        return hidden
+    return rms_norm(hidden, params["final_norm"], cfg.rms_norm_eps)
+
+
+def draft_logits(params: Params, cfg: ModelConfig, h: jax.Array, form: str,
+                 vocab_ids: jax.Array | None = None) -> jax.Array:
+    """float32 logits of the head's output ``h``, optionally over ``vocab_ids`` (FR-Spec)."""
+    if check_draft_form(form) == "mtp":
+        return lm_head(params, cfg, h, vocab_ids)
+    return project_vocab(params, cfg, h, vocab_ids)
+
+
 def mtp_block(mtp_params: Params, params: Params, cfg: ModelConfig, hidden: jax.Array,
               next_tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
               cache_kv: tuple[jax.Array, ...] | None = None, kv_len: int | None = None,
               ) -> tuple[jax.Array, tuple[jax.Array, ...] | None]:
-    """(h^MTP [B,T,d], updated draft-layer cache tuple or None) from h_t and x_{t+1}.
+    """(h^MTP [B,T,d], updated draft-layer cache tuple or None) from the feature h_t (see
+:func:`draft_feature`; or the head's own previous output) and x_{t+1}.
 
     ``positions`` are those of h_t; with ``cache_kv`` ((k, v) ``[B,S,KV,hd]``, plus the
     compressed keys for a sparse model, as `decoder_layer`) keys are written at them, so a
@@ -119,15 +159,17 @@ def mtp_forward(mtp_params: Params, params: Params, cfg: ModelConfig, hidden: ja
 
 def mtp_logits(mtp_params: Params, params: Params, cfg: ModelConfig, hidden: jax.Array,
                next_tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-               vocab_ids: jax.Array | None = None) -> jax.Array:
-    """float32 logits of x_{t+2} through the shared output head, optionally over ``vocab_ids``."""
-    h = mtp_forward(mtp_params, params, cfg, hidden, next_tokens, positions, segment_ids)
-    return lm_head(params, cfg, h, vocab_ids)
+               vocab_ids: jax.Array | None = None, form: str = "mtp") -> jax.Array:
+    """float32 logits of x_{t+2} from the target's pre-norm ``hidden`` in ``form``, optionally
+    over ``vocab_ids``."""
+    h = mtp_forward(mtp_params, params, cfg, draft_feature(params, cfg, hidden, form),
+                    next_tokens, positions, segment_ids)
+    return draft_logits(params, cfg, h, form, vocab_ids)
 
 
 def mtp_loss(mtp_params: Params, params: Params, cfg: ModelConfig, hidden: jax.Array,
-             batch: dict[str, jax.Array], teacher_logits: jax.Array | None = None
-             ) -> tuple[jax.Array, jax.Array]:
+             batch: dict[str, jax.Array], teacher_logits: jax.Array | None = None,
+             form: str = "mtp") -> tuple[jax.Array, jax.Array]:
     """(sum of CE of x_{i+2}, number of counted positions) for a packed batch.
 
     ``batch`` has ``inputs``, ``targets`` (= inputs shifted by one), ``positions``,
@@ -139,8 +181,8 @@ def mtp_loss(mtp_params: Params, params: Params, cfg: ModelConfig, hidden: jax.A
     Medusa-2, arXiv:2401.10774 §2.3.2, trains its heads).
     """
     tgt = batch["targets"]
-    h = mtp_forward(mtp_params, params, cfg, hidden, tgt, batch["positions"], batch["segment_ids"])
-    logits = lm_head(params, cfg, h)
+    logits = mtp_logits(mtp_params, params, cfg, hidden, tgt, batch["positions"],
+                        batch["segment_ids"], form=form)
     seg = batch["segment_ids"]
     mask = (batch["loss_mask"][:, :-1] * batch["loss_mask"][:, 1:]
             * (seg[:, :-1] == seg[:, 1:])).astype(jnp.float32)
@@ -155,9 +197,10 @@ def mtp_loss(mtp_params: Params, params: Params, cfg: ModelConfig, hidden: jax.A
 
 
 def train_draft(cfg: ModelConfig, params: Params, batches: Iterable[dict[str, Any]], steps: int,
-                lr: float, *, key: jax.Array | None = None, mtp_params: Params | None = None
-                ) -> Params:
-    """Fit the draft head with the target frozen (AdamW on the mean MTP CE), ``steps`` batches.
+                lr: float, *, key: jax.Array | None = None, mtp_params: Params | None = None,
+                form: str = "mtp") -> Params:
+    """Fit the draft head in ``form`` with the target frozen (AdamW on the mean MTP CE),
+    ``steps`` batches.
 
     Batches are packed rows as :func:`mtp_loss` reads them. Starts from ``mtp_params`` if given.
     """
@@ -176,7 +219,7 @@ def train_draft(cfg: ModelConfig, params: Params, batches: Iterable[dict[str, An
                                                return_logits=False).hidden)
 
         def loss_fn(p: Params) -> jax.Array:
-            s, n = mtp_loss(p, params, cfg, hidden, batch)
+            s, n = mtp_loss(p, params, cfg, hidden, batch, form=form)
             return s / jnp.maximum(n, 1.0)
 
         loss, g = jax.value_and_grad(loss_fn)(mp)
@@ -232,12 +275,28 @@ def mtp_from_hf(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> Params:
     return jax.tree.map(jnp.asarray, out)
 
 
-def save_mtp(cfg: ModelConfig, mtp_params: Params, path: str | os.PathLike) -> None:
-    """Write the draft as one safetensors file atomically (temp file + rename)."""
+def save_mtp(cfg: ModelConfig, mtp_params: Params, path: str | os.PathLike,
+             form: str = "mtp") -> None:
+    """Write the draft as one safetensors file atomically (temp file + rename), its form in the
+    metadata."""
     from safetensors.numpy import save
 
     with atomic_file(path, "wb") as f:
-        f.write(save(mtp_to_hf(cfg, mtp_params), metadata={"format": "pt"}))
+        f.write(save(mtp_to_hf(cfg, mtp_params),
+                     metadata={"format": "pt", _FORM_KEY: check_draft_form(form)}))
+
+
+def draft_form_of(path: str | os.PathLike) -> str:
+    """The form a draft file was trained in: its ``draft_form`` metadata, else ``"cpmcu"`` (a
+    file cpmjax did not write is in CPM.cu's layout, so it computes as CPM.cu does)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        form = (f.metadata() or {}).get(_FORM_KEY, "cpmcu")
+    if form not in DRAFT_FORMS:
+        raise ValueError(f"EAGLE draft file {path}: metadata {_FORM_KEY}={form!r} is not one of "
+                         f"{DRAFT_FORMS}")
+    return form
 
 
 def load_mtp(cfg: ModelConfig, path: str | os.PathLike) -> Params:

@@ -55,7 +55,14 @@ def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array,
     then index the subset, ``[..., len(vocab_ids)]``.
     """
     h = rms_norm(hidden, params["final_norm"], cfg.rms_norm_eps)
-    h = h / jnp.asarray(cfg.width_multiplier, h.dtype)
+    return project_vocab(params, cfg, h / jnp.asarray(cfg.width_multiplier, h.dtype), vocab_ids)
+
+
+def project_vocab(params: Params, cfg: ModelConfig, h: jax.Array,
+                  vocab_ids: jax.Array | None = None) -> jax.Array:
+    """The output projection alone (tied or untied, optionally over ``vocab_ids``), float32
+    logits: :func:`lm_head` without its norm and division, which CPM.cu's EAGLE draft applies
+    to its output as is."""
     w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     if vocab_ids is not None:
         w = jnp.take(w, vocab_ids, axis=1)

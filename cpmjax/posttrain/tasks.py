@@ -16,6 +16,18 @@ arithmetic   ``What is 23 + 58?`` (+ and -)              ``81``       integer
 convert      ``Convert 250 g to kg.``                    ``0.25``     number, rel. tol. 1e-6
 ===========  ==========================================  ===========  =======================
 
+One more family is opt-in (``EXTRA_FAMILIES``: named in ``families``, never in the default set,
+so the default set and everything trained on it stay as they were):
+
+===========  ==========================================  ===========  =======================
+echo         ``Echo: k k d t`` (2-96 letters, repeats)   ``k k d t``  exact
+===========  ==========================================  ===========  =======================
+
+``echo`` gives a long-tailed response length, the case chunk-wise rollout is for (MiniCPM4
+report, arXiv 2506.07900 §3.2: a few long responses hold up a whole rollout step): 70% of its
+problems have 2-6 letters, the rest a log-uniform 8-96, so a mix with the default families has
+a median response of a few tokens and a tail to about 100.
+
 They are sized for the tiny model (4 layers, width 128, the project's 4096-token tokenizer):
 single-letter and single-digit items, 3-6 of them, numbers below 100. ``copy``, ``reverse``,
 ``sort``, ``count`` and ``lookup`` are algorithms over items the tokenizer keeps as one token each,
@@ -149,6 +161,15 @@ def _convert(rng: np.random.Generator) -> tuple[str, str]:
     return f"Convert {y} {small} to {big}.", format_number(y / factor)
 
 
+def _echo(rng: np.random.Generator) -> tuple[str, str]:
+    if rng.random() < 0.7:
+        n = int(rng.integers(2, 7))
+    else:
+        n = int(round(float(np.exp(rng.uniform(np.log(8), np.log(96))))))
+    items = " ".join(rng.choice(list(LETTERS), size=n))
+    return f"Echo: {items}", items
+
+
 _SEQ = lambda item: re.compile(rf"{item}( {item})*")
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("copy", _copy, "exact", _SEQ("[a-z]")),
@@ -159,6 +180,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("arithmetic", _arithmetic, "integer", _INT),
     Family("convert", _convert, "number", _NUMBER, rel_tol=1e-6),
 )}
+EXTRA_FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("echo", _echo, "exact", _SEQ("[a-z]")),
+)}
+KNOWN_FAMILIES: dict[str, Family] = FAMILIES | EXTRA_FAMILIES
 
 
 def problem_split(family: str, prompt: str) -> Split:
@@ -177,9 +202,9 @@ def _example(family: str, split: str, prompt: str, answer: str) -> Example:
 
 def _family_names(families: Iterable[str] | None) -> list[str]:
     names = list(FAMILIES) if families is None else list(families)
-    unknown = [f for f in names if f not in FAMILIES]
+    unknown = [f for f in names if f not in KNOWN_FAMILIES]
     if unknown or not names:
-        raise ValueError(f"families must be a non-empty subset of {sorted(FAMILIES)}, "
+        raise ValueError(f"families must be a non-empty subset of {sorted(KNOWN_FAMILIES)}, "
                          f"got {names}")
     return names
 
@@ -196,9 +221,9 @@ def generate(split: Split, n: int, seed: int = 0,
     per_family = [n // len(names) + (i < n % len(names)) for i in range(len(names))]
     columns = []
     for name, count in zip(names, per_family):
-        index = list(FAMILIES).index(name)
+        index = list(KNOWN_FAMILIES).index(name)
         rng = np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), index]))
-        columns.append(_draw(FAMILIES[name], split, count, rng))
+        columns.append(_draw(KNOWN_FAMILIES[name], split, count, rng))
     return [columns[i % len(names)][i // len(names)] for i in range(n)]
 
 
@@ -238,10 +263,10 @@ def answer_text(text: str) -> str:
 
 def _family_of(example: Example) -> Family:
     name = example.get("family")
-    if name not in FAMILIES:
+    if name not in KNOWN_FAMILIES:
         raise ValueError(f"example {example.get('id')!r} has unknown family {name!r} "
-                         f"(expected one of {sorted(FAMILIES)})")
-    return FAMILIES[name]
+                         f"(expected one of {sorted(KNOWN_FAMILIES)})")
+    return KNOWN_FAMILIES[name]
 
 
 def well_formed(example: Example, text: str) -> bool:
@@ -297,19 +322,22 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 ex = json.loads(line)
-                if not isinstance(ex, dict) or ex.get("family") not in FAMILIES:
+                if not isinstance(ex, dict) or ex.get("family") not in KNOWN_FAMILIES:
                     raise ValueError(f"{path}:{lineno}: not an instruction-set example")
                 out.append(ex)
     return out
 
 
 def build_instruct_set(cache_dir: str | os.PathLike, n_train: int = 20000,
-                       n_heldout: int = 700, seed: int = 0) -> Path:
+                       n_heldout: int = 700, seed: int = 0,
+                       families: Sequence[str] | None = None) -> Path:
     """Folder with ``train.jsonl`` and ``heldout.jsonl`` (built once, keyed by the generator
-    version, sizes and seed), the files SFT configs train and evaluate on."""
-    out = Path(cache_dir) / f"instruct-v{VERSION}-{n_train}-{n_heldout}-s{seed}"
+    version, sizes, seed and families), the files SFT configs train and evaluate on."""
+    names = _family_names(families)
+    tag = "" if families is None else "-" + "+".join(names)
+    out = Path(cache_dir) / f"instruct-v{VERSION}-{n_train}-{n_heldout}-s{seed}{tag}"
     if not ((out / "train.jsonl").is_file() and (out / "heldout.jsonl").is_file()):
         out.mkdir(parents=True, exist_ok=True)
-        write_jsonl(out / "heldout.jsonl", generate("heldout", n_heldout, seed))
-        write_jsonl(out / "train.jsonl", generate("train", n_train, seed))
+        write_jsonl(out / "heldout.jsonl", generate("heldout", n_heldout, seed, names))
+        write_jsonl(out / "train.jsonl", generate("train", n_train, seed, names))
     return out

@@ -41,6 +41,11 @@ def _curve(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
             if r.get("eval_reward") is not None]
 
 
+def _mean_of(steps: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in steps if r.get(key) is not None]
+    return float(np.mean(values)) if values else None
+
+
 def summarize_run(records: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
     """Timing over the steps after the first ``warmup`` (compilation), and the reward curve."""
     steps = [r for r in records if r["step"] > warmup]
@@ -56,6 +61,9 @@ def summarize_run(records: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
             "rollout_tokens_per_sec": sum(r["rollout_tokens"] for r in steps) / rollout_s,
             "generated_tokens": records[-1]["generated_tokens"],
             "trained_response_length_mean": float(np.mean(lengths)) if lengths else None,
+            "trained_response_length_p50_mean": _mean_of(steps, "response_length_p50"),
+            "trained_response_length_p90_mean": _mean_of(steps, "response_length_p90"),
+            "trained_response_length_max_mean": _mean_of(steps, "response_length_max"),
             "rounds_mean": float(np.mean([r["rounds"] for r in steps])),
             "staleness_mean": float(np.mean([r.get("staleness_mean", 0.0) for r in steps])),
             "eval_curve": _curve(records),

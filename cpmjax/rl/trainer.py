@@ -234,6 +234,8 @@ class RLTrainer:
             metrics.update(
                 train_reward_mean=float(np.mean([x for g in groups for x in g.rewards])),
                 response_length_mean=float(np.mean(lengths)), response_length_max=max(lengths),
+                response_length_p50=float(np.percentile(lengths, 50)),
+                response_length_p90=float(np.percentile(lengths, 90)),
                 truncated_frac=float(np.mean([m.finish == "length" for g in groups
                                               for m in g.members])),
                 **self._update(groups))

@@ -48,6 +48,7 @@ class DraftSource:
     frspec: str | None = None
     frspec_size: int = 0
     given: frozenset[str] = frozenset()
+    draft_form: str = "auto"  # auto | one of cpmjax.model.mtp.DRAFT_FORMS
 
 
 def _quantize(cfg: ModelConfig, params: Any, src: ModelSource, tokenizer_path: str | None) -> Any:
@@ -102,7 +103,8 @@ def load_speculative(cfg: ModelConfig, src: DraftSource, target_quantized: bool 
     import numpy as np
 
     if src.draft is None:
-        extra = sorted(src.given & {"spec_k", "frspec", "frspec_size", "draft_quantize"})
+        extra = sorted(src.given & {"spec_k", "frspec", "frspec_size", "draft_quantize",
+                                    "draft_form"})
         if extra:
             raise UsageError(f"--{', --'.join(extra)} only apply with --draft")
         return None
@@ -110,7 +112,9 @@ def load_speculative(cfg: ModelConfig, src: DraftSource, target_quantized: bool 
         raise UsageError(f"--spec_k must be >= 1, got {src.spec_k}")
     if src.frspec_size and src.frspec is None:
         raise UsageError("--frspec_size needs --frspec (the token ranking file)")
-    draft = load_draft(cfg, src.draft)
+    draft, form = load_draft(cfg, src.draft)
+    if src.draft_form != "auto":
+        form = src.draft_form
     if src.draft_quantize != "none":
         if not target_quantized:
             raise UsageError(
@@ -128,18 +132,18 @@ def load_speculative(cfg: ModelConfig, src: DraftSource, target_quantized: bool 
             raise UsageError(f"--frspec_size must be in [0, {ids.size}] (the size of "
                              f"{src.frspec}), got {src.frspec_size}")
         ids = np.asarray(ids[:src.frspec_size or ids.size])
-    return Speculative(draft, src.spec_k, ids)
+    return Speculative(draft, src.spec_k, ids, form)
 
 
-def load_draft(cfg: ModelConfig, path: str) -> Any:
-    """Draft params from an EAGLE safetensors file or a training run that kept an MTP head; the
-    draft must have been built for this target's shapes."""
-    from cpmjax.model.mtp import load_mtp
-    from cpmjax.train.checkpoint import load_mtp_params
+def load_draft(cfg: ModelConfig, path: str) -> tuple[Any, str]:
+    """(draft params, form) from an EAGLE safetensors file or a training run that kept an MTP
+    head; the draft must have been built for this target's shapes."""
+    from cpmjax.model.mtp import draft_form_of, load_mtp
+    from cpmjax.train.checkpoint import load_mtp_params, run_draft_form
 
     p = Path(path)
     if p.is_file():
-        return load_mtp(cfg, p)
+        return load_mtp(cfg, p), draft_form_of(p)
     if not p.exists():
         raise FileNotFoundError(f"--draft: no such file or training run: {p}")
     draft_cfg, draft = load_mtp_params(p)
@@ -148,4 +152,4 @@ def load_draft(cfg: ModelConfig, path: str) -> Any:
         if getattr(draft_cfg, field) != getattr(cfg, field):
             raise ValueError(f"--draft {p} was trained for {field}={getattr(draft_cfg, field)} "
                              f"but the target has {getattr(cfg, field)}")
-    return draft
+    return draft, run_draft_form(p)

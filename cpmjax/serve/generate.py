@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Sequence
 
@@ -15,30 +14,20 @@ from cpmjax.quant.qforward import check_spec_quant, is_quantized, is_quantized_d
 from cpmjax.serve.engine import DecodeEngine, pow2_bucket
 from cpmjax.serve.sampling import SamplingParams
 from cpmjax.serve.scheduler import Request, Scheduler
-from cpmjax.serve.spec_engine import SpeculativeEngine
+from cpmjax.serve.spec_engine import Speculative, make_engine
 
 
 @functools.lru_cache(maxsize=8)
 def engine_for(cfg: ModelConfig, max_slots: int, max_len: int, chunk: int, dtype_name: str,
                speculative_k: int | None = None, attn_impl: str = "auto",
-               sparse_impl: str = "auto") -> DecodeEngine:
-    """One engine (and its compiled steps) per static shape, reused across calls; a speculative
-    engine is created without a draft, which :func:`generate` sets before each use."""
+               sparse_impl: str = "auto", draft_form: str = "mtp") -> DecodeEngine:
+    """One engine (and its compiled steps) per static shape (and draft form), reused across
+    calls; a speculative engine is created without a draft, which :func:`generate` sets before
+    each use."""
     kw = dict(max_slots=max_slots, max_len=max_len, chunk=chunk, dtype=jnp.dtype(dtype_name),
               attn_impl=attn_impl, sparse_impl=sparse_impl)
-    if speculative_k is None:
-        return DecodeEngine(cfg, **kw)
-    return SpeculativeEngine(cfg, None, k=speculative_k, **kw)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Speculative:
-    """Speculative decoding settings for :func:`generate`: the MTP/EAGLE draft head's params
-    (``cpmjax.model.mtp``), the draft length k and an optional FR-Spec id list."""
-
-    draft_params: Params
-    k: int = 3
-    frspec_ids: Any = None
+    return make_engine(cfg, None if speculative_k is None else
+                       Speculative(None, speculative_k, form=draft_form), **kw)
 
 
 def _check_prompts(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int) -> int:
@@ -74,7 +63,7 @@ def run_requests(cfg: ModelConfig, params: Params, prompts: list[list[int]],
     slots = min(pow2_bucket(len(prompts), 1), max_slots)
     engine = engine_for(cfg, slots, max_len, chunk, jnp.dtype(dtype).name,
                         None if speculative is None else int(speculative.k), attn_impl,
-                        sparse_impl)
+                        sparse_impl, "mtp" if speculative is None else speculative.form)
     if speculative is not None:
         check_spec_quant(is_quantized(params), is_quantized_draft(speculative.draft_params))
         engine.set_draft(speculative.draft_params, speculative.frspec_ids)
@@ -111,7 +100,8 @@ def generate(cfg: ModelConfig, params: Params, prompts: list[list[int]], max_new
 def speculative_generate(cfg: ModelConfig, params: Params, draft_params: Params,
                          prompts: Sequence[Sequence[int]], max_new_tokens: int, k: int = 3,
                          temperature: float = 0.0, seed: int = 0, frspec_ids: Any = None,
-                         max_slots: int = 256) -> tuple[np.ndarray, dict[str, Any]]:
+                         max_slots: int = 256, form: str = "mtp"
+                         ) -> tuple[np.ndarray, dict[str, Any]]:
     """Exactly ``max_new_tokens`` per prompt (eos ignored), speculative with draft length ``k``:
     (tokens ``[len(prompts), max_new_tokens]`` int32, stats) for experiments and tests.
 
@@ -125,7 +115,7 @@ def speculative_generate(cfg: ModelConfig, params: Params, draft_params: Params,
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     sampling = [SamplingParams(temperature, seed=seed + i) for i in range(len(prompts))]
     reqs = run_requests(cfg, params, prompts, max_new_tokens, sampling,
-                        speculative=Speculative(draft_params, k, frspec_ids),
+                        speculative=Speculative(draft_params, k, frspec_ids, form),
                         max_slots=max_slots, ignore_eos=True)
     steps = sum(r.decode_steps for r in reqs)
     produced = sum(r.step_tokens for r in reqs)

@@ -456,14 +456,11 @@ def make_scheduler(cfg: Any, params: Any, tokenizer: Any = None, *, max_slots: i
     distribution sampled from)."""
     import jax.numpy as jnp
 
-    from cpmjax.serve.engine import DecodeEngine
-    from cpmjax.serve.spec_engine import SpeculativeEngine
+    from cpmjax.serve.spec_engine import make_engine
 
     kw = dict(max_slots=max_slots, max_len=max_len, chunk=chunk, dtype=dtype or jnp.float32,
               logprobs_mode=logprobs_mode)
-    engine = (DecodeEngine(cfg, **kw) if speculative is None else
-              SpeculativeEngine(cfg, speculative.draft_params, k=speculative.k,
-                                frspec_ids=speculative.frspec_ids, **kw))
+    engine = make_engine(cfg, speculative, **kw)
     sched = Scheduler(engine, params, max_queue=max_queue)
     sched.start()
     return sched

@@ -11,6 +11,7 @@ target's.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cpmjax.config import ModelConfig
-from cpmjax.model.mtp import mtp_block
+from cpmjax.model.mtp import check_draft_form, draft_feature, mtp_block
 from cpmjax.model.params import Params
 from cpmjax.quant.qforward import dense_draft
 from cpmjax.serve.engine import DecodeEngine, DecodeState
@@ -33,12 +34,15 @@ class SpeculativeEngine(DecodeEngine):
 
     ``frspec_ids`` (optional) restricts the draft's output head to those tokens (FR-Spec);
     verification always uses the full vocabulary, so outputs are those of the target alone.
+    ``draft_form`` is how the head meets the target (``cpmjax.model.mtp.DRAFT_FORMS``), fixed
+    for the engine's compiled steps.
     """
 
     def __init__(self, cfg: ModelConfig, draft_params: Params, *, k: int = 3,
-                 frspec_ids: Any = None, **kw: Any) -> None:
+                 frspec_ids: Any = None, draft_form: str = "mtp", **kw: Any) -> None:
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"draft length k must be an integer >= 1, got {k!r}")
+        self.draft_form = check_draft_form(draft_form)
         super().__init__(cfg, **kw)
         self.speculative_k = int(k)
         self._greedy_generate = self._jit("generate_greedy", self._greedy_generate_impl,
@@ -66,13 +70,14 @@ class SpeculativeEngine(DecodeEngine):
                        hidden: jax.Array, next_tokens: jax.Array, positions: jax.Array,
                        last: jax.Array, kv_len: int) -> dict[str, jax.Array]:
         """Draft layer over (hidden at i, token i+1) for the chunk's positions, except the
-        prompt's last (its next token, -1 here, is not sampled yet); remembers the hidden state
+        prompt's last (its next token, -1 here, is not sampled yet); remembers the draft feature
         at the chunk's last token (the prompt's last, once the final chunk ran)."""
         pos = jnp.where(next_tokens >= 0, positions, -1)
+        feature = draft_feature(params, self.cfg, hidden, self.draft_form)
         _, kv = mtp_block(dense_draft(draft_args["params"], self.cfg, self.dtype), params,
-                          self.cfg, hidden, jnp.maximum(next_tokens, 0), pos,
+                          self.cfg, feature, jnp.maximum(next_tokens, 0), pos,
                           cache_kv=draft_kv(draft), kv_len=kv_len)
-        return with_kv(draft, kv, hidden[:, last].astype(jnp.float32))
+        return with_kv(draft, kv, feature[:, last].astype(jnp.float32))
 
     def _draft_insert(self, params: Params, draft_args: Any, prefix_draft: Any, first: jax.Array,
                       length: jax.Array) -> dict[str, jax.Array]:
@@ -97,7 +102,7 @@ class SpeculativeEngine(DecodeEngine):
                               state.cache, state.draft, state.tokens, state.lengths, keys,
                               RowSampling(state.temperature, state.top_k, state.top_p),
                               draft_args["vocab_ids"], self.dtype, all_greedy, kv_len,
-                              self.kernels)
+                              self.kernels, self.draft_form)
         active = state.lengths >= 0
         new = state._replace(cache=r.cache, draft=r.draft, tokens=r.last,
                              lengths=jnp.where(active, state.lengths + r.count, -1),
@@ -115,3 +120,26 @@ class SpeculativeEngine(DecodeEngine):
         ``context`` as for :meth:`DecodeEngine.generate`."""
         step = self._greedy_generate if all_greedy else self._generate
         return step(params, self.draft_args, state, self.kv_span(context))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Speculative:
+    """Speculative decoding settings for ``cpmjax.serve.generate`` and :func:`make_engine`: the MTP/EAGLE draft head's params
+    (``cpmjax.model.mtp``), the draft length k, an optional FR-Spec id list and the head's form
+    (``cpmjax.model.mtp.DRAFT_FORMS``)."""
+
+    draft_params: Params
+    k: int = 3
+    frspec_ids: Any = None
+    form: str = "mtp"
+
+
+def make_engine(cfg: ModelConfig, speculative: Speculative | None = None, **kw: Any
+                ) -> DecodeEngine:
+    """The engine ``generate``, the server and the benchmarks decode with: plain without
+    ``speculative``, else a :class:`SpeculativeEngine` with its draft, k, FR-Spec ids and form
+    (a draft of None is set later with ``set_draft``). ``kw``: :class:`DecodeEngine`'s."""
+    if speculative is None:
+        return DecodeEngine(cfg, **kw)
+    return SpeculativeEngine(cfg, speculative.draft_params, k=speculative.k,
+                             frspec_ids=speculative.frspec_ids, draft_form=speculative.form, **kw)

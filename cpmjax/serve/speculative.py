@@ -39,9 +39,9 @@ import jax
 import jax.numpy as jnp
 
 from cpmjax.config import ModelConfig
-from cpmjax.model import forward, lm_head
+from cpmjax.model import forward
 from cpmjax.model.cache import CACHE_FIELDS, KVCache, kv_shape
-from cpmjax.model.mtp import mtp_block
+from cpmjax.model.mtp import draft_feature, draft_logits, mtp_block
 from cpmjax.model.params import Params
 from cpmjax.quant.qforward import dense_draft, layer_transform_for
 from cpmjax.serve.sampling import argmax_last, top_k_mask, top_p_mask
@@ -136,8 +136,8 @@ def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k:
                       cache: KVCache, draft: DraftCache, last: jax.Array, lengths: jax.Array,
                       keys: jax.Array, sampling: RowSampling, vocab_ids: jax.Array | None,
                       dtype: Any = jnp.float32, all_greedy: bool = False,
-                      kv_len: int | None = None, kernels: dict[str, str] | None = None
-                      ) -> RoundOut:
+                      kv_len: int | None = None, kernels: dict[str, str] | None = None,
+                      form: str = "mtp") -> RoundOut:
     """Draft k tokens, verify them in one target step and accept (see the module docstring).
 
     ``lengths [B]`` is where ``last`` goes in the target cache (-1: idle row); ``keys [B]`` one
@@ -146,6 +146,7 @@ def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k:
     which dominates a small model's round). ``kv_len`` (static) bounds the cache positions both
     models' attention reads; it must exceed every position the round writes (lengths + k).
     ``kernels`` (static): ``attn_impl``/``sparse_impl`` for the verification forward pass.
+    ``form`` (static): the draft head's form (``cpmjax.model.mtp.DRAFT_FORMS``).
     """
     B = last.shape[0]
     active = lengths >= 0
@@ -159,7 +160,7 @@ def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k:
             h, kv = mtp_block(draft_params, params, cfg, h[:, None].astype(dtype),
                               tok[:, None], pos, cache_kv=kv, kv_len=kv_len)
             h = h[:, 0]
-        logits = lm_head(params, cfg, h[:, None], vocab_ids)[:, 0]
+        logits = draft_logits(params, cfg, h[:, None], form, vocab_ids)[:, 0]
         if all_greedy:
             tok = argmax_last(logits)
             tok = tok if vocab_ids is None else vocab_ids[tok]
@@ -181,8 +182,8 @@ def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k:
                               step_keys[:, k])
     new = jnp.concatenate([drafted, drafted[:, :1]], 1).at[jnp.arange(B), n].set(nxt)
     catch_up = jnp.where(active[:, None] & (ar <= n[:, None]), lengths[:, None] + ar, -1)
-    hc, kv = mtp_block(draft_params, params, cfg, out.hidden, new, catch_up, cache_kv=kv,
-                       kv_len=kv_len)
+    hc, kv = mtp_block(draft_params, params, cfg, draft_feature(params, cfg, out.hidden, form),
+                       new, catch_up, cache_kv=kv, kv_len=kv_len)
     h_next = jnp.where(active[:, None], hc[jnp.arange(B), n], draft["h"])
     return RoundOut(out.cache, with_kv(draft, kv, h_next.astype(draft["h"].dtype)),
                     new, jnp.where(active, n + 1, 0), jnp.where(active, nxt, last))
@@ -192,7 +193,8 @@ def init_draft_cache(cfg: ModelConfig, batch: int, max_len: int,
                      dtype: Any = jnp.float32) -> DraftCache:
     """The draft layer's own KV cache (`cpmjax.model.cache.kv_shape`, with the compressed keys
     of a sparse model, so its multi-token writes update them in O(new tokens)) and its per-row
-    output feature ``[B, d]`` (during prefill: the target's hidden state at the prompt's last token)."""
+    output feature ``[B, d]`` (during prefill: the draft's feature of the target's hidden state at
+    the prompt's last token)."""
     shape = kv_shape(cfg, batch, max_len)
     cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
              "h": jnp.zeros((batch, cfg.hidden_size), jnp.float32)}

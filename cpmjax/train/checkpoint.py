@@ -32,7 +32,7 @@ from cpmjax.atomic import atomic_dir, is_remote, storage_path, write_text
 from cpmjax.config import ModelConfig
 from cpmjax.convert.export_dir import check_destination, copy_tokenizer, write_manifest
 from cpmjax.model.params import Params, abstract_params
-from cpmjax.model.mtp import init_mtp_params
+from cpmjax.model.mtp import check_draft_form, init_mtp_params
 from cpmjax.train.faults import FaultPlan
 
 CKPT_DIR = "checkpoints"
@@ -423,6 +423,15 @@ def load_mtp_params(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
                                 "kept in training checkpoints")
     target = _on_device(jax.eval_shape(lambda k: init_mtp_params(cfg, k), jax.random.key(0)))
     return cfg, restore_from_run(root, {"mtp_params": target}, step)["mtp_params"]
+
+
+def run_draft_form(path: str | os.PathLike) -> str:
+    """The form (``cpmjax.model.mtp.DRAFT_FORMS``) a run trained its MTP head in: its
+    experiment's ``train.draft_form`` (runs from before the field: ``"mtp"``)."""
+    root, _ = _resolve(path)
+    experiment = root / "experiment.json"
+    train = json.loads(experiment.read_text()).get("train", {}) if experiment.is_file() else {}
+    return check_draft_form(train.get("draft_form", "mtp"))
 
 
 def restore_from_run(workdir: epath.Path, item: dict[str, Any], step: int | None = None

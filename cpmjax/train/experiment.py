@@ -11,6 +11,8 @@ from typing import Any, Callable, Mapping
 import ml_collections
 
 from cpmjax.config import ConfigError, ModelConfig
+from cpmjax.model.mtp import DRAFT_FORMS
+from cpmjax.posttrain.tasks import KNOWN_FAMILIES
 
 
 def experiment_config(model: Mapping[str, Any], name: str) -> ml_collections.ConfigDict:
@@ -54,6 +56,9 @@ def experiment_config(model: Mapping[str, Any], name: str) -> ml_collections.Con
     # a trained model (run dir, cpmjax checkpoint or HF folder) whose weights start a fresh run
     # (SFT, QAT); optimizer and LR schedule start afresh (warmup again); ignored on resume
     t.init_from = ""
+    # how the MTP head meets the target (cpmjax.model.mtp.DRAFT_FORMS): mtp (MiniCPM4's MTP
+    # head) | cpmcu (CPM.cu's EAGLE draft: post-norm target hidden in, raw projection out)
+    t.draft_form = "mtp"
     t.mtp_distill = False  # MTP labels = the model's own next-next-token distribution (drafts)
     t.log_every = 20
     t.eval_every = 200
@@ -70,6 +75,7 @@ def experiment_config(model: Mapping[str, Any], name: str) -> ml_collections.Con
     # text: documents, every token a target; chat: OpenAI/ShareGPT conversations (SFT), only the
     # assistant's tokens are targets, and empty train_files = the project's instruction set
     d.format = "text"
+    d.instruct_families = ""  # instruction-set chat data: comma-separated families; empty: default
     d.long_conversations = "truncate"  # chat rows: a conversation over seq_len+1 tokens: or drop
 
     # BitCPM ternary quantization-aware training (cpmjax.quant.ternary; MiniCPM4 report §3.3)
@@ -118,6 +124,7 @@ _CHOICES = {
     "data.source_type": ("jsonl", "text", "arrayrecord"),
     "data.format": ("text", "chat"),
     "data.long_conversations": ("truncate", "drop"),
+    "train.draft_form": DRAFT_FORMS,
 }
 
 
@@ -161,6 +168,10 @@ def _rules(cfg: ml_collections.ConfigDict) -> list[tuple[str, Callable[[Any], bo
               for f in ("cache_dir", "train_files", "valid_file", "weights", "tokenizer")]
     rules += [(f"train.{f}", lambda v: isinstance(v, str), "must be a string")
               for f in ("freeze_target", "init_from")]
+    rules += [("data.instruct_families",
+               lambda v: isinstance(v, str) and all(f.strip() in KNOWN_FAMILIES
+                                                    for f in v.split(",") if f.strip()),
+               f"must be comma-separated names of {', '.join(KNOWN_FAMILIES)}")]
     rules += [("qat.enabled", lambda v: isinstance(v, bool), "must be true or false")]
     rules += [(f"qat.{f}", _is_int, "must be an integer") for f in ("group_size", "act_bits")]
     rules += [("name", lambda v: isinstance(v, str) and v.strip() != "", "must be a non-empty "

@@ -115,6 +115,7 @@ def _run(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, run: RunDir,
                                              remat=t.remat, mtp_weight=t.mtp_weight,
                                              freeze_model=bool(t.get("freeze_target")),
                                              mtp_distill=bool(t.get("mtp_distill")),
+                                             draft_form=t.get("draft_form", "mtp"),
                                              transforms=transforms, **kernels),
                              state_sh, mesh, batch_shape)
     eval_fn = InMesh(jax.jit(make_eval_step(model_cfg, dtype, transforms, **kernels)), mesh)
@@ -212,7 +213,8 @@ def _run(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, run: RunDir,
                 checkpointer.close()
         writer.close()
     if t.get("freeze_target") and run.primary:
-        save_mtp(model_cfg, jax.device_get(state["mtp_params"]), run.path / "draft.safetensors")
+        save_mtp(model_cfg, jax.device_get(state["mtp_params"]), run.path / "draft.safetensors",
+                 t.get("draft_form", "mtp"))
         print(f"draft head written to {run.path / 'draft.safetensors'} (EAGLE layout)",
               flush=True)
     return last

@@ -185,11 +185,12 @@ def make_grad_fn(cfg: ModelConfig, *, grad_accum: int = 1, dtype: Any = jnp.floa
                  remat: str = "none", mtp_weight: float = 0.0,
                  freeze_model: bool = False, mtp_distill: bool = False,
                  transforms: Transforms | None = None, attn_impl: str = "auto",
-                 sparse_impl: str = "auto") -> Callable[..., Any]:
+                 sparse_impl: str = "auto", draft_form: str = "mtp") -> Callable[..., Any]:
     """``grads(tree, batch) -> (grads, metrics)`` of the mean-token objective over the whole batch,
     accumulated over ``grad_accum`` microbatches (scan); ``tree`` is what the optimizer sees.
     ``freeze_model``: the model is a constant (zero gradients, no backward pass through it).
     ``mtp_distill``: the MTP head learns the model's own next-next-token distribution.
+    ``draft_form``: the MTP head's form (``cpmjax.model.mtp.DRAFT_FORMS``).
     ``transforms``: maps inside the forward pass (:class:`Transforms`).
     ``attn_impl`` / ``sparse_impl``: attention kernel names (``cpmjax.model.attention``)."""
     with_mtp = mtp_weight > 0
@@ -212,7 +213,8 @@ def make_grad_fn(cfg: ModelConfig, *, grad_accum: int = 1, dtype: Any = jnp.floa
                                         micro["loss_mask"])]
         if with_mtp:
             teacher = out.logits if mtp_distill else None
-            sums.append(mtp_loss(mtp_params, params, cfg, out.hidden, micro, teacher)[0])
+            sums.append(mtp_loss(mtp_params, params, cfg, out.hidden, micro, teacher,
+                                 draft_form)[0])
         sums = jnp.stack(sums)
         weights = jnp.asarray([1.0, mtp_weight][:len(sums)])
         return jnp.sum(weights * sums / counts), sums
@@ -265,7 +267,8 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, *, grad_
                     dtype: Any = jnp.float32, remat: str = "none",
                     mtp_weight: float = 0.0, freeze_model: bool = False,
                     mtp_distill: bool = False, transforms: Transforms | None = None,
-                    attn_impl: str = "auto", sparse_impl: str = "auto") -> Callable[..., Any]:
+                    attn_impl: str = "auto", sparse_impl: str = "auto",
+                    draft_form: str = "mtp") -> Callable[..., Any]:
     """``step(state, batch) -> (state, metrics)``; batch leaves are ``[global_batch, T]``.
     ``freeze_model``: only the MTP head learns (draft training on a frozen target);
     ``mtp_distill``: its labels are the model's own predictions (see ``mtp_loss``);
@@ -273,7 +276,7 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, *, grad_
     grad_fn = make_grad_fn(cfg, grad_accum=grad_accum, dtype=dtype, remat=remat,
                            mtp_weight=mtp_weight, freeze_model=freeze_model,
                            mtp_distill=mtp_distill, transforms=transforms,
-                           attn_impl=attn_impl, sparse_impl=sparse_impl)
+                           attn_impl=attn_impl, sparse_impl=sparse_impl, draft_form=draft_form)
     return make_update_step(
         tx, grad_fn, total_loss=lambda m: m["loss"] + mtp_weight * m.get("mtp_loss", 0.0),
         freeze_model=freeze_model)

@@ -27,6 +27,19 @@ def test_families_take_turns_and_counts():
     assert len(ex) == 23 and sum(e["family"] == "sort" for e in ex) == 12
 
 
+def test_echo_is_opt_in_and_long_tailed():
+    assert "echo" not in {e["family"] for e in tasks.generate("train", 80)}
+    echo = tasks.generate("train", 2000, families=["echo"])
+    lengths = sorted(len(e["answer"].split()) for e in echo)
+    assert lengths[0] >= 2 and lengths[-1] <= 96
+    assert lengths[len(lengths) // 2] <= 6  # median: short
+    assert lengths[int(0.9 * len(lengths))] >= 20 and lengths[-1] >= 80  # a long tail
+    for e in echo[:50]:
+        assert e["messages"][0]["content"] == f"Echo: {e['answer']}"
+        assert tasks.reward(e, e["answer"] + "<|im_end|>") == 1.0
+        assert tasks.reward(e, e["answer"] + " k") == 0.0
+
+
 def test_splits_never_share_a_problem_and_heldout_has_no_repeats():
     train = {_key(e) for e in tasks.generate("train", 3500, seed=0)}
     for seed in (0, 1):
@@ -107,6 +120,10 @@ def test_build_and_read_back(tmp_path):
     mtime = (folder / "train.jsonl").stat().st_mtime_ns
     assert tasks.build_instruct_set(tmp_path, 14, 7, 2) == folder  # reused, not rebuilt
     assert (folder / "train.jsonl").stat().st_mtime_ns == mtime
+    mixed = tasks.build_instruct_set(tmp_path, 14, 7, 2, families=["copy", "echo"])
+    assert mixed != folder  # keyed by the families
+    assert tasks.read_jsonl(mixed / "train.jsonl") == tasks.generate("train", 14, 2,
+                                                                     ["copy", "echo"])
     (tmp_path / "bad.jsonl").write_text('{"family": "copy"}\n\n{"text": "x"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:3: not an instruction-set example"):
         tasks.read_jsonl(tmp_path / "bad.jsonl")

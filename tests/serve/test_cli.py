@@ -50,11 +50,21 @@ def test_draft_flags_build_the_speculative_settings(cfg, draft_file, tmp_path):
     spec = cli.load_speculative(cfg, draft_source(
         draft=str(draft_file), spec_k=4, frspec=str(tmp_path / "freq.npy"), frspec_size=100))
     assert spec.k == 4 and spec.frspec_ids.tolist() == ids[:100].tolist()
+    assert spec.form == "mtp"  # the form save_mtp recorded
+
+
+def test_draft_form_comes_from_the_file_unless_the_flag_names_one(cfg, tmp_path):
+    path = tmp_path / "eagle.safetensors"
+    save_mtp(cfg, init_mtp_params(cfg, jax.random.key(1)), path, form="cpmcu")
+    assert cli.load_speculative(cfg, draft_source(draft=str(path))).form == "cpmcu"
+    forced = cli.load_speculative(cfg, draft_source(draft=str(path), draft_form="mtp"))
+    assert forced.form == "mtp"
 
 
 @pytest.mark.parametrize("kw, match", [
     ({"spec_k": 2}, "only apply with --draft"),
     ({"frspec": "x.npy"}, "only apply with --draft"),
+    ({"draft_form": "cpmcu"}, "only apply with --draft"),
     ({"draft": "{draft}", "spec_k": 0}, "--spec_k must be >= 1"),
     ({"draft": "{draft}", "frspec_size": 10}, "--frspec_size needs --frspec"),
     ({"draft": "{draft}", "draft_quantize": "rtn"}, "full-precision target"),

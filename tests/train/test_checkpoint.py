@@ -131,6 +131,20 @@ def test_load_mtp_params_from_run(tmp_path: Path) -> None:
         load_mtp_params(tmp_path / "without")
 
 
+def test_run_draft_form_reads_the_experiment(tmp_path: Path) -> None:
+    from cpmjax.train.checkpoint import run_draft_form
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        ModelConfig.from_hf_config(tiny_hf_config()).to_hf_config()))
+    (tmp_path / "checkpoints").mkdir()
+    assert run_draft_form(tmp_path) == "mtp"  # no experiment.json: a run from before the field
+    (tmp_path / "experiment.json").write_text(json.dumps({"train": {"draft_form": "cpmcu"}}))
+    assert run_draft_form(tmp_path) == "cpmcu"
+    (tmp_path / "experiment.json").write_text(json.dumps({"train": {"draft_form": "x"}}))
+    with pytest.raises(ValueError, match="draft form must be one of"):
+        run_draft_form(tmp_path)
+
+
 def _wait_for(cond, seconds: float = 60.0) -> None:
     import time
 

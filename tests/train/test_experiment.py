@@ -30,6 +30,9 @@ BAD = [
     ("data.source_type", "csv", "'data.source_type': must be one of jsonl, text, arrayrecord"),
     ("data.train_files", "missing.jsonl", "'data.train_files': missing.jsonl does not exist"),
     ("data.tokenizer", "/nonexistent/tok", "'data.tokenizer': no tokenizer.json at"),
+    ("train.draft_form", "medusa", "'train.draft_form': must be one of mtp, cpmcu"),
+    ("data.instruct_families", "copy,poem", "'data.instruct_families': must be comma-separated "
+                                            "names of copy, "),
     ("model.hidden_size", 66, "'model.hidden_size': must be divisible by num_attention_heads"),
     ("name", "", "'name': must be a non-empty string"),
 ]
