@@ -1,5 +1,5 @@
 """Benchmarks: ``python launch/bench.py SUITE``, SUITE one of train, attention, decode,
-decode_constrained, decode_quant, qat, rl, gpu.
+decode_constrained, decode_quant, qat, rl, gptq_memory, gpu.
 
 Each suite measures cpmjax and its baseline side by side in one process, prints a table and
 appends JSON lines (device, config, metric, value, baseline, ratio) under ``bench/results/``.
@@ -18,7 +18,7 @@ SUITES = {"train": "cpmjax.bench.train", "attention": "cpmjax.bench.attention",
           "gpu": "cpmjax.bench.gpu", "decode": "cpmjax.bench.decode",
           "decode_constrained": "cpmjax.bench.decode", "decode_quant": "cpmjax.bench.decode",
           "qat": "cpmjax.bench.qat",
-          "rl": "cpmjax.bench.rl"}
+          "rl": "cpmjax.bench.rl", "gptq_memory": "cpmjax.bench.gptq_memory"}
 
 
 def main(argv: list[str]) -> None:

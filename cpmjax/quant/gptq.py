@@ -8,11 +8,20 @@ exactly the RTN format of :mod:`cpmjax.quant.packing`.
 
 P-GPTQ: the first tokens of a sequence have activations ~10x larger and dominate H, so their
 positions (``position < skip``, skip = 4) are dropped from H.
+
+Calibration streams (:func:`accumulate_hessians`): a layer runs on one calibration batch at a
+time and only that batch's linear inputs exist at once; their Gram matrices are summed in
+float64 and divided by the token count at the end, which gives the same H as one call over all
+rows. What stays resident is one ``[rows, T, d]`` hidden state per batch (the layer inputs) and
+the four ``[in, in]`` Hessians; :func:`calibration_bytes` counts it.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import functools
+from typing import Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,25 +71,63 @@ def gptq_quantize(w: Any, hessian: Any, bits: int = 4, group_size: int = 128,
     return pack(Q.T, scales, bits)
 
 
-@jax.jit
-def _gram(x: jax.Array, keep: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x = x.reshape(-1, x.shape[-1]).astype(jnp.float32) * keep.reshape(-1, 1)
-    return x.T @ x, jnp.sum(keep)
+class CalibBatch(NamedTuple):
+    """One calibration batch as it enters a decoder layer."""
+
+    hidden: jax.Array  # [B, T, d]
+    positions: jax.Array  # [B, T]
+    segment_ids: jax.Array | None
 
 
-def layer_hessians(h: jax.Array, layer: Params, cfg: ModelConfig, positions: jax.Array,
-                   segment_ids: jax.Array | None, skip: int = 0
-                   ) -> tuple[dict[str, np.ndarray], jax.Array]:
-    """(H per tap ``[in, in]``, the layer's output) for hidden states ``h [B,T,d]`` entering one
-    decoder layer. Tokens at ``position < skip`` are left out of every H (P-GPTQ with skip=4)."""
+@functools.partial(jax.jit, static_argnames=("cfg", "skip"))
+def _layer_grams(batch: CalibBatch, layer: Params, cfg: ModelConfig, skip: int
+                 ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
+    """(XᵀX summed over kept tokens, per tap; kept-token count; the layer's output) of one batch."""
     taps: dict[str, jax.Array] = {}
-    cos, sin = rope_cos_sin(cfg, jnp.maximum(positions, 0))
-    out, _ = decoder_layer(h, layer, cfg, cos=cos, sin=sin, positions=positions,
-                           segment_ids=segment_ids, cache_kv=None, taps=taps)
-    keep = (positions >= skip).astype(jnp.float32)
-    hess = {}
+    cos, sin = rope_cos_sin(cfg, jnp.maximum(batch.positions, 0))
+    out, _ = decoder_layer(batch.hidden, layer, cfg, cos=cos, sin=sin,
+                           positions=batch.positions, segment_ids=batch.segment_ids,
+                           cache_kv=None, taps=taps)
+    keep = (batch.positions >= skip).astype(jnp.float32).reshape(-1, 1)
+    grams = {}
     for name, x in taps.items():
-        x = x.reshape(*x.shape[:2], -1)
-        g, n = _gram(x, keep)
-        hess[name] = np.asarray(g / jnp.maximum(n, 1.0), np.float64)
-    return hess, out
+        x = x.reshape(-1, int(np.prod(x.shape[2:]))).astype(jnp.float32) * keep
+        grams[name] = x.T @ x
+    return grams, jnp.sum(keep), out
+
+
+def accumulate_hessians(batches: Iterable[CalibBatch], layer: Params, cfg: ModelConfig,
+                        skip: int = 0) -> dict[str, np.ndarray]:
+    """H per tap ``[in, in]`` (float64) of one decoder layer over calibration batches, one batch
+    at a time. Tokens at ``position < skip`` are left out of every H (P-GPTQ with skip=4)."""
+    sums: dict[str, np.ndarray] = {}
+    count = 0.0
+    for batch in batches:
+        grams, n, _ = _layer_grams(batch, layer, cfg, skip)
+        count += float(n)
+        for name, g in grams.items():
+            g = np.asarray(g, np.float64)
+            sums[name] = g if name not in sums else sums[name] + g
+    if not sums:
+        raise ValueError("GPTQ needs at least one calibration batch")
+    return {name: g / max(count, 1.0) for name, g in sums.items()}
+
+
+def layer_outputs(batches: Iterable[CalibBatch], layer: Params, cfg: ModelConfig
+                  ) -> list[CalibBatch]:
+    """The batches after one decoder layer (the next layer's calibration inputs)."""
+    return [b._replace(hidden=_layer_grams(b, layer, cfg, 0)[2]) for b in batches]
+
+
+def calibration_bytes(cfg: ModelConfig, rows: int, seq_len: int, batch_rows: int) -> dict[str, int]:
+    """Resident bytes of streaming calibration, by part: the float64 Hessians of one layer, the
+    float32 hidden states of every calibration row, one batch's float32 linear inputs, and one
+    layer's float32 weights. An estimate (XLA's temporaries inside one layer call come on top)."""
+    d, i = cfg.hidden_size, cfg.intermediate_size
+    attn = cfg.num_attention_heads * cfg.head_dim
+    hessians = 8 * (2 * d * d + attn * attn + i * i)
+    q = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+    layer = 4 * (d * q + attn * d + 3 * d * i + 2 * d)
+    return {"hessians": hessians, "hidden_states": 4 * rows * seq_len * d,
+            "batch_inputs": 4 * batch_rows * seq_len * (2 * d + attn + i),
+            "layer_weights": layer}

@@ -23,7 +23,8 @@ import numpy as np
 from cpmjax.config import ModelConfig
 from cpmjax.model import embed_tokens, forward, param_specs
 from cpmjax.model.params import Params
-from cpmjax.quant.gptq import LINEAR_INPUTS, gptq_quantize, layer_hessians
+from cpmjax.quant.gptq import (LINEAR_INPUTS, CalibBatch, accumulate_hessians, gptq_quantize,
+                               layer_outputs)
 from cpmjax.quant.packing import dequantize, quantize_rtn
 from cpmjax.quant.qlinear import QuantizedWeight, quantized_weight
 
@@ -95,13 +96,16 @@ def qforward(qparams: Params, cfg: ModelConfig, tokens: jax.Array, **kwargs: Any
     return forward(qparams, cfg, tokens, layer_transform=dequantize_layer(cfg), **kwargs)
 
 
-def _calibration(batches: Iterable[dict[str, Any]]) -> tuple[jax.Array, jax.Array, Any]:
-    rows = list(batches)
-    if not rows:
+def _calibration(params: Params, cfg: ModelConfig, batches: Iterable[dict[str, Any]]
+                 ) -> list[CalibBatch]:
+    """The calibration batches embedded, kept batch by batch (GPTQ streams over them)."""
+    out = [CalibBatch(embed_tokens(params, cfg, jnp.asarray(b["inputs"])),
+                      jnp.asarray(b["positions"]),
+                      None if b.get("segment_ids") is None else jnp.asarray(b["segment_ids"]))
+           for b in batches]
+    if not out:
         raise ValueError("GPTQ needs at least one calibration batch")
-    cat = lambda k: jnp.concatenate([jnp.asarray(b[k]) for b in rows])
-    seg = cat("segment_ids") if all("segment_ids" in b for b in rows) else None
-    return cat("inputs"), cat("positions"), seg
+    return out
 
 
 def quantize_params(cfg: ModelConfig, params: Params, method: Method = "rtn", *, bits: int = 4,
@@ -110,7 +114,9 @@ def quantize_params(cfg: ModelConfig, params: Params, method: Method = "rtn", *,
     """Quantized copy of ``params`` (the input is not modified).
 
     ``calibration`` (GPTQ/P-GPTQ only): batches with ``inputs`` and ``positions`` ``[B, T]``
-    (optionally ``segment_ids``), e.g. from ``cpmjax.data.make_batch_iterator``.
+    (optionally ``segment_ids``), e.g. from ``cpmjax.data.make_batch_iterator``. Layer by layer,
+    each layer's Hessians accumulate over the batches one at a time (``cpmjax.quant.gptq``), so
+    memory grows with one batch's activations, not with the whole calibration set.
     """
     if method not in ("rtn", "gptq", "pgptq"):
         raise ValueError(f"method must be 'rtn', 'gptq' or 'pgptq', got {method!r}")
@@ -122,13 +128,11 @@ def quantize_params(cfg: ModelConfig, params: Params, method: Method = "rtn", *,
     layers = {k: np.asarray(v) for k, v in params["layers"].items()}
     out: dict[str, list] = {k: [] for k in LINEAR_INPUTS}
     if method != "rtn":
-        tokens, positions, seg = _calibration(calibration)
-        h = embed_tokens(params, cfg, tokens)
+        calib = _calibration(params, cfg, calibration)
     for l in range(L):
         layer = {k: jnp.asarray(v[l]) for k, v in layers.items()}
         if method != "rtn":
-            hess, _ = layer_hessians(h, layer, cfg, positions, seg,
-                                     PGPTQ_SKIP if method == "pgptq" else 0)
+            hess = accumulate_hessians(calib, layer, cfg, PGPTQ_SKIP if method == "pgptq" else 0)
         for name, (tap, n_in) in LINEAR_INPUTS.items():
             w2 = _as_2d(layers[name][l], n_in)
             qt = (quantize_rtn(w2, bits, group_size) if method == "rtn" else
@@ -137,7 +141,7 @@ def quantize_params(cfg: ModelConfig, params: Params, method: Method = "rtn", *,
             if method != "rtn":
                 layer[name] = dequantize(qt).reshape(layers[name][l].shape)
         if method != "rtn":  # the next layer calibrates on this layer's quantized output
-            _, h = layer_hessians(h, layer, cfg, positions, seg)
+            calib = layer_outputs(calib, layer, cfg)
     qlayers = {k: jnp.asarray(v) for k, v in params["layers"].items() if k not in LINEAR_INPUTS}
     for name, qts in out.items():
         qlayers[name] = {f: jnp.asarray(np.stack([q[f] for q in qts])) for f in ("qweight", "scales")}

@@ -10,7 +10,8 @@ import pytest
 
 from cpmjax.config import ModelConfig
 from cpmjax.model import embed_tokens, forward, init_params
-from cpmjax.quant import (dequantize, gptq_quantize, layer_hessians, pack_int4, qforward,
+from cpmjax.quant.gptq import CalibBatch, calibration_bytes
+from cpmjax.quant import (accumulate_hessians, dequantize, gptq_quantize, pack_int4, qforward,
                           quantize_params, quantize_rtn, unpack_int4)
 from cpmjax.quant.qforward import check_spec_quant
 from tests.conftest import tiny_hf_config
@@ -74,10 +75,8 @@ def test_pgptq_hessian_drops_the_first_four_positions():
     h = embed_tokens(params, cfg, tokens)
     noise = jax.random.normal(jax.random.key(2), h[:, :4].shape) * 30
     loud = h.at[:, :4].set(h[:, :4] * 30 + noise)  # huge, differently shaped prefix activations
-    p_h, _ = layer_hessians(h, layer, cfg, pos, None, skip=4)
-    p_loud, _ = layer_hessians(loud, layer, cfg, pos, None, skip=4)
-    g_h, _ = layer_hessians(h, layer, cfg, pos, None, skip=0)
-    g_loud, _ = layer_hessians(loud, layer, cfg, pos, None, skip=0)
+    hess = lambda x, skip: accumulate_hessians([CalibBatch(x, pos, None)], layer, cfg, skip)
+    p_h, p_loud, g_h, g_loud = hess(h, 4), hess(loud, 4), hess(h, 0), hess(loud, 0)
     # attn_in is per token (RMSNorm), so P-GPTQ's H ignores whatever the first 4 positions hold
     np.testing.assert_allclose(p_h["attn_in"], p_loud["attn_in"], rtol=1e-5, atol=1e-7)
     assert np.abs(g_h["attn_in"] - g_loud["attn_in"]).max() > 1e-2
@@ -85,6 +84,42 @@ def test_pgptq_hessian_drops_the_first_four_positions():
     from cpmjax.model.layers import rms_norm
     x = np.asarray(rms_norm(h, layer["input_norm"], cfg.rms_norm_eps))[:, 4:].reshape(-1, 64)
     np.testing.assert_allclose(p_h["attn_in"], x.T @ x / len(x), rtol=1e-4, atol=1e-6)
+
+
+def test_streamed_hessians_equal_one_pass_over_all_rows():
+    """Batch by batch accumulation gives the H of every row at once, with uneven batches."""
+    cfg = _cfg()
+    params = init_params(cfg, jax.random.key(0))
+    layer = jax.tree.map(lambda a: a[0], params["layers"])
+    tokens = jax.random.randint(jax.random.key(1), (5, 12), 0, cfg.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(12), (5, 12))
+    h = embed_tokens(params, cfg, tokens)
+    whole = accumulate_hessians([CalibBatch(h, pos, None)], layer, cfg, 4)
+    parts = accumulate_hessians([CalibBatch(h[:2], pos[:2], None),
+                                 CalibBatch(h[2:], pos[2:], None)], layer, cfg, 4)
+    assert set(whole) == {"attn_in", "wo_in", "mlp_in", "down_in"}
+    for name in whole:
+        np.testing.assert_allclose(parts[name], whole[name], rtol=1e-5, atol=1e-7)
+    batches = lambda: [{"inputs": tokens[i:i + 1], "positions": pos[i:i + 1]} for i in range(5)]
+    one = quantize_params(cfg, params, "pgptq", group_size=32,
+                          calibration=[{"inputs": tokens, "positions": pos}])
+    streamed = quantize_params(cfg, params, "pgptq", group_size=32, calibration=batches())
+    for name in ("wq", "wo", "w_down"):  # scales come from the weights alone; codes from H,
+        a, b = one["layers"][name], streamed["layers"][name]  # equal up to float summation order
+        np.testing.assert_array_equal(a["scales"], b["scales"])
+        same = np.mean(np.asarray(dequantize(a)) == np.asarray(dequantize(b)))
+        assert same >= 0.995, (name, same)
+
+
+def test_calibration_bytes_of_the_8b_preset_fit_one_host():
+    from cpmjax import presets
+
+    cfg = ModelConfig.from_hf_config(presets.minicpm4_8b())
+    parts = calibration_bytes(cfg, rows=128, seq_len=2048, batch_rows=4)
+    # Hessians: 2 x 4096^2 + 4096^2 + 16384^2 float64 values; hidden states 128 x 2048 x 4096 f32
+    assert parts["hessians"] == 8 * (3 * 4096 ** 2 + 16384 ** 2)
+    assert parts["hidden_states"] == 4 * 128 * 2048 * 4096
+    assert sum(parts.values()) < 16 * 2 ** 30
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq", "pgptq"])
