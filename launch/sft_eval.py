@@ -24,6 +24,8 @@ from cpmjax.train.checkpoint import load_trained_model
 flags.DEFINE_string("base", "runs/tiny", "the model before fine-tuning")
 flags.DEFINE_string("tuned", "runs/sft_tiny", "the fine-tuned model")
 flags.DEFINE_string("heldout", "", "held-out examples JSONL (default: the project's set)")
+flags.DEFINE_list("families", [], "held-out problems of these instruction-set families only "
+                  "(default: the default set)")
 flags.DEFINE_integer("n", 0, "evaluate the first n held-out examples (0 = all)")
 flags.DEFINE_integer("seq_len", 256, "row length for the held-out loss")
 flags.DEFINE_string("cache_dir", ".cache/cpmjax", "corpus, tokenizer and instruction-set cache")
@@ -34,6 +36,8 @@ def main(argv: list[str]) -> int:
     del argv
     f = flags.FLAGS
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
+    if f.heldout and f.families:
+        raise app.UsageError("give --heldout or --families, not both")
     results = {}
     for name, path in (("base", f.base), ("tuned", f.tuned)):
         try:
@@ -41,7 +45,8 @@ def main(argv: list[str]) -> int:
         except FileNotFoundError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        held = load_heldout(f.cache_dir, cfg.vocab_size, f.seq_len, f.heldout or None, f.n)
+        held = load_heldout(f.cache_dir, cfg.vocab_size, f.seq_len, f.heldout or None, f.n,
+                            f.families or None)
         t0 = time.perf_counter()
         r = results[name] = {"checkpoint": path,
                              **evaluate_chat_model(cfg, params, held.tokenizer, held.examples,

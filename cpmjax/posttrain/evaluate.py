@@ -82,10 +82,12 @@ class HeldOut:
 
 
 def load_heldout(cache_dir: str | os.PathLike, vocab_size: int, seq_len: int,
-                 path: str | os.PathLike | None = None, n: int = 0) -> HeldOut:
-    """The instruction set's held-out split (built in ``cache_dir`` on first use) or the
-    examples at ``path``; the first ``n`` are answered (0 = all), all of them give the loss."""
-    path = str(path or tasks.build_instruct_set(cache_dir) / "heldout.jsonl")
+                 path: str | os.PathLike | None = None, n: int = 0,
+                 families: Sequence[str] | None = None) -> HeldOut:
+    """The instruction set's held-out split (of ``families``; built in ``cache_dir`` on first
+    use) or the examples at ``path``; the first ``n`` are answered (0 = all), all of them give
+    the loss."""
+    path = str(path or tasks.build_instruct_set(cache_dir, families=families) / "heldout.jsonl")
     examples = tasks.read_jsonl(path)
     tok = str(get_or_build_default_tokenizer(cache_dir, vocab_size))
     _, rows, _ = sft.chat_dataset(path, tok, seq_len)

@@ -66,13 +66,18 @@ def _cfg(**kw):
     return ModelConfig.from_hf_config(tiny_hf_config(num_hidden_layers=2, **kw))
 
 
-def test_pgptq_hessian_drops_the_first_four_positions():
+def _first_layer_inputs(rows: int):
+    """(cfg, params, layer 0, tokens, positions, hidden states entering layer 0) of 12 tokens."""
     cfg = _cfg()
     params = init_params(cfg, jax.random.key(0))
     layer = jax.tree.map(lambda a: a[0], params["layers"])
-    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
-    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
-    h = embed_tokens(params, cfg, tokens)
+    tokens = jax.random.randint(jax.random.key(1), (rows, 12), 0, cfg.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(12), (rows, 12))
+    return cfg, params, layer, tokens, pos, embed_tokens(params, cfg, tokens)
+
+
+def test_pgptq_hessian_drops_the_first_four_positions():
+    cfg, params, layer, tokens, pos, h = _first_layer_inputs(2)
     noise = jax.random.normal(jax.random.key(2), h[:, :4].shape) * 30
     loud = h.at[:, :4].set(h[:, :4] * 30 + noise)  # huge, differently shaped prefix activations
     hess = lambda x, skip: accumulate_hessians([CalibBatch(x, pos, None)], layer, cfg, skip)
@@ -88,12 +93,7 @@ def test_pgptq_hessian_drops_the_first_four_positions():
 
 def test_streamed_hessians_equal_one_pass_over_all_rows():
     """Batch by batch accumulation gives the H of every row at once, with uneven batches."""
-    cfg = _cfg()
-    params = init_params(cfg, jax.random.key(0))
-    layer = jax.tree.map(lambda a: a[0], params["layers"])
-    tokens = jax.random.randint(jax.random.key(1), (5, 12), 0, cfg.vocab_size)
-    pos = jnp.broadcast_to(jnp.arange(12), (5, 12))
-    h = embed_tokens(params, cfg, tokens)
+    cfg, params, layer, tokens, pos, h = _first_layer_inputs(5)
     whole = accumulate_hessians([CalibBatch(h, pos, None)], layer, cfg, 4)
     parts = accumulate_hessians([CalibBatch(h[:2], pos[:2], None),
                                  CalibBatch(h[2:], pos[2:], None)], layer, cfg, 4)
