@@ -3,7 +3,8 @@ its long-tailed ``echo`` family) on the same mix, on a CPU::
 
     python launch/train.py --config=configs/tiny.py                 # runs/tiny
     python launch/train.py --config=configs/sft_longtail_tiny.py    # runs/sft_longtail_tiny
-    python launch/rl.py --config=configs/rl_longtail_tiny.py --results=bench/results/rl_longtail_tiny
+    python launch/rl.py --config=configs/rl_longtail_tiny.py \\
+        --results=bench/results/rl_longtail_tiny
 
 The recipe of ``configs/rl_tiny.py`` (GRPO with DAPO's techniques, 16-token chunks) with a
 128-token response budget, which the longest echo answers (96 letters) need, and 512 held-out

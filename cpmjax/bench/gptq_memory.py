@@ -5,9 +5,9 @@ holds all rows' linear inputs at once, as calibration did before it streamed) an
 a few rows (``cpmjax.quant.gptq.accumulate_hessians``), each in a fresh interpreter so its peak
 resident set (``VmHWM``) is its own. The codes agree up to float summation order (the Hessian
 sums and the layer outputs are computed in other batch shapes, and GPTQ's error feedback turns a
-last-bit difference into another rounding now and then); the share of equal codes is recorded. Next to it, the resident
-estimate of ``cpmjax.quant.gptq.calibration_bytes`` for small and for MiniCPM4-8B at 128 rows of
-2048 tokens. Rows go to ``bench/results/gptq_memory.json``.
+last-bit difference into another rounding now and then); the share of equal codes is recorded.
+Next to it, the resident estimate of ``cpmjax.quant.gptq.calibration_bytes`` for small and for
+MiniCPM4-8B at 128 rows of 2048 tokens. Rows go to ``bench/results/gptq_memory.json``.
 """
 
 from __future__ import annotations

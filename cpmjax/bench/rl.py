@@ -16,9 +16,9 @@ every time and ``arithmetic`` almost never, so their groups have equal rewards a
 sampling drops them. The tail is per group (a group's samples share their prompt): with a
 third of the prompts from ``echo``, about one group in ten is long, so most rounds of 8 groups
 wait for one. With all eight families (measured first) only a quarter of the rounds had a long
-group, and chunk-wise steps were 1.24x faster on the mean, 0.78x on the median. ``setting="hot"`` is the earlier setting:
-the default-set SFT model (``runs/sft_tiny``), whose answers are 4-7 tokens at temperature 1.0,
-sampled at 2.5 (median 7, p99 56, max 68 tokens).
+group, and chunk-wise steps were 1.24x faster on the mean, 0.78x on the median.
+``setting="hot"`` is the earlier setting: the default-set SFT model (``runs/sft_tiny``), whose
+answers are 4-7 tokens at temperature 1.0, sampled at 2.5 (median 7, p99 56, max 68 tokens).
 
 Rows (step time, rollout tokens/s, held-out reward per generated token; ``ratio`` is
 vanilla / chunk-wise for times and chunk-wise / vanilla otherwise) are appended to

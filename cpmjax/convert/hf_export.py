@@ -102,6 +102,12 @@ def _tensors(cfg: ModelConfig, params: Params, fmt: Format,
             yield name, layout.to_hf(entry, piece).astype(dtype)
 
 
+def copy_minicpm_code(folder: Path) -> None:
+    """The project's MiniCPM config and modeling files (``trust_remote_code``) into ``folder``."""
+    for src in ("configuration_minicpm.py", "modeling_minicpm.py"):
+        shutil.copyfile(HF_FILES / src, folder / src)
+
+
 def llama_config(cfg: ModelConfig, dtype_name: str) -> dict[str, Any]:
     """A LlamaForCausalLM config.json for the folded weights.
 
@@ -214,8 +220,7 @@ def save_hf(cfg: ModelConfig, params: Params, out_dir: str | os.PathLike,
                "pad_token_id": cfg.pad_token_id}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if format == "minicpm":
-            for src in ("configuration_minicpm.py", "modeling_minicpm.py"):
-                shutil.copyfile(HF_FILES / src, tmp / src)
+            copy_minicpm_code(tmp)
         copy_tokenizer(tokenizer, tmp)
         write_manifest(tmp, format)
     return out

@@ -79,21 +79,28 @@ class CalibBatch(NamedTuple):
     segment_ids: jax.Array | None
 
 
+def _run_layer(batch: CalibBatch, layer: Params, cfg: ModelConfig,
+               taps: dict[str, jax.Array] | None = None) -> jax.Array:
+    cos, sin = rope_cos_sin(cfg, jnp.maximum(batch.positions, 0))
+    return decoder_layer(batch.hidden, layer, cfg, cos=cos, sin=sin, positions=batch.positions,
+                         segment_ids=batch.segment_ids, cache_kv=None, taps=taps)[0]
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "skip"))
 def _layer_grams(batch: CalibBatch, layer: Params, cfg: ModelConfig, skip: int
-                 ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
-    """(XᵀX summed over kept tokens, per tap; kept-token count; the layer's output) of one batch."""
+                 ) -> tuple[dict[str, jax.Array], jax.Array]:
+    """(XᵀX summed over kept tokens, per tap; kept-token count) of one batch."""
     taps: dict[str, jax.Array] = {}
-    cos, sin = rope_cos_sin(cfg, jnp.maximum(batch.positions, 0))
-    out, _ = decoder_layer(batch.hidden, layer, cfg, cos=cos, sin=sin,
-                           positions=batch.positions, segment_ids=batch.segment_ids,
-                           cache_kv=None, taps=taps)
+    _run_layer(batch, layer, cfg, taps)
     keep = (batch.positions >= skip).astype(jnp.float32).reshape(-1, 1)
     grams = {}
     for name, x in taps.items():
         x = x.reshape(-1, int(np.prod(x.shape[2:]))).astype(jnp.float32) * keep
         grams[name] = x.T @ x
-    return grams, jnp.sum(keep), out
+    return grams, jnp.sum(keep)
+
+
+_layer_output = jax.jit(_run_layer, static_argnames=("cfg",))
 
 
 def accumulate_hessians(batches: Iterable[CalibBatch], layer: Params, cfg: ModelConfig,
@@ -103,7 +110,7 @@ def accumulate_hessians(batches: Iterable[CalibBatch], layer: Params, cfg: Model
     sums: dict[str, np.ndarray] = {}
     count = 0.0
     for batch in batches:
-        grams, n, _ = _layer_grams(batch, layer, cfg, skip)
+        grams, n = _layer_grams(batch, layer, cfg, skip)
         count += float(n)
         for name, g in grams.items():
             g = np.asarray(g, np.float64)
@@ -116,10 +123,11 @@ def accumulate_hessians(batches: Iterable[CalibBatch], layer: Params, cfg: Model
 def layer_outputs(batches: Iterable[CalibBatch], layer: Params, cfg: ModelConfig
                   ) -> list[CalibBatch]:
     """The batches after one decoder layer (the next layer's calibration inputs)."""
-    return [b._replace(hidden=_layer_grams(b, layer, cfg, 0)[2]) for b in batches]
+    return [b._replace(hidden=_layer_output(b, layer, cfg)) for b in batches]
 
 
-def calibration_bytes(cfg: ModelConfig, rows: int, seq_len: int, batch_rows: int) -> dict[str, int]:
+def calibration_bytes(cfg: ModelConfig, rows: int, seq_len: int, batch_rows: int
+                      ) -> dict[str, int]:
     """Resident bytes of streaming calibration, by part: the float64 Hessians of one layer, the
     float32 hidden states of every calibration row, one batch's float32 linear inputs, and one
     layer's float32 weights. An estimate (XLA's temporaries inside one layer call come on top)."""

@@ -32,7 +32,7 @@ from cpmjax.atomic import atomic_dir
 from cpmjax.config import ModelConfig
 from cpmjax.convert import layout
 from cpmjax.convert.export_dir import check_destination, copy_tokenizer, write_manifest
-from cpmjax.convert.hf_export import HF_FILES, minicpm_config
+from cpmjax.convert.hf_export import copy_minicpm_code, minicpm_config
 from cpmjax.convert.hf_import import SINGLE_NAME
 from cpmjax.model.params import Params
 from cpmjax.quant.gptq import LINEAR_INPUTS
@@ -122,8 +122,7 @@ def save_gptq(cfg: ModelConfig, qparams: Params, out_dir: str | os.PathLike, *,
         hf_cfg = minicpm_config(cfg, "float16") | {"quantization_config": quant}
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         (tmp / "quantize_config.json").write_text(json.dumps(quant, indent=2) + "\n")
-        for src in ("configuration_minicpm.py", "modeling_minicpm.py"):
-            (tmp / src).write_bytes((HF_FILES / src).read_bytes())
+        copy_minicpm_code(tmp)
         copy_tokenizer(tokenizer, tmp)
         write_manifest(tmp, "gptq")
     return out
