@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from cpmjax.model.mtp import DRAFT_FORMS
 from cpmjax.serve import cli
 
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF MiniCPM folder or cpmjax checkpoint")
@@ -24,7 +25,7 @@ DRAFT = flags.DEFINE_string("draft", None,
 SPEC_K = flags.DEFINE_integer("spec_k", 3, "draft tokens per verify step (with --draft)")
 DRAFT_QUANTIZE = flags.DEFINE_enum("draft_quantize", "none", ["none", "rtn"],
                                    "int4 RTN of the draft layer (only with a quantized target)")
-DRAFT_FORM = flags.DEFINE_enum("draft_form", "auto", ["auto", "mtp", "cpmcu"],
+DRAFT_FORM = flags.DEFINE_enum("draft_form", "auto", ["auto", *DRAFT_FORMS],
                                "the draft head's form (cpmjax.model.mtp.DRAFT_FORMS); auto: the "
                                "file's metadata (none: CPM.cu's) or the run's train.draft_form")
 FRSPEC = flags.DEFINE_string("frspec", None, "FR-Spec token ranking .npy (launch/build_frspec.py)")

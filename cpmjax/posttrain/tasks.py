@@ -200,6 +200,11 @@ def _example(family: str, split: str, prompt: str, answer: str) -> Example:
             "answer": answer}
 
 
+def parse_families(text: str) -> list[str] | None:
+    """Family names from a comma-separated config string; None (the default set) when empty."""
+    return [f.strip() for f in text.split(",") if f.strip()] or None
+
+
 def _family_names(families: Iterable[str] | None) -> list[str]:
     names = list(FAMILIES) if families is None else list(families)
     unknown = [f for f in names if f not in KNOWN_FAMILIES]

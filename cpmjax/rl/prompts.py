@@ -71,7 +71,7 @@ def instruct_prompts(cfg: Any) -> InstructPrompts:
     tokenizer."""
     r = cfg.rl
     tokenizer = run_tokenizer(cfg)
-    families = [f.strip() for f in r.families.split(",") if f.strip()] or None
+    families = tasks.parse_families(r.families)
     return InstructPrompts(tokenizer, r.train_prompts, r.heldout_prompts, cfg.train.seed,
                            families, r.format_credit)
 

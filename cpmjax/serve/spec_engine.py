@@ -124,9 +124,9 @@ class SpeculativeEngine(DecodeEngine):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Speculative:
-    """Speculative decoding settings for ``cpmjax.serve.generate`` and :func:`make_engine`: the MTP/EAGLE draft head's params
-    (``cpmjax.model.mtp``), the draft length k, an optional FR-Spec id list and the head's form
-    (``cpmjax.model.mtp.DRAFT_FORMS``)."""
+    """Speculative decoding settings for ``cpmjax.serve.generate`` and :func:`make_engine`: the
+    MTP/EAGLE draft head's params (``cpmjax.model.mtp``), the draft length k, an optional
+    FR-Spec id list and the head's form (``cpmjax.model.mtp.DRAFT_FORMS``)."""
 
     draft_params: Params
     k: int = 3

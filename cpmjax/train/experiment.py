@@ -12,7 +12,7 @@ import ml_collections
 
 from cpmjax.config import ConfigError, ModelConfig
 from cpmjax.model.mtp import DRAFT_FORMS
-from cpmjax.posttrain.tasks import KNOWN_FAMILIES
+from cpmjax.posttrain.tasks import KNOWN_FAMILIES, parse_families
 
 
 def experiment_config(model: Mapping[str, Any], name: str) -> ml_collections.ConfigDict:
@@ -169,8 +169,8 @@ def _rules(cfg: ml_collections.ConfigDict) -> list[tuple[str, Callable[[Any], bo
     rules += [(f"train.{f}", lambda v: isinstance(v, str), "must be a string")
               for f in ("freeze_target", "init_from")]
     rules += [("data.instruct_families",
-               lambda v: isinstance(v, str) and all(f.strip() in KNOWN_FAMILIES
-                                                    for f in v.split(",") if f.strip()),
+               lambda v: isinstance(v, str) and all(f in KNOWN_FAMILIES
+                                                    for f in parse_families(v) or ()),
                f"must be comma-separated names of {', '.join(KNOWN_FAMILIES)}")]
     rules += [("qat.enabled", lambda v: isinstance(v, bool), "must be true or false")]
     rules += [(f"qat.{f}", _is_int, "must be an integer") for f in ("group_size", "act_bits")]

@@ -83,8 +83,8 @@ def _chat_inputs(cfg: ml_collections.ConfigDict, vocab_size: int, shard_index: i
         files, weights = _files(d)
         valid = d.valid_file or files[0]
     else:
-        families = [f.strip() for f in d.instruct_families.split(",") if f.strip()] or None
-        folder = tasks.build_instruct_set(d.cache_dir, families=families)
+        folder = tasks.build_instruct_set(d.cache_dir,
+                                          families=tasks.parse_families(d.instruct_families))
         files, weights, valid = [str(folder / "train.jsonl")], [1.0], str(folder / "heldout.jsonl")
     tokenizer = _tokenizer(d, vocab_size)
     built = [sft.chat_dataset(f, tokenizer, t.seq_len, long, t.seed) for f in files]
