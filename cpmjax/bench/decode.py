@@ -54,6 +54,7 @@ class Timing(NamedTuple):
     accept: float = 1.0  # mean accept length (speculative)
     steps: int | None = None  # engine decode steps, each over all slots (cpmjax)
     host_mask_seconds: float = 0.0  # constrained decoding: writing the masks on the host
+    kinds: Any = None  # tree engines: {step kind: steps run} over the timed pass
 
 
 REPEATS = 3  # timed passes per row, the fastest kept: this shared 2-core VM's timings wander
@@ -65,14 +66,15 @@ def _fastest(timings: list[Timing]) -> Timing:
 
 def time_cpmjax(cfg: ModelConfig, params: Any, prompts: list[list[int]], new_tokens: int,
                 batch: int, speculative: Speculative | None = None,
-                grammar: Any = None) -> Timing:
+                grammar: Any = None, kv_bucket: int | None = 128) -> Timing:
     """All ``prompts`` through the scheduler on ``batch`` slots (fewer slots than prompts: the
     rest queue, as a server's would), the fastest of ``REPEATS`` passes after a warm-up; the
     decode part is the time spent in the engine's decode steps. ``speculative`` runs the
     draft-and-verify engine; ``grammar`` (a callable making one matcher per request) constrains
-    every request, and its host-side mask writing is added to the decode time (``host``)."""
-    extra = 0 if speculative is None else speculative.k  # positions a round may write ahead
-    engine = make_engine(cfg, speculative, max_slots=batch,
+    every request, and its host-side mask writing is added to the decode time (``host``).
+    ``kv_bucket``: the engine's cache-span buckets (None: every step reads the whole cache)."""
+    extra = 0 if speculative is None else speculative.lookahead  # positions a step writes ahead
+    engine = make_engine(cfg, speculative, max_slots=batch, kv_bucket=kv_bucket,
                          max_len=len(prompts[0]) + new_tokens + 1 + extra, chunk=64)
     step, in_steps = engine.generate, [0.0, 0]  # seconds, calls
 
@@ -100,6 +102,8 @@ def time_cpmjax(cfg: ModelConfig, params: Any, prompts: list[list[int]], new_tok
         return m
 
     def once() -> Timing:
+        policy = getattr(engine, "policy", None)
+        chosen = dict(policy.chosen) if policy is not None else None
         sched = Scheduler(engine, params, max_queue=len(prompts))
         reqs = [sched.submit(p, new_tokens, stop_token_ids=[], ignore_eos=True,
                              grammar=None if grammar is None else matcher()) for p in prompts]
@@ -109,7 +113,10 @@ def time_cpmjax(cfg: ModelConfig, params: Any, prompts: list[list[int]], new_tok
         sched.run_until_done()
         n = sum(len(r.output) for r in reqs)
         return Timing(time.perf_counter() - t, n, in_steps[0] + host[0], n - len(reqs),
-                      sched.step_tokens / max(sched.decode_steps, 1), in_steps[1], host[0])
+                      sched.step_tokens / max(sched.decode_steps, 1), in_steps[1], host[0],
+                      None if chosen is None else {
+                          str(tuple(engine.kinds[k])): n - chosen.get(k, 0)
+                          for k, n in policy.chosen.items()})
 
     once()
     return _fastest([once() for _ in range(REPEATS)])
@@ -348,3 +355,69 @@ def run_quantized(presets_: tuple[str, ...] = ("tiny", "small"), batches: tuple[
     if write:
         _append(rows)
     return rows
+
+
+TREES = ((4, 2, 8), (4, 4, 16), (6, 4, 24))  # (depth, topk, size) of the tree rows
+
+
+def run_tree(batches: tuple[int, ...] = (1, 8), requests: int = 8, prompt_len: int = 64,
+             new_tokens: int = 64, trees: tuple[tuple[int, int, int], ...] = TREES,
+             weights: tuple[str, ...] = ("float32", "int4"), torch_threads: int = 1,
+             write: bool = True) -> list[dict[str, Any]]:
+    """Tree speculative decoding (``cpmjax.serve.tree_engine``) next to plain decoding, the chain
+    (k=3) and HF transformers ``generate`` on the same weights, in one process: per batch size
+    and target weights (float32, or int4 RTN decoder linears), rows for plain, chain, every
+    tree of ``trees`` always run (policy ``fixed``), and the first tree under the ``measured``
+    policy (tree, chain or plain per step, from measured step costs). Every engine reads its
+    whole cache each step (``kv_bucket=None``), so each step kind compiles in the warm-up
+    pass. Rows carry tok/s, the mean accept length, the speedup over the plain row of the same
+    batch and weights and, for the measured rows, how often each step kind ran."""
+    import dataclasses
+
+    import torch
+
+    from cpmjax.quant.qforward import quantize_params
+
+    torch.set_num_threads(torch_threads)
+    cfg, params, spec, source, make_prompts = _model("tiny", 3)
+    chain = dataclasses.replace(spec, k=3)
+    variants = [("chain k=3", chain)] + [
+        (f"tree {t}", dataclasses.replace(spec, tree=t, policy="fixed")) for t in trees] + [
+        (f"tree {trees[0]} measured", dataclasses.replace(spec, tree=trees[0]))]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_hf(cfg, params, Path(tmp) / "llama", format="llama")
+        for batch, fmt in itertools.product(batches, weights):
+            p = params if fmt == "float32" else quantize_params(cfg, params, "rtn", bits=4)
+            prompts = make_prompts(requests, prompt_len)
+            base = None
+            runs = [("cpmjax", "plain", None)] + [("cpmjax", n, v) for n, v in variants]
+            if fmt == "float32":
+                runs.append(("hf_transformers", "plain", "hf"))
+            for impl, decoding, sp in runs:
+                if sp == "hf":
+                    r = time_hf(folder, prompts, new_tokens, batch)
+                else:
+                    r = time_cpmjax(cfg, p, prompts, new_tokens, batch, sp, kv_bucket=None)
+                row = {"bench": "decode_tree", "impl": impl, "preset": "tiny", "batch": batch,
+                       "requests": len(prompts), "prompt_len": prompt_len,
+                       "new_tokens": new_tokens, "decoding": decoding, "weights_format": fmt,
+                       "decode_tokens_per_s": r.decode_tokens / r.decode_seconds,
+                       "tokens_per_s": r.tokens / r.seconds, "mean_accept_length": r.accept,
+                       "weights": source, "device": jax.devices()[0].device_kind,
+                       "platform": jax.default_backend(), "cpu_count": os.cpu_count(),
+                       "load_avg_1m": round(os.getloadavg()[0], 2),
+                       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                if r.kinds and decoding.endswith("measured"):
+                    row["steps_by_kind"] = r.kinds
+                if r.steps:
+                    row["ms_per_decode_step"] = 1e3 * r.decode_seconds / r.steps
+                base = base or row
+                row["decode_speedup_vs_plain"] = (row["decode_tokens_per_s"]
+                                                  / base["decode_tokens_per_s"])
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if write:
+        _append(rows)
+    return rows
+

@@ -52,7 +52,8 @@ from cpmjax.config import ModelConfig
 from cpmjax.convert import layout
 from cpmjax.model.params import Params, Parametrization, ParamSpec, init_std, param_specs
 from cpmjax.model.rope import rope_cos_sin
-from cpmjax.model.transformer import decoder_layer, embed_tokens, forward, lm_head, project_vocab
+from cpmjax.model.transformer import (TreeAttention, decoder_layer, embed_tokens, forward,
+                                      lm_head, project_vocab)
 from cpmjax.model.layers import rms_norm
 
 DRAFT_FORMS = ("mtp", "cpmcu")
@@ -130,6 +131,7 @@ def draft_logits(params: Params, cfg: ModelConfig, h: jax.Array, form: str,
 def mtp_block(mtp_params: Params, params: Params, cfg: ModelConfig, hidden: jax.Array,
               next_tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
               cache_kv: tuple[jax.Array, ...] | None = None, kv_len: int | None = None,
+              tree: TreeAttention | None = None,
               ) -> tuple[jax.Array, tuple[jax.Array, ...] | None]:
     """(h^MTP [B,T,d], updated draft-layer cache tuple or None) from the feature h_t (see
 :func:`draft_feature`; or the head's own previous output) and x_{t+1}.
@@ -137,7 +139,8 @@ def mtp_block(mtp_params: Params, params: Params, cfg: ModelConfig, hidden: jax.
     ``positions`` are those of h_t; with ``cache_kv`` ((k, v) ``[B,S,KV,hd]``, plus the
     compressed keys for a sparse model, as `decoder_layer`) keys are written at them, so a
     rejected draft's entries are overwritten by the next step (position-addressed);
-    ``kv_len`` limits the attention read as in `decoder_layer`.
+    ``kv_len`` limits the attention read as in `decoder_layer`; ``tree``: the inputs are
+    nodes of a draft tree (`cpmjax.model.transformer.TreeAttention`).
     """
     dt = hidden.dtype
     e = rms_norm(embed_tokens(params, cfg, next_tokens, dt), mtp_params["emb_norm"], cfg.rms_norm_eps)
@@ -146,7 +149,7 @@ def mtp_block(mtp_params: Params, params: Params, cfg: ModelConfig, hidden: jax.
     cos, sin = rope_cos_sin(cfg, jnp.maximum(positions, 0))
     return decoder_layer(u, mtp_params["layer"], cfg, cos=cos, sin=sin, positions=positions,
                          segment_ids=segment_ids, cache_kv=cache_kv,
-                         residual_scale=draft_residual_scale(cfg), kv_len=kv_len)
+                         residual_scale=draft_residual_scale(cfg), kv_len=kv_len, tree=tree)
 
 
 def mtp_forward(mtp_params: Params, params: Params, cfg: ModelConfig, hidden: jax.Array,

@@ -22,6 +22,8 @@ from cpmjax.model.params import Params
 from cpmjax.model.rope import apply_rope, rope_cos_sin
 from cpmjax.parallel.sharding import constrain
 from cpmjax.sparse.cache import truncate_compressed, update_compressed
+from kernels.attention.reference import masked_attention
+from kernels.infllmv2.layout import heads_view
 
 HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")
 LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")
@@ -32,6 +34,20 @@ REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+
+
+class TreeAttention(NamedTuple):
+    """Queries that are nodes of a speculation tree (EAGLE-2, arXiv 2406.16858; SpecInfer,
+    arXiv 2305.09781), not a sequence: siblings share a RoPE position, so a position-addressed
+    cache cannot hold them at their positions. Each query's key/value is written at its own cache
+    ``slots [B, T]`` (negative: not written) beyond the committed tokens, and attention follows
+    the explicit ``mask [B, T, S]`` over cache slots (the committed prefix plus the query's
+    ancestors and itself), with S the positions the layer reads (``kv_len`` or the whole cache).
+    A sparse model's compressed keys are not updated here: the slots hold candidates, and the
+    caller rewrites the accepted path at its positions (``cpmjax.serve.tree``)."""
+
+    slots: jax.Array
+    mask: jax.Array
 
 
 class ModelOutput(NamedTuple):
@@ -77,6 +93,7 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
                   residual_scale: float | None = None, taps: dict[str, jax.Array] | None = None,
                   kv_len: int | None = None,
                   act_transform: Callable[[jax.Array], jax.Array] | None = None,
+                  tree: TreeAttention | None = None,
                   ) -> tuple[jax.Array, tuple[jax.Array, ...] | None]:
     """One pre-norm block; returns the new hidden state and the updated (k, v) cache of the layer.
 
@@ -94,6 +111,7 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
     ``act_transform`` maps the input of every linear before its matmul (int8 activations of
     quantization-aware training, ``cpmjax.quant.ternary``); taps see the untransformed input.
     ``attn_impl`` / ``sparse_impl``: dense and InfLLM v2 kernel names (``attention.attend``).
+    ``tree`` (with a cache): the queries are speculation-tree nodes (`TreeAttention`).
     """
     h = constrain(h, HIDDEN_AXES)
     dt = h.dtype
@@ -108,7 +126,9 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
     v = linear(xa, layer["wv"].astype(dt))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     compressed = None
-    if cache_kv is None:
+    if tree is not None:
+        out, new_cache = _tree_attend(q, k, v, cache_kv, tree, cfg, kv_len)
+    elif cache_kv is None:
         keys, values, kv_pos, kv_seg = k, v, positions, segment_ids
         new_cache = None
     else:
@@ -126,10 +146,12 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
         B, S = keys.shape[:2]
         kv_pos = jnp.broadcast_to(jnp.arange(S, dtype=positions.dtype), (B, S))
         kv_seg = None
-    out = attn_lib.attend(q, keys.astype(dt), values.astype(dt), q_pos=positions, kv_pos=kv_pos,
-                          q_seg=segment_ids if cache_kv is None else None, kv_seg=kv_seg, cfg=cfg,
-                          implementation=attn_impl, sparse_implementation=sparse_impl,
-                          kv_is_query=cache_kv is None, compressed=compressed)
+    if tree is None:
+        out = attn_lib.attend(
+            q, keys.astype(dt), values.astype(dt), q_pos=positions, kv_pos=kv_pos,
+            q_seg=segment_ids if cache_kv is None else None, kv_seg=kv_seg, cfg=cfg,
+            implementation=attn_impl, sparse_implementation=sparse_impl,
+            kv_is_query=cache_kv is None, compressed=compressed)
     if taps is not None:
         taps["wo_in"] = out
     attn_out = linear(act(out), layer["wo"].astype(dt), n_in=2)
@@ -142,13 +164,33 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
     return constrain(h, HIDDEN_AXES), new_cache
 
 
+def _tree_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache_kv: tuple[jax.Array, ...] | None,
+                 tree: TreeAttention, cfg: ModelConfig, kv_len: int | None
+                 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Attention of tree-node queries (`TreeAttention`): new keys written at ``tree.slots``,
+    then softmax attention under ``tree.mask``. Plain XLA with the whole ``[T, S]`` mask: a
+    tree holds tens of nodes, so this is the size of a decode step's scores."""
+    if cache_kv is None:
+        raise ValueError("tree attention needs a KV cache (the committed prefix)")
+    keys, values = write_kv(cache_kv[0], k, tree.slots), write_kv(cache_kv[1], v, tree.slots)
+    read_k, read_v = (x if kv_len is None else x[:, :kv_len] for x in (keys, values))
+    if tree.mask.shape[-1] != read_k.shape[1]:
+        raise ValueError(f"tree mask covers {tree.mask.shape[-1]} cache positions, the layer "
+                         f"reads {read_k.shape[1]}")
+    out = masked_attention(q, heads_view(read_k, cfg.head_dim).astype(q.dtype),
+                           heads_view(read_v, cfg.head_dim).astype(q.dtype), tree.mask,
+                           cfg.head_dim ** -0.5)
+    return out, (keys, values) + tuple(cache_kv[2:])
+
+
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
             positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
             cache: KVCache | None = None, dtype: Any = jnp.float32, return_logits: bool = True,
             remat: str = "none", attn_impl: str = "auto", sparse_impl: str = "auto",
             layer_transform: Callable[[Params], Params] | None = None,
             kv_len: int | None = None,
-            act_transform: Callable[[jax.Array], jax.Array] | None = None) -> ModelOutput:
+            act_transform: Callable[[jax.Array], jax.Array] | None = None,
+            tree: TreeAttention | None = None) -> ModelOutput:
     """Run the decoder.
 
     Args:
@@ -164,6 +206,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
         dequantizes packed weights there, so only one layer is ever dequantized at a time).
       kv_len: with a cache, attend only to its first ``kv_len`` positions (see `decoder_layer`).
       act_transform: maps every decoder linear's input (see `decoder_layer`).
+      tree: the tokens are speculation-tree nodes (`TreeAttention`; needs a cache; ``positions``
+        are then their RoPE positions only).
       attn_impl, sparse_impl: names in the dense attention registry (``kernels.attention``) and
         InfLLM v2's (``kernels.infllmv2``); ``"auto"`` is the platform default.
     """
@@ -184,7 +228,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
         return decoder_layer(carry, layer, cfg, cos=cos, sin=sin, positions=positions,
                              segment_ids=segment_ids, cache_kv=cache_kv, attn_impl=attn_impl,
                              sparse_impl=sparse_impl, kv_len=kv_len,
-                             act_transform=act_transform)
+                             act_transform=act_transform, tree=tree)
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)

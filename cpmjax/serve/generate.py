@@ -19,15 +19,15 @@ from cpmjax.serve.spec_engine import Speculative, make_engine
 
 @functools.lru_cache(maxsize=8)
 def engine_for(cfg: ModelConfig, max_slots: int, max_len: int, chunk: int, dtype_name: str,
-               speculative_k: int | None = None, attn_impl: str = "auto",
-               sparse_impl: str = "auto", draft_form: str = "mtp") -> DecodeEngine:
-    """One engine (and its compiled steps) per static shape (and draft form), reused across
-    calls; a speculative engine is created without a draft, which :func:`generate` sets before
-    each use."""
+               speculative: tuple[Any, ...] | None = None, attn_impl: str = "auto",
+               sparse_impl: str = "auto") -> DecodeEngine:
+    """One engine (and its compiled steps) per static shape and speculative settings
+    (``Speculative.engine_key``), reused across calls; a speculative engine is created without
+    a draft, which :func:`run_requests` sets before each use."""
     kw = dict(max_slots=max_slots, max_len=max_len, chunk=chunk, dtype=jnp.dtype(dtype_name),
               attn_impl=attn_impl, sparse_impl=sparse_impl)
-    return make_engine(cfg, None if speculative_k is None else
-                       Speculative(None, speculative_k, form=draft_form), **kw)
+    return make_engine(cfg, None if speculative is None else Speculative(None, *speculative),
+                       **kw)
 
 
 def _check_prompts(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int) -> int:
@@ -57,13 +57,13 @@ def run_requests(cfg: ModelConfig, params: Params, prompts: list[list[int]],
         raise TypeError(f"speculative must be a cpmjax.serve.generate.Speculative, got "
                         f"{type(speculative).__name__}")
     longest = _check_prompts(cfg, prompts, max_new_tokens)
-    # a speculative step may write k positions past the last emitted token: room for them
-    extra = 0 if speculative is None else speculative.k
+    # a speculative step writes positions past the last emitted token: room for them
+    extra = 0 if speculative is None else speculative.lookahead
     max_len = min(pow2_bucket(longest + extra, 128), cfg.max_position_embeddings)
     slots = min(pow2_bucket(len(prompts), 1), max_slots)
     engine = engine_for(cfg, slots, max_len, chunk, jnp.dtype(dtype).name,
-                        None if speculative is None else int(speculative.k), attn_impl,
-                        sparse_impl, "mtp" if speculative is None else speculative.form)
+                        None if speculative is None else speculative.engine_key, attn_impl,
+                        sparse_impl)
     if speculative is not None:
         check_spec_quant(is_quantized(params), is_quantized_draft(speculative.draft_params))
         engine.set_draft(speculative.draft_params, speculative.frspec_ids)
@@ -100,9 +100,11 @@ def generate(cfg: ModelConfig, params: Params, prompts: list[list[int]], max_new
 def speculative_generate(cfg: ModelConfig, params: Params, draft_params: Params,
                          prompts: Sequence[Sequence[int]], max_new_tokens: int, k: int = 3,
                          temperature: float = 0.0, seed: int = 0, frspec_ids: Any = None,
-                         max_slots: int = 256, form: str = "mtp"
+                         max_slots: int = 256, form: str = "mtp", tree: Any = None,
+                         policy: str = "measured", rule: str = "coupled"
                          ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Exactly ``max_new_tokens`` per prompt (eos ignored), speculative with draft length ``k``:
+    """Exactly ``max_new_tokens`` per prompt (eos ignored), speculative with draft length ``k``
+    (or draft trees of shape ``tree``, with ``policy`` and ``rule``, see `Speculative`):
     (tokens ``[len(prompts), max_new_tokens]`` int32, stats) for experiments and tests.
 
     stats: ``mean_accept_length`` (CPM.cu's "Mean accept length": tokens per verify step),
@@ -115,7 +117,8 @@ def speculative_generate(cfg: ModelConfig, params: Params, draft_params: Params,
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     sampling = [SamplingParams(temperature, seed=seed + i) for i in range(len(prompts))]
     reqs = run_requests(cfg, params, prompts, max_new_tokens, sampling,
-                        speculative=Speculative(draft_params, k, frspec_ids, form),
+                        speculative=Speculative(draft_params, k, frspec_ids, form, tree,
+                                                policy, rule),
                         max_slots=max_slots, ignore_eos=True)
     steps = sum(r.decode_steps for r in reqs)
     produced = sum(r.step_tokens for r in reqs)

@@ -174,6 +174,16 @@ def warp(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax
     return top_p_mask(top_k_mask(scaled, top_k), top_p)
 
 
+def step_noise(seed: jax.Array, step: jax.Array, vocab: int) -> jax.Array:
+    """Gumbel noise ``[B, vocab]`` of each row's token number ``step``, from its own seed: a
+    sampled token is the argmax of its warped logits plus this noise (the Gumbel-max form of
+    ``jax.random.categorical``). Written out so that speculative decoding draws every token
+    with the very noise plain decoding would (``cpmjax.serve.tree``): a seeded request then gets
+    the same tokens whatever the engine, the draft or the batch."""
+    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(seed, step)
+    return jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(keys)
+
+
 def sample(logits: jax.Array, seen: jax.Array, step: jax.Array, *, temperature: jax.Array,
            top_k: jax.Array, top_p: jax.Array, repetition_penalty: jax.Array,
            seed: jax.Array, **processing: jax.Array | None) -> jax.Array:
@@ -185,8 +195,7 @@ def sample(logits: jax.Array, seen: jax.Array, step: jax.Array, *, temperature: 
 
     def draw(_: None) -> jax.Array:
         warped = warp(logits, temperature, top_k, top_p)
-        keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(seed, step)
-        drawn = jax.vmap(jax.random.categorical)(keys, warped).astype(jnp.int32)
+        drawn = argmax_last(warped + step_noise(seed, step, logits.shape[-1]))
         return jnp.where(temperature > 0, drawn, greedy)
 
     # The vocabulary sorts of top-k/top-p cost more than a small model's decode step: skip them

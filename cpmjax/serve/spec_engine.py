@@ -25,8 +25,9 @@ from cpmjax.quant.qforward import dense_draft
 from cpmjax.serve.engine import DecodeEngine, DecodeState
 from cpmjax.serve.sampling import SamplingParams
 from cpmjax.serve.frspec import check_frspec_ids
-from cpmjax.serve.speculative import (RowSampling, draft_kv, init_draft_cache, speculative_round,
-                                      with_kv)
+from cpmjax.serve.tree import check_tree_shape
+from cpmjax.serve.speculative import (RoundOut, RowSampling, draft_kv, init_draft_cache,
+                                      speculative_round, with_kv)
 
 
 class SpeculativeEngine(DecodeEngine):
@@ -103,6 +104,11 @@ class SpeculativeEngine(DecodeEngine):
                               RowSampling(state.temperature, state.top_k, state.top_p),
                               draft_args["vocab_ids"], self.dtype, all_greedy, kv_len,
                               self.kernels, self.draft_form)
+        return self._advance(state, r)
+
+    @staticmethod
+    def _advance(state: DecodeState, r: RoundOut) -> tuple[DecodeState, jax.Array, jax.Array]:
+        """The decode state after a round, and the round's (tokens, counts)."""
         active = state.lengths >= 0
         new = state._replace(cache=r.cache, draft=r.draft, tokens=r.last,
                              lengths=jnp.where(active, state.lengths + r.count, -1),
@@ -126,20 +132,44 @@ class SpeculativeEngine(DecodeEngine):
 class Speculative:
     """Speculative decoding settings for ``cpmjax.serve.generate`` and :func:`make_engine`: the
     MTP/EAGLE draft head's params (``cpmjax.model.mtp``), the draft length k, an optional
-    FR-Spec id list and the head's form (``cpmjax.model.mtp.DRAFT_FORMS``)."""
+    FR-Spec id list and the head's form (``cpmjax.model.mtp.DRAFT_FORMS``). With ``tree``
+    (depth, topk, size) the rounds draft EAGLE-2 trees (``cpmjax.serve.tree_engine``; k is then
+    unused), switching step kinds by ``policy`` and accepting by ``rule``."""
 
     draft_params: Params
     k: int = 3
     frspec_ids: Any = None
     form: str = "mtp"
+    tree: Any = None
+    policy: str = "measured"
+    rule: str = "coupled"
+
+    @property
+    def lookahead(self) -> int:
+        """Cache positions past the newest token one step may write."""
+        if self.tree is None:
+            return self.k
+        return check_tree_shape(self.tree).lookahead
+
+    @property
+    def engine_key(self) -> tuple[Any, ...]:
+        """The settings an engine compiles for (all but the draft and FR-Spec ids, which
+        ``set_draft`` swaps), hashable, in this class's field order after ``draft_params``."""
+        return (self.k, None, self.form, None if self.tree is None else tuple(self.tree),
+                self.policy, self.rule)
 
 
 def make_engine(cfg: ModelConfig, speculative: Speculative | None = None, **kw: Any
                 ) -> DecodeEngine:
     """The engine ``generate``, the server and the benchmarks decode with: plain without
-    ``speculative``, else a :class:`SpeculativeEngine` with its draft, k, FR-Spec ids and form
-    (a draft of None is set later with ``set_draft``). ``kw``: :class:`DecodeEngine`'s."""
+    ``speculative``, else a :class:`SpeculativeEngine` (chain) or, with ``speculative.tree``, a
+    ``TreeEngine``, with its draft, FR-Spec ids and form (a draft of None is set later with
+    ``set_draft``). ``kw``: :class:`DecodeEngine`'s."""
     if speculative is None:
         return DecodeEngine(cfg, **kw)
-    return SpeculativeEngine(cfg, speculative.draft_params, k=speculative.k,
-                             frspec_ids=speculative.frspec_ids, draft_form=speculative.form, **kw)
+    common = dict(frspec_ids=speculative.frspec_ids, draft_form=speculative.form, **kw)
+    if speculative.tree is not None:
+        from cpmjax.serve.tree_engine import TreeEngine  # it builds on this module
+        return TreeEngine(cfg, speculative.draft_params, tree=speculative.tree,
+                          policy=speculative.policy, rule=speculative.rule, **common)
+    return SpeculativeEngine(cfg, speculative.draft_params, k=speculative.k, **common)

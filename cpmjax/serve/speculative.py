@@ -210,5 +210,6 @@ def draft_kv(draft: DraftCache) -> tuple[jax.Array, ...]:
 
 
 def with_kv(draft: DraftCache, kv: tuple[jax.Array, ...], h: jax.Array) -> DraftCache:
-    """``draft`` with the cache tuple ``kv`` (from `mtp_block`) and the feature ``h``."""
-    return {**dict(zip([n for n in CACHE_FIELDS if n in draft], kv)), "h": h}
+    """``draft`` with the cache tuple ``kv`` (from `mtp_block`) and the feature ``h`` (other
+    entries, such as a tree engine's pending pairs, kept)."""
+    return {**draft, **dict(zip([n for n in CACHE_FIELDS if n in draft], kv)), "h": h}

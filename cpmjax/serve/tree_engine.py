@@ -1,0 +1,189 @@
+"""The decode engine with tree speculative decoding (``cpmjax.serve.tree``) and measured switching
+among step kinds: the configured tree, a chain of the same depth, and a plain step.
+
+Same JetStream contract, static shapes and draft prefill as :class:`SpeculativeEngine`. Every
+step kind emits each row's tokens by the coupled rule (the tokens plain decoding draws with the
+row's seed), so which kind runs, chosen per step by :class:`StepCostPolicy` from measured costs
+at the current batch size, changes the speed and never the output, and a seeded request's tokens
+do not depend on its batch companions.
+
+The plain step runs the target alone (its ordinary attention: also InfLLM v2 sparse attention)
+and leaves the draft behind: the (target hidden, next token) pairs it would have read are kept
+per slot (up to ``pending`` of them) and the draft layer reads them in one pass before the next
+speculative round, or when the buffer is full. So a plain step costs what the plain engine's
+does, plus one draft pass per ``pending`` steps.
+
+Tree rounds attend through an explicit mask (`cpmjax.model.transformer.TreeAttention`), which
+is dense attention; a sparse model speculates only while every row is in InfLLM v2's dense
+regime (positions below ``dense_len``), and takes plain steps beyond it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cpmjax.config import ModelConfig
+from cpmjax.model import forward
+from cpmjax.model.mtp import draft_feature, mtp_block
+from cpmjax.model.params import Params
+from cpmjax.quant.qforward import dense_draft, layer_transform_for
+from cpmjax.serve.engine import DecodeState
+from cpmjax.serve.spec_engine import SpeculativeEngine
+from cpmjax.serve.speculative import DraftCache, RowSampling, draft_kv, init_draft_cache, with_kv
+from cpmjax.serve.step_policy import StepCostPolicy
+from cpmjax.serve.tree import (RULES, TreeShape, check_tree_shape, coupled_targets, round_noise,
+                               tree_round)
+
+POLICIES = ("measured", "fixed")
+PLAIN = TreeShape(0, 1, 0)
+
+
+class TreeEngine(SpeculativeEngine):
+    """Speculative engine whose rounds draft a tree of ``tree`` = (depth, topk, size).
+
+    ``policy``: ``"measured"`` switches per step among the tree, a chain of its depth and a plain
+    step (`StepCostPolicy`); ``"fixed"`` always runs the tree. ``rule``: the acceptance rule
+    (``cpmjax.serve.tree.RULES``); with ``"rejection"`` a sampled row's tokens depend on the
+    round structure, so while any busy row samples the tree always runs. ``pending``: plain
+    steps the draft may fall behind before it catches up.
+    """
+
+    def __init__(self, cfg: ModelConfig, draft_params: Params, *, tree: Any = (4, 4, 16),
+                 policy: str = "measured", rule: str = "coupled", pending: int = 16,
+                 **kw: Any) -> None:
+        shape = check_tree_shape(tree)
+        if shape.depth < 1:
+            raise ValueError(f"tree depth must be >= 1 (a plain engine drafts nothing), got "
+                             f"{shape.depth}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if not isinstance(pending, (int, np.integer)) or pending < 1:
+            raise ValueError(f"pending must be an integer >= 1, got {pending!r}")
+        chain = TreeShape(shape.depth, 1, shape.depth)
+        kinds = [shape] + ([chain] if policy == "measured" and chain != shape else []) + [PLAIN]
+        self.kinds, self.rule, self.pending = tuple(kinds), rule, int(pending)
+        self.policy_name = policy
+        super().__init__(cfg, draft_params, k=shape.depth, **kw)
+        self.speculative_k = max(s.lookahead for s in self.kinds)  # slots a step may write ahead
+        self.policy = StepCostPolicy(len(self.kinds))
+        self._tree = self._jit("tree", self._tree_impl, donate=(2,), static=(3, 4, 5))
+        self._plain = self._jit("plain", self._plain_impl, donate=(2,), static=(3, 4))
+        self._timed: set[tuple[Any, ...]] = set()  # (kind, span, greedy) compiled already
+        self._behind = False  # the last step was plain: the draft has pairs pending
+
+    # ---- the draft's pending pairs ---------------------------------------------------------
+    def _with_pending(self, draft: DraftCache, batch: int) -> DraftCache:
+        return {**draft, "pend_h": jnp.zeros((batch, self.pending, self.cfg.hidden_size),
+                                             jnp.float32),
+                "pend_tok": jnp.zeros((batch, self.pending), jnp.int32),
+                "pend_n": jnp.zeros((batch,), jnp.int32)}
+
+    def _init_prefix_draft(self) -> DraftCache:
+        return self._with_pending(init_draft_cache(self.cfg, 1, self.max_len, self.dtype), 1)
+
+    def init_decode_state(self) -> DecodeState:
+        state = super().init_decode_state()
+        return state._replace(draft=self._with_pending(state.draft, self.max_slots))
+
+    def _catch_up(self, params: Params, draft_params: Params, draft: DraftCache,
+                  lengths: jax.Array, kv_len: int) -> DraftCache:
+        """The draft layer reads every row's pending pairs (positions length - n .. length-1),
+        in one pass when any row has some."""
+        def read(d: DraftCache) -> DraftCache:
+            n = d["pend_n"]
+            i = jnp.arange(self.pending)[None]
+            pos = jnp.where((i < n[:, None]) & (lengths >= 0)[:, None],
+                            lengths[:, None] - n[:, None] + i, -1)
+            hc, kv = mtp_block(dense_draft(draft_params, self.cfg, self.dtype), params, self.cfg,
+                               d["pend_h"].astype(self.dtype), d["pend_tok"], pos,
+                               cache_kv=draft_kv(d), kv_len=kv_len)
+            h = jnp.where((n > 0)[:, None], hc[jnp.arange(n.shape[0]), jnp.maximum(n - 1, 0)],
+                          d["h"])
+            return {**with_kv(d, kv, h.astype(d["h"].dtype)), "pend_n": jnp.zeros_like(n)}
+
+        return jax.lax.cond(jnp.any(draft["pend_n"] > 0), read, lambda d: d, draft)
+
+    # ---- the step kinds -----------------------------------------------------------------
+    def _tree_impl(self, params: Params, draft_args: Any, state: DecodeState, kv_len: int,
+                   shape: TreeShape, all_greedy: bool
+                   ) -> tuple[DecodeState, jax.Array, jax.Array]:
+        draft = self._catch_up(params, draft_args["params"], state.draft, state.lengths, kv_len)
+        r = tree_round(params, draft_args["params"], self.cfg, shape, state.cache, draft,
+                       state.tokens, state.lengths, state.seed, state.steps,
+                       RowSampling(state.temperature, state.top_k, state.top_p),
+                       draft_args["vocab_ids"], self.dtype, all_greedy, kv_len, self.draft_form,
+                       self.rule)
+        return self._advance(state, r)
+
+    def _plain_impl(self, params: Params, draft_args: Any, state: DecodeState, kv_len: int,
+                    all_greedy: bool) -> tuple[DecodeState, jax.Array, jax.Array]:
+        """One target step (its own attention kernels); the draft's pair is kept pending."""
+        active = state.lengths >= 0
+        draft = state.draft
+        full = jnp.any(active & (draft["pend_n"] >= self.pending))
+        draft = jax.lax.cond(full, lambda d: self._catch_up(params, draft_args["params"], d,
+                                                            state.lengths, kv_len),
+                             lambda d: d, draft)
+        out = forward(params, self.cfg, state.tokens[:, None], positions=state.lengths[:, None],
+                      cache=state.cache, dtype=self.dtype, kv_len=kv_len, **self.kernels,
+                      layer_transform=layer_transform_for(params, self.cfg, self.dtype))
+        noise = None if all_greedy else round_noise(state.seed, state.steps, 1,
+                                                    self.cfg.vocab_size)
+        nxt = coupled_targets(out.logits, jnp.zeros_like(state.tokens)[:, None],
+                              RowSampling(state.temperature, state.top_k, state.top_p),
+                              noise)[:, 0]
+        rows, n = jnp.arange(self.max_slots), draft["pend_n"]
+        feature = draft_feature(params, self.cfg, out.hidden[:, 0], self.draft_form)
+        slot = jnp.where(active, n, self.pending)  # idle rows write nothing
+        draft = {**draft,
+                 "pend_h": draft["pend_h"].at[rows, slot].set(feature.astype(jnp.float32),
+                                                              mode="drop"),
+                 "pend_tok": draft["pend_tok"].at[rows, slot].set(nxt, mode="drop"),
+                 "pend_n": jnp.where(active, n + 1, n)}
+        count = active.astype(jnp.int32)
+        new = state._replace(cache=out.cache, draft=draft, tokens=jnp.where(active, nxt,
+                                                                            state.tokens),
+                             lengths=jnp.where(active, state.lengths + 1, -1),
+                             steps=state.steps + count)
+        return new, nxt[:, None], count
+
+    def generate(self, params: Params, state: DecodeState, all_greedy: bool = False,
+                 context: int | None = None) -> tuple[DecodeState, jax.Array, jax.Array]:
+        """One step of the kind the policy picks (see the module docstring); arguments as for
+        :meth:`SpeculativeEngine.generate`."""
+        span = self.kv_span(context)
+        busy = int(np.sum(np.asarray(state.lengths) >= 0))
+        kind = self._choose(busy, all_greedy, context)
+        shape = self.kinds[kind]
+        start = time.perf_counter()
+        if shape == PLAIN:
+            out = self._plain(params, self.draft_args, state, span, all_greedy)
+        else:
+            out = self._tree(params, self.draft_args, state, span, shape, all_greedy)
+        tokens = int(np.asarray(out[2]).sum())  # waits for the step
+        key = (shape, span, all_greedy)
+        # not cost measurements: a step that compiled, and a round that first read the pairs
+        # plain steps left pending (their cost, charged to the round, would keep plain chosen)
+        if key in self._timed and (shape == PLAIN or not self._behind):
+            self.policy.record(kind, busy, time.perf_counter() - start, tokens)
+        self._timed.add(key)
+        self._behind = shape == PLAIN
+        return out
+
+    def _choose(self, busy: int, all_greedy: bool, context: int | None) -> int:
+        """The configured tree, except: plain where a sparse model may leave InfLLM v2's dense
+        regime this step; the policy's choice where switching cannot change any output."""
+        sc = self.cfg.sparse_config
+        if sc is not None and not (context is not None
+                                   and 0 < context + self.speculative_k < sc.dense_len):
+            return self.kinds.index(PLAIN)
+        if self.policy_name == "fixed" or (self.rule == "rejection" and not all_greedy):
+            return 0
+        return self.policy.choose(busy)

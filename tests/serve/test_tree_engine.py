@@ -1,0 +1,154 @@
+"""The tree engine is lossless in the strong sense: greedy and seeded sampled requests get the
+tokens plain decoding gives them, whatever tree, step kind or batch companions; full acceptance
+leaves the caches of plain decoding; a sparse model speculates only in InfLLM v2's dense
+regime."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cpmjax.model import init_params
+from cpmjax.model.mtp import init_mtp_params
+from cpmjax.serve.engine import DecodeEngine
+from cpmjax.serve.generate import speculative_generate
+from cpmjax.serve.sampling import SamplingParams
+from cpmjax.serve.scheduler import Scheduler
+from cpmjax.serve.tree_engine import PLAIN, TreeEngine
+from tests.sparse.test_sparse_model import make_cfg
+from tests.spec.helpers import greedy_oracle, small_models
+
+
+def _decode(engine, params, prompts, n, samplings):
+    sched = Scheduler(engine, params, max_queue=len(prompts))
+    reqs = [sched.submit(p, n, sp, stop_token_ids=[], ignore_eos=True)
+            for p, sp in zip(prompts, samplings)]
+    sched.run_until_done()
+    return [r.output for r in reqs], sched
+
+
+def _prompts(vocab, lens, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=n).tolist() for n in lens]
+
+
+@pytest.mark.parametrize("tree, policy, subset", [((3, 2, 4), "fixed", False),
+                                                  ((4, 3, 8), "measured", True)])
+def test_greedy_tree_decoding_matches_plain_greedy(tree, policy, subset):
+    cfg, params, draft = small_models()
+    prompts = _prompts(cfg.vocab_size, (1, 3, 7, 12, 5, 9))
+    ids = np.arange(0, cfg.vocab_size, 2) if subset else None
+    toks, stats = speculative_generate(cfg, params, draft, prompts, 12, tree=tree,
+                                       policy=policy, frspec_ids=ids)
+    for i, p in enumerate(prompts):
+        assert toks[i].tolist() == greedy_oracle(cfg, params, p, 12), f"prompt {i}"
+    assert stats["verify_steps"] >= len(prompts)
+
+
+def _predictable():
+    """A target whose logits are all zero (lm_head = 0) and a draft that shares its head: both
+    rank token 0 first, and a sampled row's target and draft see the same Gumbel noise over
+    the same (uniform) distribution, so every drafted level is accepted; the hidden states and
+    caches still depend on every token and position."""
+    cfg, params, draft = small_models()
+    params = {**params, "lm_head": jnp.zeros_like(params["lm_head"])}
+    return cfg, params, draft
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_full_acceptance_leaves_the_caches_of_plain_decoding(temperature):
+    cfg, params, draft = _predictable()
+    prompts = _prompts(cfg.vocab_size, (6, 11))
+    sp = [SamplingParams(temperature, seed=s) for s in (3, 4)]
+    plain = DecodeEngine(cfg, max_slots=2, max_len=64, chunk=8)
+    tree = TreeEngine(cfg, draft, tree=(3, 2, 7), policy="fixed", max_slots=2, max_len=64,
+                      chunk=8)
+    want, ps = _decode(plain, params, prompts, 21, sp)
+    got, ts = _decode(tree, params, prompts, 21, sp)
+    assert got == want
+    assert ts.step_tokens / ts.decode_steps == pytest.approx(4.0)  # depth 3 + 1, every round
+    if temperature:
+        assert len({t for row in got for t in row}) > 5  # sampled, not a constant
+    # the rows were released; their caches hold prompt + 20 generated tokens at 0..n-1
+    for row, p in enumerate(prompts):
+        n = len(p) + 20
+        for name in ("k", "v"):
+            np.testing.assert_allclose(ts.state.cache[name][:, row, :n],
+                                       ps.state.cache[name][:, row, :n], atol=2e-5)
+
+
+def test_seeded_sampling_equals_plain_sampling_alone_or_in_a_batch():
+    """Random weights (drafts mostly rejected): sampled requests (temperature, top-k, top-p)
+    get plain decoding's tokens in a 4-slot tree engine with companions and alone."""
+    cfg, params, draft = small_models()
+    prompts = _prompts(cfg.vocab_size, (4, 9, 2, 13, 6))
+    sp = [SamplingParams(0.9, top_k=20, top_p=0.9, seed=10 + i) for i in range(4)] + [
+        SamplingParams(0.0)]
+    want, _ = _decode(DecodeEngine(cfg, max_slots=4, max_len=64, chunk=8), params, prompts, 15,
+                      sp)
+    engine = TreeEngine(cfg, draft, tree=(3, 3, 6), max_slots=4, max_len=64, chunk=8)
+    together, _ = _decode(engine, params, prompts, 15, sp)
+    alone, _ = _decode(TreeEngine(cfg, draft, tree=(2, 2, 3), max_slots=1, max_len=64,
+                                  chunk=8), params, prompts[1:2], 15, sp[1:2])
+    assert together == want
+    assert alone[0] == want[1]
+
+
+class _Scripted:
+    """A policy stub that cycles through fixed step kinds."""
+
+    def __init__(self, script):
+        self.script, self.i = script, 0
+        self.chosen = {}
+
+    def choose(self, busy):
+        self.i += 1
+        return self.script[(self.i - 1) % len(self.script)]
+
+    def record(self, *a):
+        pass
+
+
+def test_switching_step_kinds_changes_no_token():
+    """Plain steps (more in a row than the draft may fall behind: the pending buffer fills and
+    is read), chain and tree rounds in any order: greedy and sampled tokens stay plain's."""
+    cfg, params, draft = small_models()
+    prompts = _prompts(cfg.vocab_size, (5, 8, 3))
+    sp = [SamplingParams(0.0), SamplingParams(1.0, seed=1), SamplingParams(0.7, seed=2)]
+    want, _ = _decode(DecodeEngine(cfg, max_slots=3, max_len=96, chunk=8), params, prompts, 30,
+                      sp)
+    engine = TreeEngine(cfg, draft, tree=(3, 2, 4), pending=3, max_slots=3, max_len=96,
+                        chunk=8)
+    plain = engine.kinds.index(PLAIN)
+    engine.policy = _Scripted([plain] * 5 + [0, 1, plain, 0, plain, plain, 1])
+    got, _ = _decode(engine, params, prompts, 30, sp)
+    assert got == want
+    assert {"tree", "plain"} <= set(engine.compilations)
+
+
+def test_sparse_model_speculates_only_below_dense_len():
+    """InfLLM v2 with dense_len 64: a 40-token prompt speculates while every position stays
+    dense, then takes plain steps (sparse attention); greedy tokens equal plain decoding's."""
+    cfg = make_cfg(dense_len=64)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    draft = init_mtp_params(cfg, jax.random.PRNGKey(1))
+    prompt = [list(range(5, 45))]
+    want, _ = _decode(DecodeEngine(cfg, max_slots=1, max_len=128, chunk=16), params, prompt, 40,
+                      [SamplingParams()])
+    engine = TreeEngine(cfg, draft, tree=(2, 2, 3), policy="fixed", max_slots=1, max_len=128,
+                        chunk=16)
+    got, _ = _decode(engine, params, prompt, 40, [SamplingParams()])
+    assert got == want
+    assert engine.compilations["tree"] >= 1 and engine.compilations["plain"] >= 1
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"policy": "always"}, "policy must be one of"), ({"rule": "leviathan"}, "rule must be"),
+    ({"pending": 0}, "pending must be"), ({"tree": (0, 1, 0)}, "depth must be >= 1"),
+    ({"tree": (2, 2, 9)}, "size must be in")])
+def test_bad_engine_settings_are_named(kw, match):
+    cfg, _, draft = small_models()
+    with pytest.raises(ValueError, match=match):
+        TreeEngine(cfg, draft, max_slots=1, max_len=32, **kw)
