@@ -61,8 +61,9 @@ def main(argv: list[str]) -> None:
     print(tok.decode(out, skip_special_tokens=True) if tok is not None else out)
     print(f"[{len(out)} tokens in {dt:.2f} s, compilation included]", file=sys.stderr)
     if spec is not None:  # CPM.cu prints the same figure after a run
+        drafting = f"k={spec.k}" if spec.tree is None else f"tree={tuple(spec.tree)}"
         print(f"[mean accept length {req.mean_accept_length:.2f} over {req.decode_steps} "
-              f"verify steps, k={spec.k}]", file=sys.stderr)
+              f"verify steps, {drafting}]", file=sys.stderr)
 
 
 if __name__ == "__main__":

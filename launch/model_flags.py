@@ -28,6 +28,12 @@ DRAFT_QUANTIZE = flags.DEFINE_enum("draft_quantize", "none", ["none", "rtn"],
 DRAFT_FORM = flags.DEFINE_enum("draft_form", "auto", ["auto", *DRAFT_FORMS],
                                "the draft head's form (cpmjax.model.mtp.DRAFT_FORMS); auto: the "
                                "file's metadata (none: CPM.cu's) or the run's train.draft_form")
+SPEC_TREE = flags.DEFINE_string(
+    "spec_tree", None, "EAGLE-2 tree drafting (with --draft): depth,topk,size, e.g. 4,2,8 "
+    "(--spec_k is then unused)")
+SPEC_POLICY = flags.DEFINE_enum(
+    "spec_policy", "measured", ["measured", "fixed"],
+    "with --spec_tree: switch among tree, chain and plain steps by measured cost, or always tree")
 FRSPEC = flags.DEFINE_string("frspec", None, "FR-Spec token ranking .npy (launch/build_frspec.py)")
 FRSPEC_SIZE = flags.DEFINE_integer(
     "frspec_size", 0, "draft vocabulary: the N most frequent ids of --frspec (0 = all)")
@@ -40,9 +46,11 @@ def model_source() -> cli.ModelSource:
 
 def draft_source() -> cli.DraftSource:
     given = frozenset(n for n in ("spec_k", "frspec", "frspec_size", "draft_quantize",
-                                  "draft_form") if flags.FLAGS[n].present)
+                                  "draft_form", "spec_tree", "spec_policy")
+                      if flags.FLAGS[n].present)
     return cli.DraftSource(DRAFT.value, SPEC_K.value, DRAFT_QUANTIZE.value, FRSPEC.value,
-                           FRSPEC_SIZE.value, given, DRAFT_FORM.value)
+                           FRSPEC_SIZE.value, given, DRAFT_FORM.value, SPEC_TREE.value,
+                           SPEC_POLICY.value)
 
 
 def load_model():

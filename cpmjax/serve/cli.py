@@ -49,6 +49,8 @@ class DraftSource:
     frspec_size: int = 0
     given: frozenset[str] = frozenset()
     draft_form: str = "auto"  # auto | one of cpmjax.model.mtp.DRAFT_FORMS
+    spec_tree: str | None = None  # "depth,topk,size": EAGLE-2 tree drafting
+    spec_policy: str = "measured"  # cpmjax.serve.tree_engine.POLICIES
 
 
 def _quantize(cfg: ModelConfig, params: Any, src: ModelSource, tokenizer_path: str | None) -> Any:
@@ -104,7 +106,7 @@ def load_speculative(cfg: ModelConfig, src: DraftSource, target_quantized: bool 
 
     if src.draft is None:
         extra = sorted(src.given & {"spec_k", "frspec", "frspec_size", "draft_quantize",
-                                    "draft_form"})
+                                    "draft_form", "spec_tree", "spec_policy"})
         if extra:
             raise UsageError(f"--{', --'.join(extra)} only apply with --draft")
         return None
@@ -112,6 +114,18 @@ def load_speculative(cfg: ModelConfig, src: DraftSource, target_quantized: bool 
         raise UsageError(f"--spec_k must be >= 1, got {src.spec_k}")
     if src.frspec_size and src.frspec is None:
         raise UsageError("--frspec_size needs --frspec (the token ranking file)")
+    if "spec_policy" in src.given and src.spec_tree is None:
+        raise UsageError("--spec_policy only applies with --spec_tree")
+    tree = None
+    if src.spec_tree is not None:
+        from cpmjax.serve.tree import check_tree_shape
+
+        try:
+            tree = check_tree_shape(src.spec_tree.split(","))
+        except ValueError as e:
+            raise UsageError(f"--spec_tree: {e}") from None
+        if tree.depth < 1:
+            raise UsageError(f"--spec_tree: depth must be >= 1, got {tree.depth}")
     draft, form = load_draft(cfg, src.draft)
     if src.draft_form != "auto":
         form = src.draft_form
@@ -132,7 +146,7 @@ def load_speculative(cfg: ModelConfig, src: DraftSource, target_quantized: bool 
             raise UsageError(f"--frspec_size must be in [0, {ids.size}] (the size of "
                              f"{src.frspec}), got {src.frspec_size}")
         ids = np.asarray(ids[:src.frspec_size or ids.size])
-    return Speculative(draft, src.spec_k, ids, form)
+    return Speculative(draft, src.spec_k, ids, form, tree, src.spec_policy)
 
 
 def load_draft(cfg: ModelConfig, path: str) -> tuple[Any, str]:

@@ -42,6 +42,10 @@ def test_generate_launcher_speculative_end_to_end(draft_file):
     assert plain.returncode == 0 and spec.returncode == 0, spec.stderr[-2000:]
     assert spec.stdout == plain.stdout  # greedy: token-identical
     assert "mean accept length" in spec.stderr and "k=2" in spec.stderr
+    tree = subprocess.run(cmd + [f"--draft={draft_file}", "--spec_tree=3,2,4"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert tree.returncode == 0, tree.stderr[-2000:]
+    assert tree.stdout == plain.stdout and "tree=(3, 2, 4)" in tree.stderr
 
 
 def test_draft_flags_build_the_speculative_settings(cfg, draft_file, tmp_path):
@@ -51,6 +55,12 @@ def test_draft_flags_build_the_speculative_settings(cfg, draft_file, tmp_path):
         draft=str(draft_file), spec_k=4, frspec=str(tmp_path / "freq.npy"), frspec_size=100))
     assert spec.k == 4 and spec.frspec_ids.tolist() == ids[:100].tolist()
     assert spec.form == "mtp"  # the form save_mtp recorded
+
+
+def test_spec_tree_flags_build_tree_settings(cfg, draft_file):
+    spec = cli.load_speculative(cfg, draft_source(draft=str(draft_file), spec_tree="4,2,8",
+                                                  spec_policy="fixed"))
+    assert tuple(spec.tree) == (4, 2, 8) and spec.policy == "fixed" and spec.lookahead == 8
 
 
 def test_draft_form_comes_from_the_file_unless_the_flag_names_one(cfg, tmp_path):
@@ -72,6 +82,10 @@ def test_draft_form_comes_from_the_file_unless_the_flag_names_one(cfg, tmp_path)
      r"--frspec_size must be in \[0, 8\]"),
     ({"draft": "{draft}", "frspec": "{alien}"}, "FR-Spec ids must be distinct ids in"),
     ({"draft": "{missing}"}, "no such file or training run"),
+    ({"spec_tree": "4,2,8"}, "only apply with --draft"),
+    ({"draft": "{draft}", "spec_tree": "4,2"}, "--spec_tree: tree shape must be three"),
+    ({"draft": "{draft}", "spec_tree": "4,2,99"}, r"--spec_tree: tree size must be in"),
+    ({"draft": "{draft}", "spec_policy": "fixed"}, "--spec_policy only applies with"),
 ])
 def test_bad_flag_combinations_are_refused(cfg, draft_file, tmp_path, kw, match):
     save_frspec(np.arange(8), tmp_path / "small.npy")
