@@ -260,6 +260,13 @@ def run(presets_: tuple[str, ...] = ("tiny", "small"), batches: tuple[int, ...] 
     return rows
 
 
+def _machine() -> dict[str, Any]:
+    """Where and when a row was measured (the load matters on this shared machine)."""
+    return {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
+            "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def _append(rows: list[dict[str, Any]]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / f"decode_{jax.default_backend()}.jsonl", "a") as f:
@@ -343,10 +350,7 @@ def run_quantized(presets_: tuple[str, ...] = ("tiny", "small"), batches: tuple[
                        "tokens_per_s": r.tokens / r.seconds,
                        "decode_tokens_per_s": r.decode_tokens / r.decode_seconds,
                        "ms_per_decode_step": 1e3 * r.decode_seconds / max(r.steps, 1),
-                       "weights": source, "device": jax.devices()[0].device_kind,
-                       "platform": jax.default_backend(), "cpu_count": os.cpu_count(),
-                       "load_avg_1m": round(os.getloadavg()[0], 2),
-                       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                       "weights": source, **_machine()}
                 base = base or row
                 row["decode_ratio_vs_float32"] = (row["decode_tokens_per_s"]
                                                   / base["decode_tokens_per_s"])
@@ -404,10 +408,7 @@ def run_tree(batches: tuple[int, ...] = (1, 8), requests: int = 8, prompt_len: i
                        "new_tokens": new_tokens, "decoding": decoding, "weights_format": fmt,
                        "decode_tokens_per_s": r.decode_tokens / r.decode_seconds,
                        "tokens_per_s": r.tokens / r.seconds, "mean_accept_length": r.accept,
-                       "weights": source, "device": jax.devices()[0].device_kind,
-                       "platform": jax.default_backend(), "cpu_count": os.cpu_count(),
-                       "load_avg_1m": round(os.getloadavg()[0], 2),
-                       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                       "weights": source, **_machine()}
                 if r.kinds and decoding.endswith("measured"):
                     row["steps_by_kind"] = r.kinds
                 if r.steps:
