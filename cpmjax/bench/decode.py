@@ -260,6 +260,15 @@ def run(presets_: tuple[str, ...] = ("tiny", "small"), batches: tuple[int, ...] 
     return rows
 
 
+def _add_row(rows: list[dict[str, Any]], row: dict[str, Any], base: dict[str, Any],
+             ratio: str) -> dict[str, Any]:
+    """Append and print ``row`` with its decode tok/s over ``base``'s as ``ratio``; ``base``."""
+    row[ratio] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    return base
+
+
 def _machine() -> dict[str, Any]:
     """Where and when a row was measured (the load matters on this shared machine)."""
     return {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
@@ -351,11 +360,7 @@ def run_quantized(presets_: tuple[str, ...] = ("tiny", "small"), batches: tuple[
                        "decode_tokens_per_s": r.decode_tokens / r.decode_seconds,
                        "ms_per_decode_step": 1e3 * r.decode_seconds / max(r.steps, 1),
                        "weights": source, **_machine()}
-                base = base or row
-                row["decode_ratio_vs_float32"] = (row["decode_tokens_per_s"]
-                                                  / base["decode_tokens_per_s"])
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                base = _add_row(rows, row, base or row, "decode_ratio_vs_float32")
     if write:
         _append(rows)
     return rows
@@ -413,11 +418,7 @@ def run_tree(batches: tuple[int, ...] = (1, 8), requests: int = 8, prompt_len: i
                     row["steps_by_kind"] = r.kinds
                 if r.steps:
                     row["ms_per_decode_step"] = 1e3 * r.decode_seconds / r.steps
-                base = base or row
-                row["decode_speedup_vs_plain"] = (row["decode_tokens_per_s"]
-                                                  / base["decode_tokens_per_s"])
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                base = _add_row(rows, row, base or row, "decode_speedup_vs_plain")
     if write:
         _append(rows)
     return rows
