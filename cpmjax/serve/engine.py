@@ -107,7 +107,7 @@ _SETTINGS = ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "pre
              "frequency_penalty", "bias_ids", "bias_values", "want_logprobs")
 
 
-def _sampling_kwargs(state: Any, mask: jax.Array) -> dict[str, jax.Array]:
+def sampling_kwargs(state: Any, mask: jax.Array) -> dict[str, jax.Array]:
     """The arguments of ``sample`` from the per-slot settings of ``state`` (a DecodeState or a
     dict of the same fields)."""
     get = state.get if isinstance(state, dict) else lambda k: getattr(state, k)
@@ -289,7 +289,7 @@ class DecodeEngine:
         V = self.cfg.vocab_size
         row = {k: v[None] for k, v in settings.items()}
         counts = jnp.zeros((1, V), jnp.int32)
-        kw = _sampling_kwargs({**row, "counts": counts}, mask[None])
+        kw = sampling_kwargs({**row, "counts": counts}, mask[None])
         raw = logits[None].astype(jnp.float32)
         first = sample(raw, seen[None], jnp.zeros((1,), jnp.int32), **kw)[0]
         processed = process_logits(raw, seen[None], **{
@@ -376,7 +376,7 @@ class DecodeEngine:
                       cache=state.cache, dtype=self.dtype, kv_len=kv_len, **self.kernels,
                       layer_transform=layer_transform_for(params, self.cfg, self.dtype))
         raw = out.logits[:, 0].astype(jnp.float32)
-        kw = _sampling_kwargs(state, mask)
+        kw = sampling_kwargs(state, mask)
         nxt = sample(raw, state.seen, state.steps, **kw)
         processed = process_logits(raw, state.seen, **{
             k: kw[k] for k in ("repetition_penalty", "counts", "presence_penalty",

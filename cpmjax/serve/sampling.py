@@ -174,14 +174,19 @@ def warp(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax
     return top_p_mask(top_k_mask(scaled, top_k), top_p)
 
 
+def row_keys(seed: jax.Array, step: jax.Array) -> jax.Array:
+    """One PRNG key per row ``[B]``: ``fold_in(PRNGKey(seed), step)``, a request's randomness at
+    its token number ``step`` (module docstring)."""
+    return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(seed, step)
+
+
 def step_noise(seed: jax.Array, step: jax.Array, vocab: int) -> jax.Array:
     """Gumbel noise ``[B, vocab]`` of each row's token number ``step``, from its own seed: a
     sampled token is the argmax of its warped logits plus this noise (the Gumbel-max form of
     ``jax.random.categorical``). Written out so that speculative decoding draws every token
     with the very noise plain decoding would (``cpmjax.serve.tree``): a seeded request then gets
     the same tokens whatever the engine, the draft or the batch."""
-    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(seed, step)
-    return jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(keys)
+    return jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(row_keys(seed, step))
 
 
 def sample(logits: jax.Array, seen: jax.Array, step: jax.Array, *, temperature: jax.Array,

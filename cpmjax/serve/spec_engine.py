@@ -23,7 +23,7 @@ from cpmjax.model.mtp import check_draft_form, draft_feature, mtp_block
 from cpmjax.model.params import Params
 from cpmjax.quant.qforward import dense_draft
 from cpmjax.serve.engine import DecodeEngine, DecodeState
-from cpmjax.serve.sampling import SamplingParams
+from cpmjax.serve.sampling import SamplingParams, row_keys
 from cpmjax.serve.frspec import check_frspec_ids
 from cpmjax.serve.tree import check_tree_shape
 from cpmjax.serve.speculative import (RoundOut, RowSampling, draft_kv, init_draft_cache,
@@ -97,8 +97,7 @@ class SpeculativeEngine(DecodeEngine):
     # ---- generate: one speculative round -------------------------------------------------
     def _generate_impl(self, params: Params, draft_args: Any, state: DecodeState, kv_len: int,
                        all_greedy: bool = False) -> tuple[DecodeState, jax.Array, jax.Array]:
-        keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(
-            state.seed, state.steps)
+        keys = row_keys(state.seed, state.steps)
         r = speculative_round(params, draft_args["params"], self.cfg, self.speculative_k,
                               state.cache, state.draft, state.tokens, state.lengths, keys,
                               RowSampling(state.temperature, state.top_k, state.top_p),

@@ -54,7 +54,7 @@ from cpmjax.model.mtp import draft_feature, draft_logits, mtp_block
 from cpmjax.model.params import Params
 from cpmjax.model.transformer import TreeAttention
 from cpmjax.quant.qforward import dense_draft, layer_transform_for
-from cpmjax.serve.sampling import argmax_last, step_noise, warp
+from cpmjax.serve.sampling import argmax_last, row_keys, step_noise, warp
 from cpmjax.serve.speculative import (DraftCache, RoundOut, RowSampling, draft_kv, target_probs,
                                       with_kv)
 from cpmjax.sparse.cache import update_compressed
@@ -334,8 +334,8 @@ def tree_round(params: Params, draft_params: Params, cfg: ModelConfig, shape: Tr
         u = accept_coupled(tree, targets, ok)
         nxt = targets[rows, u]
     else:
-        keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(seed, steps)
-        u, nxt = accept_rejection(tree, target_probs(out.logits, sampling), ok, keys)
+        u, nxt = accept_rejection(tree, target_probs(out.logits, sampling), ok,
+                                  row_keys(seed, steps))
     n = tree.depth[rows, u]
     path = path_of(tree, u, D)
     ar = jnp.arange(D + 1)[None]

@@ -32,12 +32,12 @@ from cpmjax.model import forward
 from cpmjax.model.mtp import draft_feature, mtp_block
 from cpmjax.model.params import Params
 from cpmjax.quant.qforward import dense_draft, layer_transform_for
-from cpmjax.serve.engine import DecodeState
+from cpmjax.serve.engine import DecodeState, sampling_kwargs
+from cpmjax.serve.sampling import sample
 from cpmjax.serve.spec_engine import SpeculativeEngine
 from cpmjax.serve.speculative import DraftCache, RowSampling, draft_kv, init_draft_cache, with_kv
 from cpmjax.serve.step_policy import StepCostPolicy
-from cpmjax.serve.tree import (RULES, TreeShape, check_tree_shape, coupled_targets, round_noise,
-                               tree_round)
+from cpmjax.serve.tree import RULES, TreeShape, check_tree_shape, tree_round
 
 POLICIES = ("measured", "fixed")
 PLAIN = TreeShape(0, 1, 0)
@@ -74,8 +74,8 @@ class TreeEngine(SpeculativeEngine):
         self.speculative_k = max(s.lookahead for s in self.kinds)  # slots a step may write ahead
         self.policy = StepCostPolicy(len(self.kinds))
         self._tree = self._jit("tree", self._tree_impl, donate=(2,), static=(3, 4, 5))
-        self._plain = self._jit("plain", self._plain_impl, donate=(2,), static=(3, 4))
-        self._timed: set[tuple[Any, ...]] = set()  # (kind, span, greedy) compiled already
+        self._plain = self._jit("plain", self._plain_impl, donate=(2,), static=(3,))
+        self._timed: set[tuple[Any, ...]] = set()  # step variants compiled already
         self._behind = False  # the last step was plain: the draft has pairs pending
 
     # ---- the draft's pending pairs ---------------------------------------------------------
@@ -122,9 +122,12 @@ class TreeEngine(SpeculativeEngine):
                        self.rule)
         return self._advance(state, r)
 
-    def _plain_impl(self, params: Params, draft_args: Any, state: DecodeState, kv_len: int,
-                    all_greedy: bool) -> tuple[DecodeState, jax.Array, jax.Array]:
-        """One target step (its own attention kernels); the draft's pair is kept pending."""
+    def _plain_impl(self, params: Params, draft_args: Any, state: DecodeState, kv_len: int
+                    ) -> tuple[DecodeState, jax.Array, jax.Array]:
+        """One target step (its own attention kernels) sampled as the plain engine samples
+        (``cpmjax.serve.sampling.sample``; the penalties, biases and masks it also applies are
+        refused for speculative engines, so they are neutral here); the draft's pair is kept
+        pending."""
         active = state.lengths >= 0
         draft = state.draft
         full = jnp.any(active & (draft["pend_n"] >= self.pending))
@@ -134,11 +137,8 @@ class TreeEngine(SpeculativeEngine):
         out = forward(params, self.cfg, state.tokens[:, None], positions=state.lengths[:, None],
                       cache=state.cache, dtype=self.dtype, kv_len=kv_len, **self.kernels,
                       layer_transform=layer_transform_for(params, self.cfg, self.dtype))
-        noise = None if all_greedy else round_noise(state.seed, state.steps, 1,
-                                                    self.cfg.vocab_size)
-        nxt = coupled_targets(out.logits, jnp.zeros_like(state.tokens)[:, None],
-                              RowSampling(state.temperature, state.top_k, state.top_p),
-                              noise)[:, 0]
+        nxt = sample(out.logits[:, 0].astype(jnp.float32), state.seen, state.steps,
+                     **sampling_kwargs(state, None))
         rows, n = jnp.arange(self.max_slots), draft["pend_n"]
         feature = draft_feature(params, self.cfg, out.hidden[:, 0], self.draft_form)
         slot = jnp.where(active, n, self.pending)  # idle rows write nothing
@@ -159,16 +159,19 @@ class TreeEngine(SpeculativeEngine):
         """One step of the kind the policy picks (see the module docstring); arguments as for
         :meth:`SpeculativeEngine.generate`."""
         span = self.kv_span(context)
-        busy = int(np.sum(np.asarray(state.lengths) >= 0))
+        measured = self.policy_name == "measured"
+        busy = int(np.sum(np.asarray(state.lengths) >= 0)) if measured else 0
         kind = self._choose(busy, all_greedy, context)
         shape = self.kinds[kind]
         start = time.perf_counter()
         if shape == PLAIN:
-            out = self._plain(params, self.draft_args, state, span, all_greedy)
+            out = self._plain(params, self.draft_args, state, span)
         else:
             out = self._tree(params, self.draft_args, state, span, shape, all_greedy)
+        if not measured:
+            return out
         tokens = int(np.asarray(out[2]).sum())  # waits for the step
-        key = (shape, span, all_greedy)
+        key = (shape, span) if shape == PLAIN else (shape, span, all_greedy)  # what compiles
         # not cost measurements: a step that compiled, and a round that first read the pairs
         # plain steps left pending (their cost, charged to the round, would keep plain chosen)
         if key in self._timed and (shape == PLAIN or not self._behind):
