@@ -2,12 +2,19 @@
 
 Speculation pays when a round's extra tokens outweigh its extra compute: at batch 1 on a
 memory-bound device a tree round costs little more than a plain step, while on a saturated
-device (this CPU at batch 8) verifying a 17-node tree per row costs several plain steps. vLLM
-turns speculation off above a batch size, and EAGLE-3/-4-style length selection picks the draft
-length from measured acceptance; here the choice is made from measurements alone: for each
-batch-size bucket, the expected tokens per second of each step kind (mean tokens per busy row
-over mean seconds, over a window of recent steps), each kind tried a few times first and
-re-tried now and then so that drifting costs (a context growing) are seen.
+device (this CPU at batch 8) verifying a tree per row costs several plain steps. vLLM turns
+speculation off above a batch size, and EAGLE-3/-4-style length selection picks the draft
+length from measured acceptance; here the choice is made from measurements alone, per
+batch-size bucket: each kind is tried a few times first, then the kind with the fastest
+measured *pace* runs, and the others are re-tried now and then (at doubling intervals while the
+choice stays the same) so that drifting costs (a context growing) are seen.
+
+The pace of a step is the tokens of its slowest busy row per second (times the busy rows, so
+that a plain step's pace is its throughput). Choosing by it, a kind is picked only when every
+busy row progresses faster than under the others: the mean tokens per row would pick a
+speculative round at batch 8 on this CPU that raises throughput while a low-acceptance row
+falls behind, and the batch then ends later than with plain steps (the requests of a batch
+finish with their slowest row).
 
 The choice changes speed only: the engine's steps emit the same tokens whichever kind runs
 (``cpmjax.serve.tree``, rule ``"coupled"``).
@@ -21,42 +28,70 @@ from cpmjax.serve.engine import pow2_bucket
 
 
 class StepCostPolicy:
-    """Measured choice among ``kinds`` step kinds (indices 0..kinds-1)."""
+    """Measured choice among ``kinds`` step kinds (indices 0..kinds-1).
 
-    def __init__(self, kinds: int, probes: int = 2, window: int = 16, retry_every: int = 64):
+    ``probes``: steps of each kind before choosing; ``window``: recent steps a kind's pace is
+    measured over; ``retry_every``: steps between re-tries of the kind measured longest ago, first
+    interval (it doubles while a re-try leaves the choice unchanged, up to ``max_retry_every``)."""
+
+    def __init__(self, kinds: int, probes: int = 2, window: int = 16, retry_every: int = 64,
+                 max_retry_every: int = 4096):
         if kinds < 1 or probes < 1 or window < 1 or retry_every < 1:
             raise ValueError("kinds, probes, window and retry_every must be >= 1")
-        self.kinds, self.probes, self.retry_every = kinds, probes, retry_every
+        if max_retry_every < retry_every:
+            raise ValueError(f"max_retry_every must be >= retry_every ({retry_every}), got "
+                             f"{max_retry_every}")
+        self.kinds, self.probes = kinds, probes
+        self.retry_every, self.max_retry_every = retry_every, max_retry_every
         self._seconds: dict[tuple[int, int], collections.deque] = collections.defaultdict(
             lambda: collections.deque(maxlen=window))
         self._tokens: dict[tuple[int, int], collections.deque] = collections.defaultdict(
             lambda: collections.deque(maxlen=window))
         self._steps: collections.Counter[int] = collections.Counter()
+        self._measured_at: dict[tuple[int, int], int] = {}  # (kind, bucket): bucket's step
+        self._retry: dict[int, tuple[int, int, int]] = {}  # bucket: (next step, interval, best)
         self.chosen: collections.Counter[int] = collections.Counter()
 
     def choose(self, busy: int) -> int:
         """The step kind for a step over ``busy`` busy slots."""
-        b = pow2_bucket(max(busy, 1), 1)
+        b = _bucket(busy)
         self._steps[b] += 1
         for kind in range(self.kinds):
             if len(self._seconds[kind, b]) < self.probes:
                 return self._pick(kind)
-        if self._steps[b] % self.retry_every == 0:  # the kind measured longest ago, once
-            return self._pick((self._steps[b] // self.retry_every) % self.kinds)
-        return self._pick(max(range(self.kinds), key=lambda k: self.rate(k, busy)))
+        best = max(range(self.kinds), key=lambda k: self.rate(k, busy))
+        due, interval, last_best = self._retry.get(b, (self._steps[b] + self.retry_every,
+                                                       self.retry_every, best))
+        if self._steps[b] < due:
+            self._retry[b] = (due, interval, last_best)
+            return self._pick(best)
+        interval = (min(2 * interval, self.max_retry_every) if best == last_best
+                    else self.retry_every)
+        self._retry[b] = (self._steps[b] + interval, interval, best)
+        others = [k for k in range(self.kinds) if k != best]
+        if not others:
+            return self._pick(best)
+        return self._pick(min(others, key=lambda k: self._measured_at.get((k, b), -1)))
 
     def rate(self, kind: int, busy: int) -> float:
-        """Measured tokens per second of ``kind`` at this batch-size bucket (0: not measured)."""
-        b = pow2_bucket(max(busy, 1), 1)
+        """Measured pace of ``kind`` at this batch-size bucket in tokens per second (0: not
+        measured)."""
+        b = _bucket(busy)
         sec, tok = self._seconds[kind, b], self._tokens[kind, b]
         return 0.0 if not sec else sum(tok) / max(sum(sec), 1e-9)
 
-    def record(self, kind: int, busy: int, seconds: float, tokens: int) -> None:
-        """One step of ``kind`` over ``busy`` slots took ``seconds`` and emitted ``tokens``."""
-        b = pow2_bucket(max(busy, 1), 1)
+    def record(self, kind: int, busy: int, seconds: float, slowest_row_tokens: int) -> None:
+        """One step of ``kind`` over ``busy`` slots took ``seconds``, and its busy row with the
+        fewest new tokens got ``slowest_row_tokens``."""
+        b = _bucket(busy)
         self._seconds[kind, b].append(seconds)
-        self._tokens[kind, b].append(tokens)
+        self._tokens[kind, b].append(max(busy, 1) * slowest_row_tokens)
+        self._measured_at[kind, b] = self._steps[b]
 
     def _pick(self, kind: int) -> int:
         self.chosen[kind] += 1
         return kind
+
+
+def _bucket(busy: int) -> int:
+    return pow2_bucket(max(busy, 1), 1)

@@ -1,5 +1,5 @@
-"""The step-kind policy probes every kind, then runs the one with the most measured tokens per
-second for the batch-size bucket, and re-tries the others now and then."""
+"""The step-kind policy probes every kind, then runs the one whose slowest busy row progresses
+fastest for the batch-size bucket, and re-tries the others at doubling intervals."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from cpmjax.serve.step_policy import StepCostPolicy
 
 
 def _run(policy, busy, steps, cost):
-    """Drive ``policy``: kind k's step takes cost[k] = (seconds, tokens)."""
+    """Drive ``policy``: kind k's step takes cost[k] = (seconds, slowest row's tokens)."""
     picks = []
     for _ in range(steps):
         k = policy.choose(busy)
@@ -26,20 +26,40 @@ def test_probes_then_picks_the_fastest_per_batch_bucket():
     assert picks[:6] == [0, 0, 1, 1, 2, 2]
     assert set(picks[6:]) == {0}
     # batch 8 (its own bucket): verification is costly, plain wins
-    big = {0: (0.02, 8 * 3), 1: (0.012, 8 * 2), 2: (0.004, 8)}
+    big = {0: (0.02, 3), 1: (0.012, 2), 2: (0.004, 1)}
     picks = _run(policy, 8, 40, big)
     assert set(picks[6:]) == {2}
     assert policy.rate(2, 8) == pytest.approx(2000.0)
     assert policy.rate(0, 1) == pytest.approx(1500.0)
 
 
+def test_the_pace_is_the_slowest_rows():
+    """At batch 8 a round whose mean row gains 2.5 tokens in 2x a plain step's time would raise
+    throughput, but its slowest row (1 token) falls behind plain decoding: plain is chosen."""
+    policy = StepCostPolicy(2, probes=2)
+    picks = _run(policy, 8, 30, {0: (0.002, 1), 1: (0.001, 1)})
+    assert set(picks[4:]) == {1}
+    assert policy.rate(0, 8) == pytest.approx(4000.0)  # 8 rows x 1 token / 2 ms
+
+
 def test_retries_see_a_cost_that_changed():
-    policy = StepCostPolicy(2, probes=1, window=4, retry_every=8)
+    policy = StepCostPolicy(2, probes=1, window=4, retry_every=8, max_retry_every=16)
     _run(policy, 1, 20, {0: (0.001, 1), 1: (0.004, 2)})  # kind 0 wins
-    picks = _run(policy, 1, 60, {0: (0.001, 1), 1: (0.001, 3)})  # kind 1 became cheap
+    picks = _run(policy, 1, 100, {0: (0.001, 1), 1: (0.001, 3)})  # kind 1 became cheap
     assert picks[-10:].count(1) >= 9  # one retry of kind 0 may fall among them
+
+
+def test_retries_back_off_while_the_choice_holds():
+    policy = StepCostPolicy(2, probes=1, retry_every=8, max_retry_every=64)
+    picks = _run(policy, 1, 400, {0: (0.001, 1), 1: (0.004, 2)})
+    retries = [i for i, k in enumerate(picks) if k == 1][1:]  # after the probe
+    gaps = [b - a for a, b in zip(retries, retries[1:])]
+    assert gaps[:4] == [16, 32, 64, 64]  # doubling from 8, capped at 64
+    assert len(retries) < 12
 
 
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match=">= 1"):
         StepCostPolicy(0)
+    with pytest.raises(ValueError, match="max_retry_every must be >= retry_every"):
+        StepCostPolicy(2, retry_every=64, max_retry_every=32)
