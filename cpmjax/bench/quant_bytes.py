@@ -16,6 +16,10 @@ weights into alternate memory (``copy-start`` to ``S(1)`` in the optimized HLO: 
 overstates weight traffic for both. ``bytes_read`` (bytes accessed minus what its instructions
 write, ``bytes accessedout{}``) leaves the copies' writes out (a decode step's own writes, one
 token's hidden state and K/V, are a few KiB) but still counts a prefetched weight twice.
+``prefetch=False`` compiles with that alternate-memory assignment off (``xla_msa_enable``, a
+libtpu flag, for the measurement only: a chip runs the program with it on), so that every weight
+is counted once: the bf16 8B layer then accesses 476 MB against its 474 MB of weights. Either way
+the HBM bytes a chip reads for a weight are its size once; the prefetch moves them earlier.
 """
 
 from __future__ import annotations
@@ -95,11 +99,13 @@ class CompiledBytes(NamedTuple):
 
 
 def layer_decode_bytes(cfg: ModelConfig, fmt: str, topology: str | None = None,
-                       cache_len: int = 128, fused: bool = True) -> CompiledBytes:
+                       cache_len: int = 128, fused: bool = True, prefetch: bool = True
+                       ) -> CompiledBytes:
     """Bytes of one decoder layer's compiled decode step (batch 1, one token at
     the last position of a ``cache_len`` bf16 cache, donated as the engine donates it), for this
     host's backend or, with ``topology`` (e.g. ``"v5p:2x2x1"``), one chip of that TPU topology.
-    ``fused=False`` dequantizes the whole layer to dense before its matmuls, for comparison."""
+    ``fused=False`` dequantizes the whole layer to dense before its matmuls, for comparison;
+    ``prefetch=False``: the TPU compile without alternate-memory prefetch (module docstring)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     cfg = dataclasses.replace(cfg, sparse_config=None)  # dense attention over the short cache
@@ -115,10 +121,11 @@ def layer_decode_bytes(cfg: ModelConfig, fmt: str, topology: str | None = None,
 
     args = (_layer_args(cfg, fmt), jax.ShapeDtypeStruct((1, 1, cfg.hidden_size), jnp.bfloat16),
             jax.ShapeDtypeStruct((1, 1), jnp.int32), *kv)
-    return _compiled_bytes(step, args, topology, donate=(3, 4))
+    return _compiled_bytes(step, args, topology, donate=(3, 4), prefetch=prefetch)
 
 
-def linear_bytes(k: int, n: int, m: int, fmt: str, topology: str | None = None) -> CompiledBytes:
+def linear_bytes(k: int, n: int, m: int, fmt: str, topology: str | None = None,
+                 prefetch: bool = True) -> CompiledBytes:
     """The same figures for one ``linear``: bf16 ``x [m, k]`` times a ``[k, n]`` weight, bf16 or
     packed (read through a :class:`~cpmjax.quant.qlinear.QuantizedWeight`)."""
     def f(x: jax.Array, w: Any) -> jax.Array:
@@ -126,16 +133,22 @@ def linear_bytes(k: int, n: int, m: int, fmt: str, topology: str | None = None) 
         return linear(x, w)
 
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), _abstract_weight(k, n, fmt))
-    return _compiled_bytes(f, args, topology)
+    return _compiled_bytes(f, args, topology, prefetch=prefetch)
 
 
 def _compiled_bytes(fn: Callable[..., Any], args: tuple[Any, ...], topology: str | None,
-                    donate: tuple[int, ...] = ()) -> CompiledBytes:
+                    donate: tuple[int, ...] = (), prefetch: bool = True) -> CompiledBytes:
+    options = {}
     if topology is not None:
         sharding = jax.sharding.SingleDeviceSharding(tpu_devices(topology, 1)[0])
         args = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                             args)
-    cost = jax.jit(fn, donate_argnums=donate).lower(*args).compile().cost_analysis()
+        if not prefetch:
+            options = {"xla_msa_enable": False}
+    elif not prefetch:
+        raise ValueError("prefetch=False is a TPU compile option: pass a topology")
+    lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
+    cost = lowered.compile(compiler_options=options).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     accessed = float(cost["bytes accessed"])
     return CompiledBytes(accessed, accessed - float(cost.get("bytes accessedout{}", 0.0)))
@@ -147,20 +160,22 @@ def _target(topology: str | None) -> str:
 
 
 def rows(presets: tuple[str, ...], formats: tuple[str, ...] = ("bf16", "int4", "ternary"),
-         topology: str | None = None, cache_len: int = 128, fused: bool = True
-         ) -> list[dict[str, Any]]:
+         topology: str | None = None, cache_len: int = 128, fused: bool = True,
+         prefetch: bool = True) -> list[dict[str, Any]]:
     """One decode-layer row per (preset, format), each with its ratio to the preset's bf16
-    layer."""
+    layer compiled alike."""
     head = {"tool": "launch/quant_bytes.py", **meta(), "target": _target(topology),
             "scope": "decode layer"}
     out = []
     for preset in presets:
         cfg = model_config(preset)
-        bf16 = layer_decode_bytes(cfg, "bf16", topology, cache_len)
+        bf16 = layer_decode_bytes(cfg, "bf16", topology, cache_len, prefetch=prefetch)
         for fmt in formats:
-            b = bf16 if fmt == "bf16" else layer_decode_bytes(cfg, fmt, topology, cache_len, fused)
+            b = bf16 if fmt == "bf16" else layer_decode_bytes(cfg, fmt, topology, cache_len,
+                                                              fused, prefetch)
             wb = weight_bytes(cfg, fmt)
-            out.append({**head, "preset": preset, "format": fmt, "fused": fused, "batch": 1,
+            out.append({**head, "preset": preset, "format": fmt, "fused": fused,
+                        "alternate_memory_prefetch": prefetch, "batch": 1,
                         "cache_len": cache_len, "group_size": GROUP_SIZE,
                         **_ratios(b, bf16), "weight_bytes": wb,
                         "weight_ratio_to_bf16": round(wb / weight_bytes(cfg, "bf16"), 4)})

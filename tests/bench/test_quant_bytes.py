@@ -40,3 +40,16 @@ def test_quantized_decode_layer_reads_a_fraction_of_the_bf16_bytes():
     assert int4.accessed < 0.5 * bf16.accessed and int4.read < 0.4 * bf16.read
     assert ternary.accessed < 0.5 * bf16.accessed and ternary.read < 0.35 * bf16.read
     assert ternary.accessed < 0.3 * dequantized_first.accessed  # the dense ternary layer
+
+
+def test_int4_8b_decode_layer_reads_under_0p3x_of_bf16_counting_each_weight_once():
+    """Without the alternate-memory prefetch, which cost analysis counts as a second read of a
+    weight, the bf16 layer accesses about its weight bytes and int4 at most 0.3x of them."""
+    cfg = model_config("minicpm4_8b")
+    bf16 = quant_bytes.layer_decode_bytes(cfg, "bf16", TOPOLOGY, prefetch=False)
+    int4 = quant_bytes.layer_decode_bytes(cfg, "int4", TOPOLOGY, prefetch=False)
+    assert bf16.accessed == pytest.approx(quant_bytes.weight_bytes(cfg, "bf16"), rel=0.02)
+    assert int4.accessed < 0.3 * bf16.accessed
+    assert int4.accessed > quant_bytes.weight_bytes(cfg, "int4")  # codes and scales, read once
+    with pytest.raises(ValueError, match="pass a topology"):
+        quant_bytes.layer_decode_bytes(cfg, "int4", prefetch=False)
