@@ -46,6 +46,7 @@ class SpeculativeEngine(DecodeEngine):
         self.draft_form = check_draft_form(draft_form)
         super().__init__(cfg, **kw)
         self.speculative_k = int(k)
+        self.chain_k = int(k)  # the chain round's draft length (a subclass may look further)
         self._greedy_generate = self._jit("generate_greedy", self._greedy_generate_impl,
                                           donate=(2,), static=(3,))
         self.set_draft(draft_params, frspec_ids)
@@ -98,7 +99,7 @@ class SpeculativeEngine(DecodeEngine):
     def _generate_impl(self, params: Params, draft_args: Any, state: DecodeState, kv_len: int,
                        all_greedy: bool = False) -> tuple[DecodeState, jax.Array, jax.Array]:
         keys = row_keys(state.seed, state.steps)
-        r = speculative_round(params, draft_args["params"], self.cfg, self.speculative_k,
+        r = speculative_round(params, draft_args["params"], self.cfg, self.chain_k,
                               state.cache, state.draft, state.tokens, state.lengths, keys,
                               RowSampling(state.temperature, state.top_k, state.top_p),
                               draft_args["vocab_ids"], self.dtype, all_greedy, kv_len,

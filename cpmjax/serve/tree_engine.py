@@ -5,7 +5,9 @@ Same JetStream contract, static shapes and draft prefill as :class:`SpeculativeE
 step kind emits each row's tokens by the coupled rule (the tokens plain decoding draws with the
 row's seed), so which kind runs, chosen per step by :class:`StepCostPolicy` from measured costs
 at the current batch size, changes the speed and never the output, and a seeded request's tokens
-do not depend on its batch companions.
+do not depend on its batch companions. When every busy row is greedy the chain kind runs the
+chain engine's own round (causal attention, no tree masks or compaction): its tokens are the
+target's argmaxes as well.
 
 The plain step runs the target alone (its ordinary attention: also InfLLM v2 sparse attention)
 and leaves the draft behind: the (target hidden, next token) pairs it would have read are kept
@@ -69,6 +71,7 @@ class TreeEngine(SpeculativeEngine):
         chain = TreeShape(shape.depth, 1, shape.depth)
         kinds = [shape] + ([chain] if policy == "measured" and chain != shape else []) + [PLAIN]
         self.kinds, self.rule, self.pending = tuple(kinds), rule, int(pending)
+        self._chain = chain
         self.policy_name = policy
         super().__init__(cfg, draft_params, k=shape.depth, **kw)
         self.speculative_k = max(s.lookahead for s in self.kinds)  # slots a step may write ahead
@@ -175,6 +178,10 @@ class TreeEngine(SpeculativeEngine):
         if shape == PLAIN:
             out = self._plain(params, self.draft_args, state, span)
             self._plain_run += 1
+        elif all_greedy and shape == self._chain:
+            # every row greedy: the chain engine's causal round emits the same argmax tokens
+            # without the tree path's masks and compaction (1.26 vs 1.88 ms a round at batch 1)
+            out = self._greedy_generate(params, self.draft_args, state, span)
         else:
             out = self._tree(params, self.draft_args, state, span, shape, all_greedy)
         if not measured:

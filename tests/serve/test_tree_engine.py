@@ -128,6 +128,24 @@ def test_switching_step_kinds_changes_no_token():
     assert {"tree", "plain"} <= set(engine.compilations)
 
 
+def test_greedy_chain_steps_run_the_chain_round_and_change_no_token():
+    """With every row greedy the chain kind runs the chain engine's causal round (no tree
+    masks), interleaved with tree rounds and plain steps: the tokens stay plain greedy's."""
+    cfg, params, draft = small_models()
+    prompts = _prompts(cfg.vocab_size, (4, 9), seed=3)
+    sp = [SamplingParams(0.0)] * 2
+    want, _ = _decode(DecodeEngine(cfg, max_slots=2, max_len=96, chunk=8), params, prompts, 30,
+                      sp)
+    engine = TreeEngine(cfg, draft, tree=(3, 2, 4), pending=3, max_slots=2, max_len=96,
+                        chunk=8)
+    assert engine.kinds[1] == (3, 1, 3)
+    plain = engine.kinds.index(PLAIN)
+    engine.policy = _Scripted([1, 1, plain, 0, 1, plain, plain, plain, plain, 1, 0])
+    got, _ = _decode(engine, params, prompts, 30, sp)
+    assert got == want
+    assert engine.compilations["generate_greedy"] >= 1 and engine.compilations["tree"] >= 1
+
+
 def test_sparse_model_speculates_only_below_dense_len():
     """InfLLM v2 with dense_len 64: a 40-token prompt speculates while every position stays
     dense, then takes plain steps (sparse attention); greedy tokens equal plain decoding's."""
