@@ -6,10 +6,13 @@ FLOPs and bytes, and optionally append the row to a JSON-lines file.
     python launch/aot_compile.py --step=prefill --preset=minicpm4_8b_128k --topology=v5p:2x2x1 \\
         --seq_len=131072 --chunk=2048
     python launch/aot_compile.py --step=decode --preset=minicpm4_8b_128k --seq_len=131072
+    python launch/aot_compile.py --step=tree --preset=minicpm4_8b --seq_len=8192 --tree=4,4,16
 
 ``--step``: ``train`` (the sharded train step on the whole mesh), ``prefill`` (the serving
-engine's last prefill chunk of a ``seq_len``-token prompt) or ``decode`` (one engine decode step
-over a ``seq_len``-token cache); the serving steps run on ``--num_devices`` chips (default 1).
+engine's last prefill chunk of a ``seq_len``-token prompt), ``decode`` (one engine decode step
+over a ``seq_len``-token cache) or ``tree`` (one round of the tree speculative engine over that
+cache: EAGLE-2 draft tree of ``--tree``, tree-masked verify, acceptance, KV compaction); the
+serving steps run on ``--num_devices`` chips (default 1) and also count cache-sized copies.
 Needs ``libtpu`` (the TPU compiler); the library is ``cpmjax.parallel.aot``.
 """
 
@@ -28,15 +31,21 @@ from absl import app, flags
 from cpmjax.config import ModelConfig
 from cpmjax.parallel import aot
 from cpmjax.presets import model_config
+from cpmjax.serve.cli import UsageError, parse_tree_shape
 from cpmjax.train.experiment import experiment_config
 
 _PRESET = flags.DEFINE_string("preset", "minicpm4_0p5b", "model preset (cpmjax.presets)")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology name, e.g. v5p:2x2x1")
-_STEP = flags.DEFINE_enum("step", "train", ["train", "prefill", "decode"], "what to compile")
+_STEP = flags.DEFINE_enum("step", "train", ["train", "prefill", "decode", "tree"],
+                          "what to compile")
 _MESH = flags.DEFINE_list("mesh", ["1", "-1", "1"], "data,fsdp,tensor (-1 fills; train)")
 _SEQ = flags.DEFINE_integer("seq_len", 4096, "sequence / prompt / cache length")
 _BATCH = flags.DEFINE_integer("batch", 0, "global batch (train; 0 = one row per device) or "
                               "decode slots (decode; 0 = 1)")
+_TREE = flags.DEFINE_string("tree", "4,4,16", "tree step: depth,topk,size (as --spec_tree)")
+_FRSPEC = flags.DEFINE_integer("frspec_size", aot.FRSPEC_SIZE,
+                               "tree step: FR-Spec ids of the draft head (0: full vocabulary)")
+_GREEDY = flags.DEFINE_bool("all_greedy", False, "tree step: every row greedy (no sampling)")
 _CHUNK = flags.DEFINE_integer("chunk", 2048, "prefill chunk (CPM.cu's default chunk_length)")
 _DEVICES = flags.DEFINE_integer("num_devices", 1, "chips for the serving steps")
 _REMAT = flags.DEFINE_enum("remat", "full", ["none", "full", "dots", "dots_no_batch"], "remat")
@@ -85,7 +94,9 @@ def main(argv: list[str]) -> None:
         row.update(fits=False, error=str(e).strip().splitlines()[0][:500])
         _append(row)
         raise SystemExit(1)
-    row.update(fits=True, **aot.report(compiled, _TOPOLOGY.value, dump_dir))
+    serving = _STEP.value != "train"
+    cache = aot.cache_shapes(cfg, _SEQ.value, row["batch"]) if serving else None
+    row.update(fits=True, **aot.report(compiled, _TOPOLOGY.value, dump_dir, cache))
     _append(row)
 
 
@@ -104,12 +115,27 @@ def _compile(cfg: ModelConfig, row: dict[str, Any], kernels: dict[str, str]) -> 
         if _STEP.value == "prefill":
             compiled = aot.compile_prefill_chunk(cfg, mesh, _SEQ.value, _CHUNK.value, **kernels)
             row.update(batch=1, chunk=_CHUNK.value)
-        else:
+        elif _STEP.value == "decode":
             batch = _BATCH.value or 1
             compiled = aot.compile_decode_step(cfg, mesh, _SEQ.value, batch, **kernels)
             row.update(batch=batch)
+        else:
+            compiled = _compile_tree(cfg, mesh, row, kernels)
         row["dtype"] = "bfloat16"
     return compiled
+
+
+def _compile_tree(cfg: ModelConfig, mesh: Any, row: dict[str, Any], kernels: dict[str, str]
+                  ) -> Any:
+    try:
+        tree = parse_tree_shape(_TREE.value, "tree")
+    except UsageError as e:
+        raise app.UsageError(str(e)) from None
+    batch = _BATCH.value or 1
+    row.update(batch=batch, tree=list(tree), frspec_size=_FRSPEC.value or None,
+               all_greedy=_GREEDY.value)
+    return aot.compile_tree_step(cfg, mesh, _SEQ.value, batch, tree, _FRSPEC.value or None,
+                                 _GREEDY.value, **kernels)
 
 
 if __name__ == "__main__":

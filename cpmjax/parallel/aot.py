@@ -8,9 +8,10 @@ refuses a step that cannot fit (``CompileTimeHbmOom``), ``memory_analysis()`` gi
 bytes, the optimised HLO names each Pallas TPU kernel as a ``tpu_custom_call``, and
 ``cost_analysis()`` gives FLOPs and bytes accessed.
 
-Steps: the sharded train step (``cpmjax.train.step``) and the serving engine's step functions
+Steps: the sharded train step (``cpmjax.train.step``), the serving engine's step functions
 (``cpmjax.serve.engine``): the last prefill chunk of a prompt (its cache span the whole prompt)
-and one decode step over a full cache.
+and one decode step over a full cache, and one round of tree speculative decoding
+(``cpmjax.serve.tree_engine``: draft tree, tree-masked verify, acceptance, KV compaction).
 """
 
 from __future__ import annotations
@@ -102,13 +103,18 @@ def kernel_counts(hlo: str) -> dict[str, int]:
     return {"total": len(calls), **dict(sorted(names.items()))}
 
 
-def report(compiled: Any, topology: str, dump_dir: str | None = None) -> dict[str, Any]:
-    """Per-device memory (GiB), its fraction of HBM, Pallas kernel counts, FLOPs and bytes."""
+def report(compiled: Any, topology: str, dump_dir: str | None = None,
+           cache: set[tuple[int, ...]] | None = None) -> dict[str, Any]:
+    """Per-device memory (GiB), its fraction of HBM, Pallas kernel counts, FLOPs and bytes; with
+    ``cache`` (`cache_shapes`) also the layout copies of cache-shaped values
+    (`cache_copies`): a serving step that relays out its cache shows them."""
     mem = compiled.memory_analysis()
     gib = lambda b: round(b / 2**30, 3)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     resident = mem.argument_size_in_bytes + mem.temp_size_in_bytes
+    hlo = hlo_text(compiled, dump_dir)
+    extra = {} if cache is None else {"cache_sized_copies": len(cache_copies(hlo, cache))}
     return {
         "per_device_gib": {"arguments": gib(mem.argument_size_in_bytes),
                            "outputs": gib(mem.output_size_in_bytes),
@@ -117,9 +123,10 @@ def report(compiled: Any, topology: str, dump_dir: str | None = None) -> dict[st
                            "arguments_plus_temporaries": gib(resident)},
         "hbm_gib": gib(hbm_bytes(topology)),
         "hbm_fraction": round(resident / hbm_bytes(topology), 4),
-        "pallas_kernels": kernel_counts(hlo_text(compiled, dump_dir)),
+        "pallas_kernels": kernel_counts(hlo),
         "cost": {"flops": float(cost.get("flops", 0.0)),
                  "bytes_accessed": float(cost.get("bytes accessed", 0.0))},
+        **extra,
     }
 
 
@@ -187,6 +194,62 @@ def compile_decode_step(cfg: ModelConfig, mesh: Any, seq_len: int, slots: int,
     mask = jax.ShapeDtypeStruct((slots, engine.mask_words), jnp.uint32, sharding=rep)
     fn = InMesh(engine._generate, mesh)
     return fn.lower(_serving_params(cfg, rep), None, state, seq_len, mask).compile()
+
+
+# FR-Spec vocabulary of CPM.cu's MiniCPM4 speculative decoding (its frspec_vocab_size default:
+# the 32768 most frequent of 73448 tokens; github.com/OpenBMB/CPM.cu)
+FRSPEC_SIZE = 32768
+
+
+def cache_shapes(cfg: ModelConfig, seq_len: int, slots: int) -> set[tuple[int, ...]]:
+    """Shapes of the KV cache of a ``slots`` x ``seq_len`` serving state: each field stacked
+    over the layers and one layer's (the draft layer's cache has the latter)."""
+    from cpmjax.model import init_cache
+
+    leaves = jax.eval_shape(lambda: init_cache(cfg, slots, seq_len, jnp.bfloat16)).values()
+    return {s for a in leaves for s in (tuple(a.shape), tuple(a.shape[1:]))}
+
+
+def cache_copies(hlo: str, shapes: set[tuple[int, ...]]) -> list[str]:
+    """The layout copies (``cpmjax.sparse.scale_check.copies``) of values of a cache shape:
+    a step that moves its cache in place has none. By shape, because at MiniCPM4's sizes a layer
+    weight (4096 x 4096) is larger than a layer's cache and its relayouts are no cache copy."""
+    from cpmjax.sparse.scale_check import copies  # it imports this module
+
+    def shape(line: str) -> tuple[int, ...]:
+        dims = re.search(r"= \w+\[([\d,]*)\]", line).group(1)
+        return tuple(int(x) for x in dims.split(",") if x)
+
+    return [line for line in copies(hlo, min(int(np.prod(s)) for s in shapes))
+            if shape(line) in shapes]
+
+
+def compile_tree_step(cfg: ModelConfig, mesh: Any, seq_len: int, slots: int,
+                      tree: Any = (4, 4, 16), frspec_size: int | None = FRSPEC_SIZE,
+                      all_greedy: bool = False, attn_impl: str = "auto",
+                      sparse_impl: str = "auto") -> Any:
+    """One tree speculative decoding round (``TreeEngine._tree``) for ``slots`` requests reading
+    a ``seq_len``-token cache: bf16 target and draft (``init_mtp_params``), FR-Spec ids of
+    ``frspec_size`` tokens (None: the draft's full head), sampled rows unless ``all_greedy``.
+    The engine speculates only inside InfLLM v2's dense regime, so a sparse model's
+    ``seq_len`` should not pass its ``dense_len``."""
+    from cpmjax.model.mtp import init_mtp_params
+    from cpmjax.serve.tree import check_tree_shape
+    from cpmjax.serve.tree_engine import TreeEngine
+
+    rep = NamedSharding(mesh, PartitionSpec())
+    shape = check_tree_shape(tree)
+    draft = _abstract(jax.eval_shape(lambda: init_mtp_params(cfg, jax.random.PRNGKey(0),
+                                                             dtype=jnp.bfloat16)), rep)
+    engine = TreeEngine(cfg, draft, tree=shape, policy="fixed", max_slots=slots,
+                        max_len=seq_len, dtype=jnp.bfloat16, attn_impl=attn_impl,
+                        sparse_impl=sparse_impl)
+    ids = None if frspec_size is None else jax.ShapeDtypeStruct((frspec_size,), jnp.int32,
+                                                                 sharding=rep)
+    state = _abstract(jax.eval_shape(engine.init_decode_state), rep)
+    fn = InMesh(engine._tree, mesh)
+    return fn.lower(_serving_params(cfg, rep), {"params": draft, "vocab_ids": ids}, state,
+                    seq_len, shape, all_greedy).compile()
 
 
 def mesh_label(mesh: Any) -> str:

@@ -98,6 +98,20 @@ def load_model(src: ModelSource) -> tuple[ModelConfig, Any, Any]:
     return cfg, params, tok
 
 
+def parse_tree_shape(text: str, flag: str = "spec_tree") -> Any:
+    """The drafting tree ``"depth,topk,size"`` (depth >= 1) as a ``cpmjax.serve.tree.TreeShape``;
+    one parser for every launcher that takes a tree, refusing with the flag's name."""
+    from cpmjax.serve.tree import check_tree_shape
+
+    try:
+        tree = check_tree_shape(text.split(","))
+    except ValueError as e:
+        raise UsageError(f"--{flag}: {e}") from None
+    if tree.depth < 1:
+        raise UsageError(f"--{flag}: depth must be >= 1, got {tree.depth}")
+    return tree
+
+
 def load_speculative(cfg: ModelConfig, src: DraftSource, target_quantized: bool = False
                      ) -> Speculative | None:
     """``src`` as a :class:`Speculative`, or None without a draft; refuses settings that would be
@@ -116,16 +130,7 @@ def load_speculative(cfg: ModelConfig, src: DraftSource, target_quantized: bool 
         raise UsageError("--frspec_size needs --frspec (the token ranking file)")
     if "spec_policy" in src.given and src.spec_tree is None:
         raise UsageError("--spec_policy only applies with --spec_tree")
-    tree = None
-    if src.spec_tree is not None:
-        from cpmjax.serve.tree import check_tree_shape
-
-        try:
-            tree = check_tree_shape(src.spec_tree.split(","))
-        except ValueError as e:
-            raise UsageError(f"--spec_tree: {e}") from None
-        if tree.depth < 1:
-            raise UsageError(f"--spec_tree: depth must be >= 1, got {tree.depth}")
+    tree = None if src.spec_tree is None else parse_tree_shape(src.spec_tree)
     draft, form = load_draft(cfg, src.draft)
     if src.draft_form != "auto":
         form = src.draft_form

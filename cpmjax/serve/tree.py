@@ -278,18 +278,29 @@ def compact(cache: KVCache, cfg: ModelConfig, lengths: jax.Array, path: jax.Arra
     index) to positions length + 0..n (``keep [B, D+1]``: which path entries are accepted);
     a sparse model's compressed keys recomputed for the moved positions."""
     B = lengths.shape[0]
-    rows = jnp.arange(B)[:, None]
-    src = lengths[:, None] + path
+    rows = jnp.arange(B)[None, :, None]
+    src = (lengths[:, None] + path)[None]
     dst = jnp.where(keep, lengths[:, None] + jnp.arange(path.shape[1]), -1)
     out = dict(cache)
     for name in ("k", "v"):
         c = cache[name]
-        moved = c[:, rows, src]  # [L, B, D+1, ...], read before any write
-        out[name] = c.at[:, rows, jnp.where(dst < 0, c.shape[2], dst)].set(moved, mode="drop")
+        # the layer is an index of the gather and scatter too, not a window dimension: with
+        # `c[:, rows, src]` libtpu relaid out the whole stacked cache (layers second-minor) in
+        # and out of the step (compiled HLO of the MiniCPM4-8B round for a v5p chip)
+        layers = jnp.arange(c.shape[0])[:, None, None]
+        moved = c[layers, rows, src]  # [L, B, D+1, ...], read before any write
+        out[name] = c.at[layers, rows, jnp.where(dst < 0, c.shape[2], dst)[None]].set(
+            moved, mode="drop")
     if "kc1" in cache:
-        out["kc1"], out["kc2"] = jax.vmap(
-            lambda k1, k2, keys: update_compressed((k1, k2), keys, dst, cfg.sparse_config))(
-            cache["kc1"], cache["kc2"], out["k"])
+        # a layer at a time, updated in place in the loop's carry: vmapped over the layers,
+        # libtpu relaid out the whole compressed-key cache in and out of the step, and a
+        # lax.map's stacked output was copied into the donated buffer (compiled HLO, 8B round)
+        def one_layer(i: jax.Array, kc: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
+            new = update_compressed((kc[0][i], kc[1][i]), out["k"][i], dst, cfg.sparse_config)
+            return kc[0].at[i].set(new[0]), kc[1].at[i].set(new[1])
+
+        out["kc1"], out["kc2"] = jax.lax.fori_loop(0, cache["kc1"].shape[0], one_layer,
+                                                   (cache["kc1"], cache["kc2"]))
     return out
 
 

@@ -1,9 +1,10 @@
 """Steps compile ahead of time for TPU topologies (libtpu's compiler on this CPU host) and run
 the Pallas kernels there: the 0.5B train step with splash attention forward and backward, the
-serving engine's prefill and decode steps."""
+serving engine's prefill and decode steps, and a tree speculative decoding round."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -40,6 +41,24 @@ def test_serving_steps_compile_for_one_v5e_chip():
     decode = aot.report(aot.compile_decode_step(cfg, mesh, 1024, 4), "v5e:2x2")
     for row in (prefill, decode):
         assert row["per_device_gib"]["arguments"] > 0 and row["cost"]["flops"] > 0
+
+
+def test_tree_round_compiles_for_one_v5e_chip_without_copying_the_cache():
+    """One round of the tree engine (draft tree, tree-masked verify, acceptance, compaction)
+    costs more than a decode step (it verifies 17 tokens and runs the draft layer), and the
+    compaction moves the accepted path and its compressed keys in place: no cache relayout.
+    Tiny widened to head_dim 128, as MiniCPM4-8B's (at 32 libtpu keeps the cache S-minor and
+    relays it out for the tree's scatters), with MiniCPM4's sparse_config (compressed keys)."""
+    mesh = aot.tpu_mesh("v5e:2x2", (1, -1, 1), num_devices=1)
+    cfg = dataclasses.replace(model_config("tiny", sparse="on", dense_len=1024),
+                              hidden_size=256, num_attention_heads=2)
+    cache = aot.cache_shapes(cfg, 1024, 4)
+    tree = aot.report(aot.compile_tree_step(cfg, mesh, 1024, 4, (4, 4, 16), frspec_size=256),
+                      "v5e:2x2", cache=cache)
+    decode = aot.report(aot.compile_decode_step(cfg, mesh, 1024, 4), "v5e:2x2", cache=cache)
+    assert tree["per_device_gib"]["arguments"] >= decode["per_device_gib"]["arguments"] > 0
+    assert tree["cost"]["flops"] > 4 * decode["cost"]["flops"] > 0
+    assert tree["cache_sized_copies"] == 0 == decode["cache_sized_copies"], (tree, decode)
 
 
 def test_kernel_counts_reads_kernel_names_from_hlo():
