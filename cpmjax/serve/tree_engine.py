@@ -80,9 +80,12 @@ class TreeEngine(SpeculativeEngine):
         self._plain = self._jit("plain", self._plain_impl, donate=(2,), static=(3,))
         self._catch_up_step = self._jit("catch_up", self._catch_up_impl, donate=(2,),
                                         static=(3,))
-        # plain steps since the draft last read its pending pairs: a bound on every row's count
-        # kept on the host, so that a plain step needs no on-device test of a full buffer
-        self._plain_run = 0
+        # per slot, plain steps since the draft last read its pairs (0 once a request is
+        # inserted): a bound on each row's pending count kept on the host, so that a plain step
+        # needs no on-device test of a full buffer and a catch-up runs only when a live row has
+        # pairs pending
+        self._behind = np.zeros(self.max_slots, np.int64)
+        self._live = np.zeros(self.max_slots, bool)
         self._timed: set[tuple[Any, ...]] = set()  # step variants compiled already
 
     # ---- the draft's pending pairs ---------------------------------------------------------
@@ -97,7 +100,19 @@ class TreeEngine(SpeculativeEngine):
 
     def init_decode_state(self) -> DecodeState:
         state = super().init_decode_state()
+        self._behind[:], self._live[:] = 0, False
         return state._replace(draft=self._with_pending(state.draft, self.max_slots))
+
+    def insert(self, params: Params, prefix: Any, state: DecodeState, slot: int,
+               *args: Any, **kw: Any) -> tuple[DecodeState, jax.Array]:
+        out = super().insert(params, prefix, state, slot, *args, **kw)
+        self._behind[slot], self._live[slot] = 0, True  # the prefix's draft has none pending
+        return out
+
+    def release(self, state: DecodeState, slot: int) -> DecodeState:
+        out = super().release(state, slot)
+        self._live[slot] = False
+        return out
 
     def _catch_up_impl(self, params: Params, draft_args: Any, state: DecodeState, kv_len: int
                        ) -> DecodeState:
@@ -169,7 +184,7 @@ class TreeEngine(SpeculativeEngine):
         shape = self.kinds[kind]
         # the draft reads the pairs plain steps left pending before a round, and when a plain
         # step would overflow them; that pass's time is the cost of plain steps, not the round's
-        behind = self._plain_run
+        behind = int(self._behind[self._live].max(initial=0))
         catch_up = behind >= self.pending if shape == PLAIN else behind > 0
         deferred = 0.0
         if catch_up:
@@ -177,7 +192,7 @@ class TreeEngine(SpeculativeEngine):
         start = time.perf_counter()
         if shape == PLAIN:
             out = self._plain(params, self.draft_args, state, span)
-            self._plain_run += 1
+            self._behind += 1
         elif all_greedy and shape == self._chain:
             # every row greedy: the chain engine's causal round emits the same argmax tokens
             # without the tree path's masks and compaction (1.26 vs 1.88 ms a round at batch 1)
@@ -202,7 +217,7 @@ class TreeEngine(SpeculativeEngine):
         unless ``wait``)."""
         start = time.perf_counter()
         state = self._catch_up_step(params, self.draft_args, state, span)
-        self._plain_run = 0
+        self._behind[:] = 0
         if not wait:
             return state, 0.0
         return jax.block_until_ready(state), time.perf_counter() - start
