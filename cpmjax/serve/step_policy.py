@@ -7,7 +7,8 @@ speculation off above a batch size, and EAGLE-3/-4-style length selection picks 
 length from measured acceptance; here the choice is made from measurements alone, per
 batch-size bucket: each kind is tried a few times first, then the kind with the fastest
 measured *pace* runs, and the others are re-tried now and then (at doubling intervals while the
-choice stays the same) so that drifting costs (a context growing) are seen.
+choice stays the same, each re-try a fresh probe) so that drifting costs (a context growing, a
+request that drafts well) are seen.
 
 The pace of a step is the tokens of its slowest busy row per second (times the busy rows, so
 that a plain step's pace is its throughput). Choosing by it, a kind is picked only when every
@@ -35,7 +36,7 @@ class StepCostPolicy:
     interval (it doubles while a re-try leaves the choice unchanged, up to ``max_retry_every``)."""
 
     def __init__(self, kinds: int, probes: int = 2, window: int = 16, retry_every: int = 64,
-                 max_retry_every: int = 4096):
+                 max_retry_every: int = 512):
         if kinds < 1 or probes < 1 or window < 1 or retry_every < 1:
             raise ValueError("kinds, probes, window and retry_every must be >= 1")
         if max_retry_every < retry_every:
@@ -71,7 +72,12 @@ class StepCostPolicy:
         others = [k for k in range(self.kinds) if k != best]
         if not others:
             return self._pick(best)
-        return self._pick(min(others, key=lambda k: self._measured_at.get((k, b), -1)))
+        kind = min(others, key=lambda k: self._measured_at.get((k, b), -1))
+        # re-measured from scratch, as a probe: its old steps ran on other requests, whose
+        # acceptance differs (a stale window from a hard prompt kept plain steps at batch 1)
+        self._seconds[kind, b].clear()
+        self._tokens[kind, b].clear()
+        return self._pick(kind)
 
     def rate(self, kind: int, busy: int) -> float:
         """Measured pace of ``kind`` at this batch-size bucket in tokens per second (0: not

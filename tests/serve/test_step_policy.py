@@ -49,6 +49,18 @@ def test_retries_see_a_cost_that_changed():
     assert picks[-10:].count(1) >= 9  # one retry of kind 0 may fall among them
 
 
+def test_a_retry_drops_the_kinds_stale_window():
+    """Kind 1 measured slow on one request (16 steps of its window) and fast on the next: the
+    first re-try measures it afresh, and it runs from then on."""
+    policy = StepCostPolicy(2, probes=1, window=16, retry_every=8)
+    _run(policy, 1, 16, {0: (0.004, 1), 1: (0.001, 1)})  # kind 1 fills its window
+    _run(policy, 1, 40, {0: (0.001, 1), 1: (0.004, 1)})  # a hard request: kind 0 wins
+    picks = _run(policy, 1, 30, {0: (0.001, 1), 1: (0.001, 3)})
+    first = picks.index(1)
+    assert first <= 16  # the first re-try (interval 8, then 16)
+    assert picks[first:].count(0) <= 3  # re-tries of kind 0 only
+
+
 def test_retries_back_off_while_the_choice_holds():
     policy = StepCostPolicy(2, probes=1, retry_every=8, max_retry_every=64)
     picks = _run(policy, 1, 400, {0: (0.001, 1), 1: (0.004, 2)})
