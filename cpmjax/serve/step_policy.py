@@ -7,7 +7,7 @@ speculation off above a batch size, and EAGLE-3/-4-style length selection picks 
 length from measured acceptance; here the choice is made from measurements alone, per
 batch-size bucket: each kind is tried a few times first, then the kind with the fastest
 measured *pace* runs, and the others are re-tried now and then (at doubling intervals while the
-choice stays the same, each re-try a fresh probe) so that drifting costs (a context growing, a
+choice stays the same and leads by 25%, each re-try a fresh probe) so that drifting costs (a context growing, a
 request that drafts well) are seen.
 
 The pace of a step is the tokens of its slowest busy row per second (times the busy rows, so
@@ -28,12 +28,16 @@ import collections
 from cpmjax.serve.engine import pow2_bucket
 
 
+LEAD = 1.25  # pace ratio above which re-tries of the slower kind back off
+
+
 class StepCostPolicy:
     """Measured choice among ``kinds`` step kinds (indices 0..kinds-1).
 
     ``probes``: steps of each kind before choosing; ``window``: recent steps a kind's pace is
     measured over; ``retry_every``: steps between re-tries of the kind measured longest ago, first
-    interval (it doubles while a re-try leaves the choice unchanged, up to ``max_retry_every``)."""
+    interval (it doubles while a re-try leaves the choice unchanged and the choice leads the
+    re-tried kind by ``LEAD``, up to ``max_retry_every``)."""
 
     def __init__(self, kinds: int, probes: int = 2, window: int = 16, retry_every: int = 64,
                  max_retry_every: int = 512):
@@ -66,13 +70,17 @@ class StepCostPolicy:
         if self._steps[b] < due:
             self._retry[b] = (due, interval, last_best)
             return self._pick(best)
-        interval = (min(2 * interval, self.max_retry_every) if best == last_best
-                    else self.retry_every)
-        self._retry[b] = (self._steps[b] + interval, interval, best)
         others = [k for k in range(self.kinds) if k != best]
         if not others:
             return self._pick(best)
         kind = min(others, key=lambda k: self._measured_at.get((k, b), -1))
+        # back off only from a kind the choice clearly beats (plain at batch 8 on this CPU
+        # beats a tree round 3x, and each re-try costs); a close contender (chain vs tree at
+        # batch 1, where acceptance varies by request) keeps being re-tried at the base interval
+        clear_lead = self.rate(best, busy) >= LEAD * self.rate(kind, busy)
+        interval = (min(2 * interval, self.max_retry_every) if best == last_best and clear_lead
+                    else self.retry_every)
+        self._retry[b] = (self._steps[b] + interval, interval, best)
         # re-measured from scratch, as a probe: its old steps ran on other requests, whose
         # acceptance differs (a stale window from a hard prompt kept plain steps at batch 1)
         self._seconds[kind, b].clear()

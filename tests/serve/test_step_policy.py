@@ -70,6 +70,13 @@ def test_retries_back_off_while_the_choice_holds():
     assert len(retries) < 12
 
 
+def test_a_close_contender_keeps_the_base_retry_interval():
+    policy = StepCostPolicy(2, probes=1, retry_every=8, max_retry_every=64)
+    picks = _run(policy, 1, 200, {0: (0.001, 1), 1: (0.0011, 1)})  # kind 0 leads by 10%
+    retries = [i for i, k in enumerate(picks) if k == 1][1:]
+    assert {b - a for a, b in zip(retries, retries[1:])} == {8}
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match=">= 1"):
         StepCostPolicy(0)
