@@ -65,10 +65,9 @@ class StepCostPolicy:
             if len(self._seconds[kind, b]) < self.probes:
                 return self._pick(kind)
         best = max(range(self.kinds), key=lambda k: self.rate(k, busy))
-        due, interval, last_best = self._retry.get(b, (self._steps[b] + self.retry_every,
-                                                       self.retry_every, best))
+        due, interval, last_best = self._retry.setdefault(
+            b, (self._steps[b] + self.retry_every, self.retry_every, best))
         if self._steps[b] < due:
-            self._retry[b] = (due, interval, last_best)
             return self._pick(best)
         others = [k for k in range(self.kinds) if k != best]
         if not others:
