@@ -121,11 +121,13 @@ def draft_feature(params: Params, cfg: ModelConfig, hidden: jax.Array, form: str
 
 
 def draft_logits(params: Params, cfg: ModelConfig, h: jax.Array, form: str,
-                 vocab_ids: jax.Array | None = None) -> jax.Array:
-    """float32 logits of the head's output ``h``, optionally over ``vocab_ids`` (FR-Spec)."""
+                 vocab_ids: jax.Array | None = None, head: jax.Array | None = None
+                 ) -> jax.Array:
+    """float32 logits of the head's output ``h``, optionally over ``vocab_ids`` (FR-Spec;
+    ``head``: their projection columns gathered already, as `project_vocab` takes them)."""
     if check_draft_form(form) == "mtp":
-        return lm_head(params, cfg, h, vocab_ids)
-    return project_vocab(params, cfg, h, vocab_ids)
+        return lm_head(params, cfg, h, vocab_ids, head)
+    return project_vocab(params, cfg, h, vocab_ids, head)
 
 
 def mtp_block(mtp_params: Params, params: Params, cfg: ModelConfig, hidden: jax.Array,

@@ -63,25 +63,36 @@ def embed_tokens(params: Params, cfg: ModelConfig, tokens: jax.Array,
 
 
 def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array,
-            vocab_ids: jax.Array | None = None) -> jax.Array:
+            vocab_ids: jax.Array | None = None, head: jax.Array | None = None) -> jax.Array:
     """Final norm, division by the muP width multiplier, projection; float32 logits.
 
     The division applies with tied heads too (the MLX port skips it there; HF modeling_minicpm.py does not).
     ``vocab_ids`` restricts the projection to those rows (FR-Spec draft head; CPM.cu speculative/eagle.py); logits
-    then index the subset, ``[..., len(vocab_ids)]``.
+    then index the subset, ``[..., len(vocab_ids)]``. ``head``: as for :func:`project_vocab`.
     """
     h = rms_norm(hidden, params["final_norm"], cfg.rms_norm_eps)
-    return project_vocab(params, cfg, h / jnp.asarray(cfg.width_multiplier, h.dtype), vocab_ids)
+    return project_vocab(params, cfg, h / jnp.asarray(cfg.width_multiplier, h.dtype), vocab_ids,
+                         head)
+
+
+def output_weight(params: Params, cfg: ModelConfig) -> jax.Array:
+    """The output projection ``[d, V]``: the tied embedding's transpose, or ``lm_head``."""
+    return params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
 
 
 def project_vocab(params: Params, cfg: ModelConfig, h: jax.Array,
-                  vocab_ids: jax.Array | None = None) -> jax.Array:
+                  vocab_ids: jax.Array | None = None, head: jax.Array | None = None
+                  ) -> jax.Array:
     """The output projection alone (tied or untied, optionally over ``vocab_ids``), float32
     logits: :func:`lm_head` without its norm and division, which CPM.cu's EAGLE draft applies
-    to its output as is."""
-    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    if vocab_ids is not None:
-        w = jnp.take(w, vocab_ids, axis=1)
+    to its output as is. ``head``: `output_weight`'s columns at ``vocab_ids``, gathered once
+    (``cpmjax.serve.frspec.frspec_head``) instead of in every call; a decode step that gathers
+    them re-reads the whole vocabulary's weights each time."""
+    w = head
+    if w is None:
+        w = output_weight(params, cfg)
+        if vocab_ids is not None:
+            w = jnp.take(w, vocab_ids, axis=1)
     logits = linear(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
     return constrain(logits, LOGITS_AXES)
 

@@ -244,12 +244,16 @@ def compile_tree_step(cfg: ModelConfig, mesh: Any, seq_len: int, slots: int,
     engine = TreeEngine(cfg, draft, tree=shape, policy="fixed", max_slots=slots,
                         max_len=seq_len, dtype=jnp.bfloat16, attn_impl=attn_impl,
                         sparse_impl=sparse_impl)
-    ids = None if frspec_size is None else jax.ShapeDtypeStruct((frspec_size,), jnp.int32,
-                                                                 sharding=rep)
+    args = {"params": draft, "vocab_ids": None}
+    if frspec_size is not None:  # as the engine passes them: the ids and their gathered head
+        args = {"params": draft,
+                "vocab_ids": jax.ShapeDtypeStruct((frspec_size,), jnp.int32, sharding=rep),
+                "head": jax.ShapeDtypeStruct((cfg.hidden_size, frspec_size), jnp.bfloat16,
+                                             sharding=rep)}
     state = _abstract(jax.eval_shape(engine.init_decode_state), rep)
     fn = InMesh(engine._tree, mesh)
-    return fn.lower(_serving_params(cfg, rep), {"params": draft, "vocab_ids": ids}, state,
-                    seq_len, shape, all_greedy).compile()
+    return fn.lower(_serving_params(cfg, rep), args, state, seq_len, shape,
+                    all_greedy).compile()
 
 
 def mesh_label(mesh: Any) -> str:

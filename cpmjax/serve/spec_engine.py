@@ -24,7 +24,7 @@ from cpmjax.model.params import Params
 from cpmjax.quant.qforward import dense_draft
 from cpmjax.serve.engine import DecodeEngine, DecodeState
 from cpmjax.serve.sampling import SamplingParams, row_keys
-from cpmjax.serve.frspec import check_frspec_ids
+from cpmjax.serve.frspec import check_frspec_ids, frspec_head
 from cpmjax.serve.tree import check_tree_shape
 from cpmjax.serve.speculative import (RoundOut, RowSampling, draft_kv, init_draft_cache,
                                       speculative_round, with_kv)
@@ -57,6 +57,19 @@ class SpeculativeEngine(DecodeEngine):
         ids = None if frspec_ids is None else jnp.asarray(
             check_frspec_ids(frspec_ids, self.cfg.vocab_size))
         self.draft_args = {"params": draft_params, "vocab_ids": ids}
+        self._head: tuple[Any, jax.Array] | None = None  # (source weight, FR-Spec head)
+
+    def _round_args(self, params: Params) -> dict[str, Any]:
+        """``draft_args`` for a drafting step over ``params``: with FR-Spec, plus ``"head"``,
+        the head's weight (`frspec_head`), gathered again only when the target's output
+        projection is another array (jax arrays are immutable, so identity is enough)."""
+        ids = self.draft_args["vocab_ids"]
+        if ids is None:
+            return self.draft_args
+        source = params["embed" if self.cfg.tie_word_embeddings else "lm_head"]
+        if self._head is None or self._head[0] is not source:
+            self._head = (source, frspec_head(params, self.cfg, ids))
+        return {**self.draft_args, "head": self._head[1]}
 
     def check_sampling(self, sampling: SamplingParams) -> None:
         if sampling.repetition_penalty != 1.0:
@@ -103,7 +116,7 @@ class SpeculativeEngine(DecodeEngine):
                               state.cache, state.draft, state.tokens, state.lengths, keys,
                               RowSampling(state.temperature, state.top_k, state.top_p),
                               draft_args["vocab_ids"], self.dtype, all_greedy, kv_len,
-                              self.kernels, self.draft_form)
+                              self.kernels, self.draft_form, draft_args.get("head"))
         return self._advance(state, r)
 
     @staticmethod
@@ -125,7 +138,7 @@ class SpeculativeEngine(DecodeEngine):
         scheduler) runs the argmax-only variant, compiled once per span on first use;
         ``context`` as for :meth:`DecodeEngine.generate`."""
         step = self._greedy_generate if all_greedy else self._generate
-        return step(params, self.draft_args, state, self.kv_span(context))
+        return step(params, self._round_args(params), state, self.kv_span(context))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

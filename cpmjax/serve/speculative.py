@@ -137,7 +137,7 @@ def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k:
                       keys: jax.Array, sampling: RowSampling, vocab_ids: jax.Array | None,
                       dtype: Any = jnp.float32, all_greedy: bool = False,
                       kv_len: int | None = None, kernels: dict[str, str] | None = None,
-                      form: str = "mtp") -> RoundOut:
+                      form: str = "mtp", head: jax.Array | None = None) -> RoundOut:
     """Draft k tokens, verify them in one target step and accept (see the module docstring).
 
     ``lengths [B]`` is where ``last`` goes in the target cache (-1: idle row); ``keys [B]`` one
@@ -146,7 +146,8 @@ def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k:
     which dominates a small model's round). ``kv_len`` (static) bounds the cache positions both
     models' attention reads; it must exceed every position the round writes (lengths + k).
     ``kernels`` (static): ``attn_impl``/``sparse_impl`` for the verification forward pass.
-    ``form`` (static): the draft head's form (``cpmjax.model.mtp.DRAFT_FORMS``).
+    ``form`` (static): the draft head's form (``cpmjax.model.mtp.DRAFT_FORMS``). ``head``:
+    the FR-Spec head's weight, gathered already (``cpmjax.serve.frspec.frspec_head``).
     """
     B = last.shape[0]
     active = lengths >= 0
@@ -160,7 +161,7 @@ def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k:
             h, kv = mtp_block(draft_params, params, cfg, h[:, None].astype(dtype),
                               tok[:, None], pos, cache_kv=kv, kv_len=kv_len)
             h = h[:, 0]
-        logits = draft_logits(params, cfg, h[:, None], form, vocab_ids)[:, 0]
+        logits = draft_logits(params, cfg, h[:, None], form, vocab_ids, head)[:, 0]
         if all_greedy:
             tok = argmax_last(logits)
             tok = tok if vocab_ids is None else vocab_ids[tok]

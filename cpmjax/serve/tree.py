@@ -116,12 +116,13 @@ def _visible(lengths: jax.Array, own: jax.Array, width: int, span: int) -> jax.A
 
 
 def _draft_scores(params: Params, cfg: ModelConfig, h: jax.Array, form: str,
-                  vocab_ids: jax.Array | None, noise: jax.Array | None,
-                  temperature: jax.Array) -> tuple[jax.Array, jax.Array]:
+                  vocab_ids: jax.Array | None, head: jax.Array | None,
+                  noise: jax.Array | None, temperature: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
     """(ranking scores, log-probabilities) ``[B, R, V']`` of the draft's next token at the nodes
     ``h [B, R, d]``: sampled rows rank by their perturbed tempered log-probabilities
     (``noise [B, V]`` of the token number drawn there), greedy rows by the log-probabilities."""
-    logits = draft_logits(params, cfg, h, form, vocab_ids)
+    logits = draft_logits(params, cfg, h, form, vocab_ids, head)
     logq = jax.nn.log_softmax(logits, axis=-1)
     if noise is None:
         return logq, logq
@@ -134,11 +135,11 @@ def _draft_scores(params: Params, cfg: ModelConfig, h: jax.Array, form: str,
 def draft_tree(params: Params, draft_params: Params, cfg: ModelConfig, shape: TreeShape,
                draft: DraftCache, last: jax.Array, lengths: jax.Array,
                vocab_ids: jax.Array | None, noise: jax.Array | None, temperature: jax.Array,
-               dtype: Any, kv_len: int | None, form: str
+               dtype: Any, kv_len: int | None, form: str, head: jax.Array | None = None
                ) -> tuple[Tree, tuple[jax.Array, ...]]:
     """EAGLE-2 drafting (module docstring, step 1): the tree and the draft layer's cache (its
     scratch slots written). ``noise [B, D, V]``: each row's noise of the tokens after depths
-    0..D-1 (None: rank by log-probabilities only)."""
+    0..D-1 (None: rank by log-probabilities only); ``head``: as for `tree_round`."""
     B, K, D, N = lengths.shape[0], shape.topk, shape.depth, shape.size
     rows = jnp.arange(B)[:, None]
     kv = draft_kv(draft)
@@ -151,7 +152,7 @@ def draft_tree(params: Params, draft_params: Params, cfg: ModelConfig, shape: Tr
     def ids(idx: jax.Array) -> jax.Array:
         return idx.astype(jnp.int32) if vocab_ids is None else vocab_ids[idx]
 
-    rank, logq = _draft_scores(params, cfg, draft["h"][:, None], form, vocab_ids,
+    rank, logq = _draft_scores(params, cfg, draft["h"][:, None], form, vocab_ids, head,
                                None if noise is None else noise[:, 0], temperature)
     _, idx = jax.lax.top_k(rank[:, 0], K)
     toks, scores = [ids(idx)], [jnp.take_along_axis(logq[:, 0], idx, axis=1)]
@@ -167,7 +168,7 @@ def draft_tree(params: Params, draft_params: Params, cfg: ModelConfig, shape: Tr
         h, kv = mtp_block(draft_params, params, cfg, f_feat.astype(dtype), f_tok, pos,
                           cache_kv=kv, kv_len=kv_len,
                           tree=TreeAttention(slots, _visible(lengths, anc, width, span)))
-        rank, logq = _draft_scores(params, cfg, h, form, vocab_ids,
+        rank, logq = _draft_scores(params, cfg, h, form, vocab_ids, head,
                                    None if noise is None else noise[:, j], temperature)
         _, cidx = jax.lax.top_k(rank, K)  # [B, K, K]
         cscore = (f_score[:, :, None] + jnp.take_along_axis(logq, cidx, axis=2)).reshape(B, -1)
@@ -308,14 +309,15 @@ def tree_round(params: Params, draft_params: Params, cfg: ModelConfig, shape: Tr
                cache: KVCache, draft: DraftCache, last: jax.Array, lengths: jax.Array,
                seed: jax.Array, steps: jax.Array, sampling: RowSampling,
                vocab_ids: jax.Array | None, dtype: Any = jnp.float32, all_greedy: bool = False,
-               kv_len: int | None = None, form: str = "mtp", rule: str = "coupled"
-               ) -> RoundOut:
+               kv_len: int | None = None, form: str = "mtp", rule: str = "coupled",
+               head: jax.Array | None = None) -> RoundOut:
     """Draft a tree, verify it in one target step, accept and compact (module docstring).
 
     ``seed``/``steps [B]``: each row's seed and tokens generated so far (its randomness, as the
     plain engine's); ``all_greedy`` (static): every row is greedy (no noise, no warping).
     ``kv_len`` (static) must exceed every slot the round writes (lengths + ``lookahead``);
-    nodes at slots past it are never accepted. ``rule`` (static): ``RULES``.
+    nodes at slots past it are never accepted. ``rule`` (static): ``RULES``. ``head``: the
+    FR-Spec head's weight, gathered already (``cpmjax.serve.frspec.frspec_head``).
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
@@ -329,7 +331,7 @@ def tree_round(params: Params, draft_params: Params, cfg: ModelConfig, shape: Tr
     if not all_greedy and rule == "coupled":
         noise = round_noise(seed, steps, D + 1, cfg.vocab_size)
     tree, kv = draft_tree(params, draft_params, cfg, shape, draft, last, lengths, vocab_ids,
-                          noise, sampling.temperature, dtype, kv_len, form)
+                          noise, sampling.temperature, dtype, kv_len, form, head)
     T = shape.size + 1
     span = cache["k"].shape[2] if kv_len is None else kv_len
     slot = lengths[:, None] + jnp.arange(T)

@@ -141,7 +141,7 @@ class TreeEngine(SpeculativeEngine):
                        state.tokens, state.lengths, state.seed, state.steps,
                        RowSampling(state.temperature, state.top_k, state.top_p),
                        draft_args["vocab_ids"], self.dtype, all_greedy, kv_len, self.draft_form,
-                       self.rule)
+                       self.rule, draft_args.get("head"))
         return self._advance(state, r)
 
     def _plain_impl(self, params: Params, draft_args: Any, state: DecodeState, kv_len: int
@@ -196,9 +196,9 @@ class TreeEngine(SpeculativeEngine):
         elif all_greedy and shape == self._chain:
             # every row greedy: the chain engine's causal round emits the same argmax tokens
             # without the tree path's masks and compaction (1.26 vs 1.88 ms a round at batch 1)
-            out = self._greedy_generate(params, self.draft_args, state, span)
+            out = self._greedy_generate(params, self._round_args(params), state, span)
         else:
-            out = self._tree(params, self.draft_args, state, span, shape, all_greedy)
+            out = self._tree(params, self._round_args(params), state, span, shape, all_greedy)
         if not measured:
             return out
         counts = np.asarray(out[2])  # waits for the step
