@@ -66,16 +66,21 @@ def _fastest(timings: list[Timing]) -> Timing:
 
 def time_cpmjax(cfg: ModelConfig, params: Any, prompts: list[list[int]], new_tokens: int,
                 batch: int, speculative: Speculative | None = None,
-                grammar: Any = None, kv_bucket: int | None = 128) -> Timing:
+                grammar: Any = None, kv_bucket: int | None = 128,
+                max_len: int | None = None) -> Timing:
     """All ``prompts`` through the scheduler on ``batch`` slots (fewer slots than prompts: the
     rest queue, as a server's would), the fastest of ``REPEATS`` passes after a warm-up; the
     decode part is the time spent in the engine's decode steps. ``speculative`` runs the
     draft-and-verify engine; ``grammar`` (a callable making one matcher per request) constrains
     every request, and its host-side mask writing is added to the decode time (``host``).
-    ``kv_bucket``: the engine's cache-span buckets (None: every step reads the whole cache)."""
-    extra = 0 if speculative is None else speculative.lookahead  # positions a step writes ahead
+    ``kv_bucket``: the engine's cache-span buckets (None: every step reads the whole cache).
+    ``max_len``: the engine's cache length (None: the longest request plus the positions a
+    speculative step writes ahead)."""
+    if max_len is None:
+        extra = 0 if speculative is None else speculative.lookahead  # positions written ahead
+        max_len = max(len(p) for p in prompts) + new_tokens + 1 + extra
     engine = make_engine(cfg, speculative, max_slots=batch, kv_bucket=kv_bucket,
-                         max_len=len(prompts[0]) + new_tokens + 1 + extra, chunk=64)
+                         max_len=max_len, chunk=64)
     step, in_steps = engine.generate, [0.0, 0]  # seconds, calls
 
     def timed_step(*args: Any, **kw: Any) -> Any:
@@ -379,8 +384,11 @@ def run_tree(batches: tuple[int, ...] = (1, 8), requests: int = 8, prompt_len: i
     tree of ``trees`` always run (policy ``fixed``), and the first tree under the ``measured``
     policy (tree, chain or plain per step, from measured step costs). Every engine reads its
     whole cache each step (``kv_bucket=None``), so each step kind compiles in the warm-up
-    pass. Rows carry tok/s, the mean accept length, the speedup over the plain row of the same
-    batch and weights and, for the measured rows, how often each step kind ran."""
+    pass, and every engine of a run gets the same cache length (the requests plus the largest
+    lookahead of the variants, as one server's ``max_len`` would serve either engine): with the
+    whole cache read each step, a plain engine given a shorter cache would be timed at another
+    attention width. Rows carry tok/s, the mean accept length, the speedup over the plain row
+    of the same batch and weights and, for the measured rows, how often each step kind ran."""
     import dataclasses
 
     import torch
@@ -394,6 +402,7 @@ def run_tree(batches: tuple[int, ...] = (1, 8), requests: int = 8, prompt_len: i
         (f"tree {t}", dataclasses.replace(spec, tree=t, policy="fixed")) for t in trees] + [
         (f"tree {trees[0]} measured", dataclasses.replace(spec, tree=trees[0]))]
     rows = []
+    max_len = prompt_len + new_tokens + 1 + max(v.lookahead for _, v in variants)
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_hf(cfg, params, Path(tmp) / "llama", format="llama")
         for batch, fmt in itertools.product(batches, weights):
@@ -407,10 +416,12 @@ def run_tree(batches: tuple[int, ...] = (1, 8), requests: int = 8, prompt_len: i
                 if sp == "hf":
                     r = time_hf(folder, prompts, new_tokens, batch)
                 else:
-                    r = time_cpmjax(cfg, p, prompts, new_tokens, batch, sp, kv_bucket=None)
+                    r = time_cpmjax(cfg, p, prompts, new_tokens, batch, sp, kv_bucket=None,
+                                    max_len=max_len)
                 row = {"bench": "decode_tree", "impl": impl, "preset": "tiny", "batch": batch,
                        "requests": len(prompts), "prompt_len": prompt_len,
                        "new_tokens": new_tokens, "decoding": decoding, "weights_format": fmt,
+                       "cache_len": None if impl != "cpmjax" else max_len,
                        "decode_tokens_per_s": r.decode_tokens / r.decode_seconds,
                        "tokens_per_s": r.tokens / r.seconds, "mean_accept_length": r.accept,
                        "weights": source, **_machine()}

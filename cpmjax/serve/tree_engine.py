@@ -87,6 +87,7 @@ class TreeEngine(SpeculativeEngine):
         self._behind = np.zeros(self.max_slots, np.int64)
         self._live = np.zeros(self.max_slots, bool)
         self._timed: set[tuple[Any, ...]] = set()  # step variants compiled already
+        self._last_kind: int | None = None  # the kind of the step before
 
     # ---- the draft's pending pairs ---------------------------------------------------------
     def _with_pending(self, draft: DraftCache, batch: int) -> DraftCache:
@@ -176,12 +177,15 @@ class TreeEngine(SpeculativeEngine):
                  context: int | None = None) -> tuple[DecodeState, jax.Array, jax.Array]:
         """One step of the kind the policy picks (see the module docstring); arguments as for
         :meth:`SpeculativeEngine.generate`."""
-        span = self.kv_span(context)
         measured = self.policy_name == "measured"
         active = np.asarray(state.lengths) >= 0 if measured else None
         busy = int(active.sum()) if measured else 0
         kind = self._choose(busy, all_greedy, context)
         shape = self.kinds[kind]
+        # a plain step writes no scratch slots past the newest token: it reads the span a plain
+        # engine would (with kv buckets, one bucket fewer near a bucket's end)
+        span = (self.kv_span(context) if shape != PLAIN or context is None
+                else self._span(context))
         # the draft reads the pairs plain steps left pending before a round, and when a plain
         # step would overflow them; that pass's time is the cost of plain steps, not the round's
         behind = int(self._behind[self._live].max(initial=0))
@@ -204,11 +208,15 @@ class TreeEngine(SpeculativeEngine):
         counts = np.asarray(out[2])  # waits for the step
         seconds = time.perf_counter() - start + (deferred if shape == PLAIN else 0.0)
         slowest = int(counts[active].min()) if busy else 0
-        # what compiles: a step's first run at its static arguments is not a cost measurement
+        # not a cost measurement: a step's first run at its static arguments (it compiles), and
+        # the first step of a kind after another kind ran: on CPU it took 20-35% longer than
+        # the next ones (its executable and buffers cold; interleaved timings of the tiny
+        # model at batch 1), which biased every 2-step re-try against the re-tried kind
         key = (shape, span, catch_up) if shape == PLAIN else (shape, span, all_greedy)
-        if key in self._timed:
+        if key in self._timed and kind == self._last_kind:
             self.policy.record(kind, busy, seconds, slowest)
         self._timed.add(key)
+        self._last_kind = kind
         return out
 
     def _read_pending(self, params: Params, state: DecodeState, span: int, wait: bool

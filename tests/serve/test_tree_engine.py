@@ -101,14 +101,14 @@ class _Scripted:
 
     def __init__(self, script):
         self.script, self.i = script, 0
-        self.chosen = {}
+        self.chosen, self.recorded = {}, []
 
     def choose(self, busy):
         self.i += 1
         return self.script[(self.i - 1) % len(self.script)]
 
     def record(self, *a):
-        pass
+        self.recorded.append(a[0])
 
 
 def test_switching_step_kinds_changes_no_token():
@@ -140,10 +140,17 @@ def test_greedy_chain_steps_run_the_chain_round_and_change_no_token():
                         chunk=8)
     assert engine.kinds[1] == (3, 1, 3)
     plain = engine.kinds.index(PLAIN)
-    engine.policy = _Scripted([1, 1, plain, 0, 1, plain, plain, plain, plain, 1, 0])
+    script = [1, 1, plain, 0, 1, plain, plain, plain, plain, 1, 0]
+    engine.policy = _Scripted(script)
     got, _ = _decode(engine, params, prompts, 30, sp)
     assert got == want
     assert engine.compilations["generate_greedy"] >= 1 and engine.compilations["tree"] >= 1
+    # costs come only from a kind's repeated steps (the first after a switch runs cold), so
+    # of this script's cycles only its runs of 1, 1 and plain x4 are measured, after compiling
+    ran = [script[i % len(script)] for i in range(engine.policy.i)]
+    repeats = [k for i, k in enumerate(ran) if i and ran[i - 1] == k]
+    assert engine.policy.recorded and set(engine.policy.recorded) <= {1, plain}
+    assert len(engine.policy.recorded) <= len(repeats)
 
 
 def test_sparse_model_speculates_only_below_dense_len():
