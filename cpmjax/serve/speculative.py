@@ -130,6 +130,9 @@ class RoundOut(NamedTuple):
     tokens: jax.Array  # int32 [B, k+1]: tokens[:, :count] are new, in order
     count: jax.Array  # int32 [B]: accepted drafts + 1 (0 for idle rows)
     last: jax.Array  # int32 [B]: the newest token, not yet in the target cache
+    # int32 [B]: what a chain round would have emitted per row, read off a tree round
+    # (``cpmjax.serve.tree.chain_tokens``; None for other rounds)
+    chain: jax.Array | None = None
 
 
 def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k: int,

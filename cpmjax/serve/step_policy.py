@@ -88,18 +88,24 @@ class StepCostPolicy:
 
     def rate(self, kind: int, busy: int) -> float:
         """Measured pace of ``kind`` at this batch-size bucket in tokens per second (0: not
-        measured)."""
+        measured): its mean tokens per step over its mean seconds per step."""
         b = _bucket(busy)
         sec, tok = self._seconds[kind, b], self._tokens[kind, b]
-        return 0.0 if not sec else sum(tok) / max(sum(sec), 1e-9)
+        return 0.0 if not sec else (sum(tok) / len(tok)) / max(sum(sec) / len(sec), 1e-9)
 
-    def record(self, kind: int, busy: int, seconds: float, slowest_row_tokens: int) -> None:
+    def record(self, kind: int, busy: int, seconds: float, slowest_row_tokens: int,
+               paired: dict[int, int] | None = None) -> None:
         """One step of ``kind`` over ``busy`` slots took ``seconds``, and its busy row with the
-        fewest new tokens got ``slowest_row_tokens``."""
+        fewest new tokens got ``slowest_row_tokens``. ``paired``: for other kinds, the slowest
+        row's tokens they would have emitted in this step (known without running them: a tree
+        round shows what the chain of its first children accepts), added to their token
+        windows only, so their pace compares on the same requests and positions."""
         b = _bucket(busy)
         self._seconds[kind, b].append(seconds)
         self._tokens[kind, b].append(max(busy, 1) * slowest_row_tokens)
         self._measured_at[kind, b] = self._steps[b]
+        for other, tokens in (paired or {}).items():
+            self._tokens[other, b].append(max(busy, 1) * tokens)
 
     def _pick(self, kind: int) -> int:
         self.chosen[kind] += 1

@@ -104,6 +104,10 @@ class Tree(NamedTuple):
     depth: jax.Array  # int32 [B, N+1]
     parent: jax.Array  # int32 [B, N+1], tree index (root: 0); -1: parent not in the tree
     ancestors: jax.Array  # bool [B, N+1, N+1]: [i, a] iff a is i or an ancestor of i
+    # bool [B, N+1]: the node is its parent's first child, the draft's top-ranked token there
+    # (root: True); the nodes of the tree whose ancestors are all first form the chain the
+    # draft would have proposed (None: not recorded)
+    first: jax.Array | None = None
 
 
 def _visible(lengths: jax.Array, own: jax.Array, width: int, span: int) -> jax.Array:
@@ -157,6 +161,7 @@ def draft_tree(params: Params, draft_params: Params, cfg: ModelConfig, shape: Tr
     _, idx = jax.lax.top_k(rank[:, 0], K)
     toks, scores = [ids(idx)], [jnp.take_along_axis(logq[:, 0], idx, axis=1)]
     parents, depths = [jnp.full((B, K), -1, jnp.int32)], [jnp.ones((B, K), jnp.int32)]
+    firsts = [jnp.arange(K) == 0]  # top_k orders each node's children by rank
     f_pool, f_score, f_tok = jnp.broadcast_to(jnp.arange(K), (B, K)), scores[0], toks[0]
     f_feat = jnp.broadcast_to(draft["h"][:, None], (B, K, draft["h"].shape[-1]))
     f_anc = jnp.zeros((B, K, width), bool)
@@ -177,6 +182,7 @@ def draft_tree(params: Params, draft_params: Params, cfg: ModelConfig, shape: Tr
         scores.append(cscore)
         parents.append(jnp.repeat(f_pool, K, axis=1))
         depths.append(jnp.full((B, K * K), j + 1, jnp.int32))
+        firsts.append(jnp.arange(K * K) % K == 0)
         if j < D - 1:
             f_score, sel = jax.lax.top_k(cscore, K)
             f_pool = K + (j - 1) * K * K + sel
@@ -193,9 +199,11 @@ def draft_tree(params: Params, draft_params: Params, cfg: ModelConfig, shape: Tr
     pp = jnp.take_along_axis(pool_parent, sel, axis=1)
     parent = jnp.where(pp < 0, 0, jnp.take_along_axis(tree_index, jnp.maximum(pp, 0), axis=1))
     parent = jnp.concatenate([root.parent, parent], 1)
+    first = jnp.concatenate(firsts)[sel]
     return Tree(jnp.concatenate([root.tokens, jnp.take_along_axis(pool_tok, sel, axis=1)], 1),
                 jnp.concatenate([root.depth, jnp.take_along_axis(pool_depth, sel, axis=1)], 1),
-                parent, ancestor_mask(parent, D)), kv
+                parent, ancestor_mask(parent, D),
+                jnp.concatenate([jnp.ones((B, 1), bool), first], 1)), kv
 
 
 def ancestor_mask(parent: jax.Array, depth: int) -> jax.Array:
@@ -231,15 +239,32 @@ def round_noise(seed: jax.Array, steps: jax.Array, count: int, vocab: int) -> ja
     return jax.vmap(lambda d: step_noise(seed, steps + d, vocab), out_axes=1)(jnp.arange(count))
 
 
-def accept_coupled(tree: Tree, targets: jax.Array, ok: jax.Array) -> jax.Array:
-    """Tree index ``[B]`` of the deepest node whose path holds the target's token at every step
+def accepted_nodes(tree: Tree, targets: jax.Array, ok: jax.Array) -> jax.Array:
+    """bool ``[B, N+1]``: the nodes whose path holds the target's token at every step
     (``targets [B, N+1]``: the target's token after each node; ``ok [B, N+1]``: nodes that may
-    be accepted). Siblings hold distinct tokens, so the accepted nodes form one path from the
-    root, and its deepest node is unique."""
+    be accepted). Siblings hold distinct tokens, so they form one path from the root."""
     parent_target = jnp.take_along_axis(targets, jnp.maximum(tree.parent, 0), axis=1)
     match = (ok & (tree.tokens == parent_target)).at[:, 0].set(True)
-    accepted = ~jnp.any(tree.ancestors & ~match[:, None, :], axis=-1)
-    return jnp.argmax(jnp.where(accepted, tree.depth, -1), axis=-1).astype(jnp.int32)
+    return ~jnp.any(tree.ancestors & ~match[:, None, :], axis=-1)
+
+
+def accept_coupled(tree: Tree, targets: jax.Array, ok: jax.Array) -> jax.Array:
+    """Tree index ``[B]`` of the deepest node of `accepted_nodes` (unique: they form a path)."""
+    return _deepest(tree, accepted_nodes(tree, targets, ok))
+
+
+def _deepest(tree: Tree, nodes: jax.Array) -> jax.Array:
+    return jnp.argmax(jnp.where(nodes, tree.depth, -1), axis=-1).astype(jnp.int32)
+
+
+def chain_tokens(tree: Tree, accepted: jax.Array) -> jax.Array:
+    """int32 ``[B]``: the tokens a chain round of the tree's depth would have emitted in this
+    round (its accepted drafts + 1), read off the tree: the chain proposes the draft's
+    top-ranked token at each step, the tree's path of first children. Where re-ranking left
+    part of that path out of the tree (a first child whose cumulative score fell below the
+    kept nodes'), the chain's tokens past it are not seen: a lower bound."""
+    on_chain = ~jnp.any(tree.ancestors & ~tree.first[:, None, :], axis=-1)
+    return jnp.max(jnp.where(accepted & on_chain, tree.depth, 0), axis=-1).astype(jnp.int32) + 1
 
 
 def accept_rejection(tree: Tree, p: jax.Array, ok: jax.Array, keys: jax.Array
@@ -344,11 +369,15 @@ def tree_round(params: Params, draft_params: Params, cfg: ModelConfig, shape: Tr
     ok = (tree.parent >= 0) & (slot < span)
     if rule == "coupled" or all_greedy:  # all greedy: noise is None, the targets are argmaxes
         targets = coupled_targets(out.logits, tree.depth, sampling, noise)
-        u = accept_coupled(tree, targets, ok)
+        accepted = accepted_nodes(tree, targets, ok)
+        u = _deepest(tree, accepted)
         nxt = targets[rows, u]
+        # the chain kind emits the same tokens (coupled rule), so its count is comparable
+        chain = jnp.where(active, chain_tokens(tree, accepted), 0)
     else:
         u, nxt = accept_rejection(tree, target_probs(out.logits, sampling), ok,
                                   row_keys(seed, steps))
+        chain = None
     n = tree.depth[rows, u]
     path = path_of(tree, u, D)
     ar = jnp.arange(D + 1)[None]
@@ -362,4 +391,4 @@ def tree_round(params: Params, draft_params: Params, cfg: ModelConfig, shape: Tr
                        jnp.where(keep, lengths[:, None] + ar, -1), cache_kv=kv, kv_len=kv_len)
     h_next = jnp.where(active[:, None], hc[rows, n], draft["h"])
     return RoundOut(target_cache, with_kv(draft, kv, h_next.astype(draft["h"].dtype)), new,
-                    jnp.where(active, n + 1, 0), jnp.where(active, nxt, last))
+                    jnp.where(active, n + 1, 0), jnp.where(active, nxt, last), chain)

@@ -137,13 +137,14 @@ class TreeEngine(SpeculativeEngine):
     # ---- the step kinds -----------------------------------------------------------------
     def _tree_impl(self, params: Params, draft_args: Any, state: DecodeState, kv_len: int,
                    shape: TreeShape, all_greedy: bool
-                   ) -> tuple[DecodeState, jax.Array, jax.Array]:
+                   ) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array | None]:
         r = tree_round(params, draft_args["params"], self.cfg, shape, state.cache, state.draft,
                        state.tokens, state.lengths, state.seed, state.steps,
                        RowSampling(state.temperature, state.top_k, state.top_p),
                        draft_args["vocab_ids"], self.dtype, all_greedy, kv_len, self.draft_form,
                        self.rule, draft_args.get("head"))
-        return self._advance(state, r)
+        new, tokens, count = self._advance(state, r)
+        return new, tokens, count, r.chain
 
     def _plain_impl(self, params: Params, draft_args: Any, state: DecodeState, kv_len: int
                     ) -> tuple[DecodeState, jax.Array, jax.Array]:
@@ -194,6 +195,7 @@ class TreeEngine(SpeculativeEngine):
         if catch_up:
             state, deferred = self._read_pending(params, state, span, wait=measured)
         start = time.perf_counter()
+        chain = None  # a tree round's count of what the chain kind would have emitted
         if shape == PLAIN:
             out = self._plain(params, self.draft_args, state, span)
             self._behind += 1
@@ -202,19 +204,26 @@ class TreeEngine(SpeculativeEngine):
             # without the tree path's masks and compaction (1.26 vs 1.88 ms a round at batch 1)
             out = self._greedy_generate(params, self._round_args(params), state, span)
         else:
-            out = self._tree(params, self._round_args(params), state, span, shape, all_greedy)
+            *out, chain = self._tree(params, self._round_args(params), state, span, shape,
+                                     all_greedy)
+            out = tuple(out)
         if not measured:
             return out
         counts = np.asarray(out[2])  # waits for the step
         seconds = time.perf_counter() - start + (deferred if shape == PLAIN else 0.0)
         slowest = int(counts[active].min()) if busy else 0
+        # the chain kind's tokens on these very rows and positions, read off the tree round: a
+        # paired estimate of its acceptance (its own steps ran on other requests)
+        paired = ({self.kinds.index(self._chain): int(np.asarray(chain)[active].min())}
+                  if chain is not None and busy and self._chain in self.kinds
+                  and shape != self._chain else None)
         # not a cost measurement: a step's first run at its static arguments (it compiles), and
         # the first step of a kind after another kind ran: on CPU it took 20-35% longer than
         # the next ones (its executable and buffers cold; interleaved timings of the tiny
         # model at batch 1), which biased every 2-step re-try against the re-tried kind
         key = (shape, span, catch_up) if shape == PLAIN else (shape, span, all_greedy)
         if key in self._timed and kind == self._last_kind:
-            self.policy.record(kind, busy, seconds, slowest)
+            self.policy.record(kind, busy, seconds, slowest, paired)
         self._timed.add(key)
         self._last_kind = kind
         return out

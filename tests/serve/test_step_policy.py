@@ -77,6 +77,28 @@ def test_a_close_contender_keeps_the_base_retry_interval():
     assert {b - a for a, b in zip(retries, retries[1:])} == {8}
 
 
+def test_paired_tokens_count_for_the_kind_they_describe():
+    """The chain's two probe rounds drew 1 token each (a hard stretch), while the tree rounds
+    showed the chain drawing 4 on the same rows: with those paired tokens the chain's pace is
+    their mean with its own over its own measured seconds, and it takes over; without them
+    the two unlucky probes keep the tree until a re-try."""
+    picks = {}
+    for paired in (True, False):
+        policy = StepCostPolicy(2, probes=2, retry_every=1000, max_retry_every=1000)
+        picks[paired] = []
+        for _ in range(12):
+            k = policy.choose(1)
+            picks[paired].append(k)
+            if k == 0:  # tree: 3 tokens in 2 ms; its first children hold 4 correct drafts
+                policy.record(0, 1, 0.002, 3, paired={1: 4} if paired else None)
+            else:  # chain: 1.5 ms a round; its probes drew 1 token each, later rounds 4
+                policy.record(1, 1, 0.0015, 1 if picks[paired].count(1) <= 2 else 4)
+        assert picks[paired][:4] == [0, 0, 1, 1]
+    assert set(picks[True][4:]) == {1}
+    assert set(picks[False][4:]) == {0}
+    assert policy.rate(1, 1) == pytest.approx(1 / 0.0015)  # the unpaired policy's view
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match=">= 1"):
         StepCostPolicy(0)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from cpmjax.serve.speculative import init_draft_cache
-from cpmjax.serve.tree import (Tree, TreeShape, accept_coupled, accept_rejection, ancestor_mask,
-                               check_tree_shape, draft_tree, path_of)
+from cpmjax.serve.tree import (Tree, TreeShape, accept_coupled, accept_rejection, accepted_nodes,
+                               ancestor_mask, chain_tokens, check_tree_shape, draft_tree,
+                               path_of)
 from tests.spec.helpers import small_models
 
 
@@ -60,6 +61,43 @@ def test_coupled_rule_takes_the_path_of_target_tokens():
     u = accept_coupled(tree, jnp.asarray([(11, 0, 12, 0, 0, 0)], jnp.int32),
                        ok.at[0, 5].set(False))
     assert int(u[0]) == 2
+
+
+def test_the_chain_of_first_children_is_read_off_the_accepted_path():
+    #        0(root)
+    #     1(a*)   2(b)          * first child: the draft's top-ranked token there
+    #   3(c*) 4(d)  5(c*)
+    tree = _tree([0, 0, 0, 1, 1, 2], [9, 10, 11, 12, 13, 12], [0, 1, 1, 2, 2, 2])
+    tree = tree._replace(first=jnp.asarray([[True, True, False, True, False, True]]))
+    ok = jnp.ones((1, 6), bool)
+    cases = {(10, 12, 0, 0, 0, 0): 3,  # the target follows a, c: the chain accepts both
+             (10, 13, 0, 0, 0, 0): 2,  # a accepted, then d (not first): the chain has a only
+             (11, 0, 12, 0, 0, 0): 1,  # b: the chain's first proposal a is rejected
+             (7, 0, 0, 0, 0, 0): 1}
+    for targets, want in cases.items():
+        accepted = accepted_nodes(tree, jnp.asarray([targets], jnp.int32), ok)
+        assert int(chain_tokens(tree, accepted)[0]) == want, targets
+
+
+def test_drafted_trees_mark_the_draft_chain():
+    """The first children of a drafted tree from the root down are the draft's greedy chain:
+    each the argmax at its node (checked against drafting a (depth, 1, depth) chain tree)."""
+    cfg, params, draft = small_models()
+    B, D = 3, 3
+    cache = init_draft_cache(cfg, B, 64)
+    cache["h"] = jax.random.normal(jax.random.key(0), cache["h"].shape)
+    lengths = jnp.asarray([5, 17, 9], jnp.int32)
+    args = (cache, jnp.asarray([3, 4, 0]), lengths, None, None, jnp.zeros((B,)), jnp.float32,
+            64, "mtp")
+    tree, _ = draft_tree(params, draft, cfg, TreeShape(D, 2, 2 + (D - 1) * 4), *args)
+    chain, _ = draft_tree(params, draft, cfg, TreeShape(D, 1, D), *args)
+    on_chain = ~np.any(np.asarray(tree.ancestors) & ~np.asarray(tree.first)[:, None, :], -1)
+    for b in range(B):  # with every node kept, the chain of firsts may still leave the
+        # frontier (a first child outscored by two cousins): compare the part the tree holds
+        got = {int(d): int(t) for d, t, c in zip(np.asarray(tree.depth[b]),
+                                                 np.asarray(tree.tokens[b]), on_chain[b]) if c}
+        assert got[1] == int(chain.tokens[b, 1])
+        assert all(got[d] == int(chain.tokens[b, d]) for d in got if d > 0)
 
 
 def test_rejection_rule_keeps_the_target_distribution():

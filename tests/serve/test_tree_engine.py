@@ -79,6 +79,21 @@ def test_full_acceptance_leaves_the_caches_of_plain_decoding(temperature):
                                        ps.state.cache[name][:, row, :n], atol=2e-5)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_tree_rounds_report_the_chain_they_hold(temperature):
+    """Every drafted level accepted: a tree round emits depth + 1 tokens per row, and so would
+    the chain of its first children, which the round reports to the policy for the chain
+    kind (greedy and seeded sampled rows: the coupled rule makes both kinds' tokens equal)."""
+    cfg, params, draft = _predictable()
+    prompts = _prompts(cfg.vocab_size, (6, 11))
+    sp = [SamplingParams(temperature, seed=s) for s in (3, 4)]
+    engine = TreeEngine(cfg, draft, tree=(3, 2, 7), max_slots=2, max_len=64, chunk=8)
+    engine.policy = _Scripted([0])
+    _decode(engine, params, prompts, 21, sp)
+    chain = engine.kinds.index((3, 1, 3))
+    assert engine.policy.paired and all(p == {chain: 4} for p in engine.policy.paired)
+
+
 def test_seeded_sampling_equals_plain_sampling_alone_or_in_a_batch():
     """Random weights (drafts mostly rejected): sampled requests (temperature, top-k, top-p)
     get plain decoding's tokens in a 4-slot tree engine with companions and alone."""
@@ -101,14 +116,15 @@ class _Scripted:
 
     def __init__(self, script):
         self.script, self.i = script, 0
-        self.chosen, self.recorded = {}, []
+        self.chosen, self.recorded, self.paired = {}, [], []
 
     def choose(self, busy):
         self.i += 1
         return self.script[(self.i - 1) % len(self.script)]
 
-    def record(self, *a):
-        self.recorded.append(a[0])
+    def record(self, kind, busy, seconds, slowest, paired=None):
+        self.recorded.append(kind)
+        self.paired.append(paired)
 
 
 def test_switching_step_kinds_changes_no_token():
