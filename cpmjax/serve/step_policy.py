@@ -7,8 +7,10 @@ speculation off above a batch size, and EAGLE-3/-4-style length selection picks 
 length from measured acceptance; here the choice is made from measurements alone, per
 batch-size bucket: each kind is tried a few times first, then the kind with the fastest
 measured *pace* runs, and the others are re-tried now and then (at doubling intervals while the
-choice stays the same and leads by 25%, each re-try a fresh probe) so that drifting costs (a context growing, a
-request that drafts well) are seen.
+choice stays the same and leads by 25%, each re-try a fresh probe) so that drifting costs (a
+context growing, a request that drafts well) are seen. A tree round also tells the chain kind's
+tokens on the same rows (``paired`` in :meth:`StepCostPolicy.record`), so the chain's pace is
+compared on the very requests the tree ran.
 
 The pace of a step is the tokens of its slowest busy row per second (times the busy rows, so
 that a plain step's pace is its throughput). Choosing by it, a kind is picked only when every
