@@ -106,7 +106,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Array, kv_pos
            q_seg: jax.Array | None, kv_seg: jax.Array | None, cfg: ModelConfig,
            implementation: str = "auto", sparse_implementation: str = "auto",
            kv_is_query: bool = False,
-           compressed: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+           compressed: tuple[jax.Array, jax.Array] | None = None,
+           stepwise: bool = False) -> jax.Array:
     """Attention for one layer; returns ``[B, Tq, H, D]`` in q's dtype.
 
     ``kv_is_query`` says the keys are exactly the queries' own tokens (training / no cache),
@@ -115,6 +116,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Array, kv_pos
     ``compressed`` are the layer's cached InfLLM v2 kernels (``cpmjax.sparse.cache``), used by
     sparse decode. ``k``/``v`` are ``[B, Tk, KV, D]``, or a lane-packed ``[B, S, KV * D]`` cache
     (`cpmjax.model.cache.lane_packed`), which only the sparse op reads as it is.
+    ``stepwise``: InfLLM v2's dense/sparse mode per query (`cpmjax.sparse.sparse_attend`).
     """
     scale = cfg.head_dim ** -0.5
     if cfg.sparse_config is None:
@@ -131,7 +133,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Array, kv_pos
 
         return sparse_attend(q, k, v, q_pos=q_pos, q_seg=q_seg, cfg=cfg, dense=dense,
                              kv_is_query=kv_is_query, compressed=compressed,
-                             implementation=sparse_implementation)
+                             implementation=sparse_implementation, stepwise=stepwise)
 
     if not _sparse_is_mosaic(sparse_implementation):
         return sparse(q, k, v, q_pos, kv_pos, q_seg, kv_seg, compressed)

@@ -21,6 +21,7 @@ from cpmjax.model.layers import linear, rms_norm, swiglu_mlp
 from cpmjax.model.params import Params
 from cpmjax.model.rope import apply_rope, rope_cos_sin
 from cpmjax.parallel.sharding import constrain
+from cpmjax.sparse.attend import sparse_tree_attend
 from cpmjax.sparse.cache import truncate_compressed, update_compressed
 from kernels.attention.reference import masked_attention
 from kernels.infllmv2.layout import heads_view
@@ -104,7 +105,7 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
                   residual_scale: float | None = None, taps: dict[str, jax.Array] | None = None,
                   kv_len: int | None = None,
                   act_transform: Callable[[jax.Array], jax.Array] | None = None,
-                  tree: TreeAttention | None = None,
+                  tree: TreeAttention | None = None, stepwise: bool = False,
                   ) -> tuple[jax.Array, tuple[jax.Array, ...] | None]:
     """One pre-norm block; returns the new hidden state and the updated (k, v) cache of the layer.
 
@@ -123,6 +124,7 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
     quantization-aware training, ``cpmjax.quant.ternary``); taps see the untransformed input.
     ``attn_impl`` / ``sparse_impl``: dense and InfLLM v2 kernel names (``attention.attend``).
     ``tree`` (with a cache): the queries are speculation-tree nodes (`TreeAttention`).
+    ``stepwise`` (with a cache): the tokens are decode steps checked at once (`forward`).
     """
     h = constrain(h, HIDDEN_AXES)
     dt = h.dtype
@@ -138,7 +140,8 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     compressed = None
     if tree is not None:
-        out, new_cache = _tree_attend(q, k, v, cache_kv, tree, cfg, kv_len)
+        out, new_cache = _tree_attend(q, k, v, cache_kv, tree, cfg, kv_len, positions,
+                                      sparse_impl)
     elif cache_kv is None:
         keys, values, kv_pos, kv_seg = k, v, positions, segment_ids
         new_cache = None
@@ -162,7 +165,7 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
             q, keys.astype(dt), values.astype(dt), q_pos=positions, kv_pos=kv_pos,
             q_seg=segment_ids if cache_kv is None else None, kv_seg=kv_seg, cfg=cfg,
             implementation=attn_impl, sparse_implementation=sparse_impl,
-            kv_is_query=cache_kv is None, compressed=compressed)
+            kv_is_query=cache_kv is None, compressed=compressed, stepwise=stepwise)
     if taps is not None:
         taps["wo_in"] = out
     attn_out = linear(act(out), layer["wo"].astype(dt), n_in=2)
@@ -176,11 +179,14 @@ def decoder_layer(h: jax.Array, layer: Params, cfg: ModelConfig, *, cos: jax.Arr
 
 
 def _tree_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache_kv: tuple[jax.Array, ...] | None,
-                 tree: TreeAttention, cfg: ModelConfig, kv_len: int | None
+                 tree: TreeAttention, cfg: ModelConfig, kv_len: int | None,
+                 positions: jax.Array, sparse_impl: str
                  ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """Attention of tree-node queries (`TreeAttention`): new keys written at ``tree.slots``,
     then softmax attention under ``tree.mask``. Plain XLA with the whole ``[T, S]`` mask: a
-    tree holds tens of nodes, so this is the size of a decode step's scores."""
+    tree holds tens of nodes, so this is the size of a decode step's scores. A sparse model
+    whose read reaches ``dense_len`` attends as InfLLM v2 decoding does at each node
+    (`cpmjax.sparse.attend.sparse_tree_attend`)."""
     if cache_kv is None:
         raise ValueError("tree attention needs a KV cache (the committed prefix)")
     keys, values = write_kv(cache_kv[0], k, tree.slots), write_kv(cache_kv[1], v, tree.slots)
@@ -188,6 +194,15 @@ def _tree_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache_kv: tuple[jax.A
     if tree.mask.shape[-1] != read_k.shape[1]:
         raise ValueError(f"tree mask covers {tree.mask.shape[-1]} cache positions, the layer "
                          f"reads {read_k.shape[1]}")
+    sc = cfg.sparse_config
+    if len(cache_kv) == 4 and sc is not None and not 0 < read_k.shape[1] < sc.dense_len:
+        compressed = tuple(cache_kv[2:])
+        if kv_len is not None:
+            compressed = truncate_compressed(compressed, kv_len, sc)
+        out = sparse_tree_attend(q, read_k, read_v, compressed, slots=tree.slots,
+                                 mask=tree.mask, positions=positions, cfg=cfg,
+                                 implementation=sparse_impl)
+        return out, (keys, values) + tuple(cache_kv[2:])
     out = masked_attention(q, heads_view(read_k, cfg.head_dim).astype(q.dtype),
                            heads_view(read_v, cfg.head_dim).astype(q.dtype), tree.mask,
                            cfg.head_dim ** -0.5)
@@ -201,7 +216,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
             layer_transform: Callable[[Params], Params] | None = None,
             kv_len: int | None = None,
             act_transform: Callable[[jax.Array], jax.Array] | None = None,
-            tree: TreeAttention | None = None) -> ModelOutput:
+            tree: TreeAttention | None = None, stepwise: bool = False) -> ModelOutput:
     """Run the decoder.
 
     Args:
@@ -219,6 +234,9 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
       act_transform: maps every decoder linear's input (see `decoder_layer`).
       tree: the tokens are speculation-tree nodes (`TreeAttention`; needs a cache; ``positions``
         are then their RoPE positions only).
+      stepwise: with a cache, the tokens are consecutive decode steps checked at once
+        (speculative verification): InfLLM v2 decides dense or sparse mode at each position,
+        as one-token decoding does, not once per call as HF does for a prefill.
       attn_impl, sparse_impl: names in the dense attention registry (``kernels.attention``) and
         InfLLM v2's (``kernels.infllmv2``); ``"auto"`` is the platform default.
     """
@@ -239,7 +257,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
         return decoder_layer(carry, layer, cfg, cos=cos, sin=sin, positions=positions,
                              segment_ids=segment_ids, cache_kv=cache_kv, attn_impl=attn_impl,
                              sparse_impl=sparse_impl, kv_len=kv_len,
-                             act_transform=act_transform, tree=tree)
+                             act_transform=act_transform, tree=tree, stepwise=stepwise)
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)

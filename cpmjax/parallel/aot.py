@@ -231,8 +231,8 @@ def compile_tree_step(cfg: ModelConfig, mesh: Any, seq_len: int, slots: int,
     """One tree speculative decoding round (``TreeEngine._tree``) for ``slots`` requests reading
     a ``seq_len``-token cache: bf16 target and draft (``init_mtp_params``), FR-Spec ids of
     ``frspec_size`` tokens (None: the draft's full head), sampled rows unless ``all_greedy``.
-    The engine speculates only inside InfLLM v2's dense regime, so a sparse model's
-    ``seq_len`` should not pass its ``dense_len``."""
+    A sparse model's cache from its ``dense_len`` on is verified through InfLLM v2
+    (`cpmjax.sparse.attend.sparse_tree_attend`: the stage-2 kernel with its log-sum-exp)."""
     from cpmjax.model.mtp import init_mtp_params
     from cpmjax.serve.tree import check_tree_shape
     from cpmjax.serve.tree_engine import TreeEngine

@@ -178,7 +178,7 @@ def speculative_round(params: Params, draft_params: Params, cfg: ModelConfig, k:
     out = forward(params, cfg, jnp.concatenate([last[:, None], drafted], 1),
                   positions=jnp.where(active[:, None], lengths[:, None] + ar, -1), cache=cache,
                   dtype=dtype, layer_transform=layer_transform_for(params, cfg, dtype),
-                  kv_len=kv_len, **(kernels or {}))
+                  kv_len=kv_len, stepwise=True, **(kernels or {}))
     if all_greedy:
         n, nxt = accept_greedy(out.logits, drafted)
     else:

@@ -15,9 +15,11 @@ per slot (up to ``pending`` of them) and the draft layer reads them in one pass 
 speculative round, or when the buffer is full. So a plain step costs what the plain engine's
 does, plus one draft pass per ``pending`` steps.
 
-Tree rounds attend through an explicit mask (`cpmjax.model.transformer.TreeAttention`), which
-is dense attention; a sparse model speculates only while every row is in InfLLM v2's dense
-regime (positions below ``dense_len``), and takes plain steps beyond it.
+Tree rounds attend through an explicit mask (`cpmjax.model.transformer.TreeAttention`); under
+InfLLM v2 each node attends as one-token decoding at its position would
+(`cpmjax.sparse.attend.sparse_tree_attend`), deciding dense or sparse mode from its own
+position, so a sparse model speculates at any length (the chain rounds' verification decides
+per position too: ``forward(stepwise=True)``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from cpmjax.serve.spec_engine import SpeculativeEngine
 from cpmjax.serve.speculative import DraftCache, RowSampling, draft_kv, init_draft_cache, with_kv
 from cpmjax.serve.step_policy import StepCostPolicy
 from cpmjax.serve.tree import RULES, TreeShape, check_tree_shape, tree_round
+from cpmjax.sparse.attend import check_tree_depth
 
 POLICIES = ("measured", "fixed")
 PLAIN = TreeShape(0, 1, 0)
@@ -62,6 +65,8 @@ class TreeEngine(SpeculativeEngine):
         if shape.depth < 1:
             raise ValueError(f"tree depth must be >= 1 (a plain engine drafts nothing), got "
                              f"{shape.depth}")
+        if cfg.sparse_config is not None:
+            check_tree_depth(cfg.sparse_config, shape.depth)
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if rule not in RULES:
@@ -242,12 +247,8 @@ class TreeEngine(SpeculativeEngine):
         return jax.block_until_ready(state), time.perf_counter() - start
 
     def _choose(self, busy: int, all_greedy: bool, context: int | None) -> int:
-        """The configured tree, except: plain where a sparse model may leave InfLLM v2's dense
-        regime this step; the policy's choice where switching cannot change any output."""
-        sc = self.cfg.sparse_config
-        if sc is not None and not (context is not None
-                                   and 0 < context + self.speculative_k < sc.dense_len):
-            return self.kinds.index(PLAIN)
+        """The configured tree, or the policy's choice where switching cannot change any
+        output."""
         if self.policy_name == "fixed" or (self.rule == "rejection" and not all_greedy):
             return 0
         return self.policy.choose(busy)

@@ -90,3 +90,33 @@ def _write_completed(cache: jax.Array, keys: jax.Array, positions: jax.Array, si
         run[:, None], (offsets[:, :, None] + jnp.arange(size))[:, :, :, None, None], axis=2)
     means = window_means(windows, stride).reshape(*j.shape, *cache.shape[2:])
     return cache.at[jnp.arange(b)[:, None], j].set(means, mode="drop")
+
+
+def node_coarse_kernel(keys: jax.Array, committed: jax.Array, ancestors_at: jax.Array,
+                       positions: jax.Array, sc: SparseConfig, head_dim: int
+                       ) -> tuple[jax.Array, jax.Array]:
+    """The coarse kernel each speculation-tree node would see cached, had its ancestors been
+    committed at their positions: the first kernel ending at or after the committed length m
+    (``committed [B]``), pooled from the cache's keys below m and the node's own path from m
+    on, with the arithmetic of the cache's kernels (`window_means`).
+
+    ``keys``: the cache (heads or lane-packed layout) with the nodes written at slots
+    m + node index; ``ancestors_at [B, T, T]``: node u's ancestor (tree index) at depth i,
+    root first; ``positions [B, T]``: m + depth (-1: idle). Returns the kernels ``[B, T, KV,
+    D]`` float32 and their index ``[B, T]`` among the coarse kernels, -1 where the node has not
+    reached the kernel's end. One kernel suffices: a tree shallower than the coarse stride
+    (`check_tree_depth`) crosses at most one kernel end.
+    """
+    size, stride = kernel_shapes(sc)[1]
+    m = jnp.maximum(committed, 0)
+    j = jnp.maximum(-((size - 1 - m) // stride), 0)  # the first kernel ending at >= m
+    end = stride * j + size - 1
+    w = end[:, None] - size + 1 + jnp.arange(size)  # [B, size]: the window's positions
+    depth = jnp.clip(w - m[:, None], 0, ancestors_at.shape[2] - 1)  # path entry of w >= m
+    on_path = jnp.take_along_axis(ancestors_at, jnp.broadcast_to(
+        depth[:, None], ancestors_at.shape[:2] + depth.shape[1:]), axis=2)  # [B, T, size]
+    src = jnp.where((w < m[:, None])[:, None], w[:, None], m[:, None, None] + on_path)
+    heads = keys if keys.ndim == 4 else keys.reshape(*keys.shape[:2], -1, head_dim)
+    windows = heads[jnp.arange(keys.shape[0])[:, None, None], src]  # [B, T, size, KV, D]
+    index = jnp.where((committed[:, None] >= 0) & (positions >= end[:, None]), j[:, None], -1)
+    return window_means(windows, stride), index.astype(jnp.int32)

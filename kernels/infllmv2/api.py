@@ -55,20 +55,21 @@ SELECTION.register("reference", lambda: _select_reference)
 
 
 def _attend_reference(q, k, v, block_idx, q_pos, key_offset, *, block_size, softmax_scale,
-                      query_chunk):
+                      query_chunk, return_lse=False):
     del query_chunk
     d = q.shape[-1]
     return sparse_attention_reference(q, heads_view(k, d), heads_view(v, d), block_idx,
                                       block_size=block_size, softmax_scale=softmax_scale,
-                                      q_pos=q_pos, key_offset=key_offset)
+                                      q_pos=q_pos, key_offset=key_offset, return_lse=return_lse)
 
 
 def _attend_xla(q, k, v, block_idx, q_pos, key_offset, *, block_size, softmax_scale,
-                query_chunk):
+                query_chunk, return_lse=False):
     del query_chunk
     d = q.shape[-1]
     return sparse_attention_xla(q, heads_view(k, d), heads_view(v, d), block_idx, q_pos,
-                                key_offset, block_size=block_size, softmax_scale=softmax_scale)
+                                key_offset, block_size=block_size, softmax_scale=softmax_scale,
+                                return_lse=return_lse)
 
 
 def _pallas_loader(kind: str, interpret: bool) -> Callable[[], Callable[..., jax.Array]]:
@@ -85,14 +86,15 @@ def _pallas_loader(kind: str, interpret: bool) -> Callable[[], Callable[..., jax
                        functools.partial(bwd, interpret=interpret), chunked=kind == "tpu")
 
         def impl(q, k, v, block_idx, q_pos, key_offset, *, block_size, softmax_scale,
-                 query_chunk):
+                 query_chunk, return_lse=False):
             check_code_range(k.shape[1], block_size)
             if kind != "tpu":  # only the TPU kernel reads lane-packed K/V as they are
                 k, v = heads_view(k, q.shape[-1]), heads_view(v, q.shape[-1])
             q_pos = jnp.broadcast_to(q_pos, q.shape[:2]).astype(jnp.int32)
             codes = kernel_slots(block_idx, key_offset, q_pos, block_size)
             return pallas_attention(kern, q, k, v, codes, q_pos, block_size=block_size,
-                                    scale=_scale(q, softmax_scale), query_chunk=query_chunk)
+                                    scale=_scale(q, softmax_scale), query_chunk=query_chunk,
+                                    return_lse=return_lse)
 
         return impl
 
@@ -236,11 +238,13 @@ def _check_positioned(q: jax.Array, kv_heads: int, q_pos: jax.Array) -> None:
 
 @functools.partial(jax.jit, static_argnames=(
     "kv_len", "kernel_size", "kernel_stride", "block_size", "topk", "init_blocks",
-    "local_blocks", "query_chunk", "dense_len"))
+    "local_blocks", "query_chunk", "dense_len", "dense_per_query"))
 def select_blocks_at(q: jax.Array, fine: jax.Array, coarse: jax.Array | None, q_pos: jax.Array,
                      *, kv_len: int, kernel_size: int, kernel_stride: int, block_size: int,
                      topk: int, init_blocks: int, local_blocks: int, query_chunk: int = 256,
-                     dense_len: int = -1) -> jax.Array:
+                     dense_len: int = -1, dense_per_query: bool = False,
+                     seen: jax.Array | None = None,
+                     own: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """Stage 1 for queries at per-row positions ``q_pos [B, Tq]`` from pooled keys kept in a
     cache of ``kv_len`` positions (decode, speculative verification, prefill chunks).
 
@@ -249,26 +253,33 @@ def select_blocks_at(q: jax.Array, fine: jax.Array, coarse: jax.Array | None, q_
     once the query has reached its last key, so stale kernels past a row's length are never
     seen. ``dense_len`` (> 0): a row whose length (its largest position + 1, HF's rule) is below
     it keeps every block up to each query's own (`dense_slots` entries); each row decides for
-    itself. Returns int32 ``[B, KV, Tq, topk or dense_slots]``; -1 everywhere for q_pos < 0.
+    itself, or with ``dense_per_query`` each query from its own position, as a one-token decode
+    step there does. Speculation-tree nodes (``cpmjax.sparse.tree``), whose ancestors are not
+    at their positions in the cache: ``seen [B, Tq]`` is the last cache position whose kernels
+    count (default ``q_pos``), and ``own = (kernel [B, Tq, KV, D] float32, index [B, Tq])`` a
+    coarse kernel of each query's own that stands in at ``index`` (-1: none). Returns int32
+    ``[B, KV, Tq, topk or dense_slots]``; -1 everywhere for q_pos < 0.
     """
     _check_positioned(q, fine.shape[1], q_pos)
     n_blocks = -(-kv_len // block_size)
     dense = None
     if dense_len > 0:
-        dense = (q_pos.max(axis=1, keepdims=True) + 1 < dense_len) & (q_pos >= 0)
+        length = q_pos if dense_per_query else q_pos.max(axis=1, keepdims=True)
+        dense = (length + 1 < dense_len) & (q_pos >= 0)
     return select_from_kernels(q, fine, coarse, q_pos, n_blocks=n_blocks,
                                kernel_size=kernel_size, kernel_stride=kernel_stride,
                                block_size=block_size, topk=topk, init_blocks=init_blocks,
                                local_blocks=local_blocks, query_chunk=query_chunk, dense=dense,
-                               slots=dense_slots(topk, dense_len, block_size, n_blocks))
+                               slots=dense_slots(topk, dense_len, block_size, n_blocks),
+                               seen=seen, own=own)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "softmax_scale", "implementation",
-                                             "query_chunk"))
+                                             "query_chunk", "return_lse"))
 def sparse_attention_at(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax.Array,
                         q_pos: jax.Array, *, block_size: int, softmax_scale: float | None = None,
-                        implementation: str = "auto",
-                        query_chunk: int | None = None) -> jax.Array:
+                        implementation: str = "auto", query_chunk: int | None = None,
+                        return_lse: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Stage 2 for queries at per-row positions ``q_pos [B, Tq]`` in a position-addressed KV
     cache ``k/v [B, S, KV, D]`` or lane-packed ``[B, S, KV * D]`` (key s stored at position s;
     `layout`).
@@ -278,6 +289,10 @@ def sparse_attention_at(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax
     selected blocks of the cache in place through scalar-prefetched block ids; FLOPs and bytes
     read do not grow with S. Key s is visible iff its block is in ``block_idx [B, KV, Tq, S']``
     and ``s <= q_pos``; rows with no visible key (q_pos < 0: padding) return zeros.
+    ``return_lse``: also each query head's log-sum-exp of its scaled scores ``[B, Tq, H]``
+    float32 (0 for a query with no visible key), so a caller can merge this attention with
+    attention over other keys (speculation-tree nodes, ``cpmjax.sparse.tree``); that form has
+    no gradient through the Pallas kernels.
     """
     _check_positioned(q, kv_heads(k, q.shape[-1]), q_pos)
     want = (q.shape[0], kv_heads(k, q.shape[-1]), q.shape[1])
@@ -286,4 +301,4 @@ def sparse_attention_at(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax
                          f"got {list(block_idx.shape)}")
     return _dispatch(ATTENTION, implementation)(
         q, k, v, block_idx, q_pos, None, block_size=block_size, softmax_scale=softmax_scale,
-        query_chunk=query_chunk)
+        query_chunk=query_chunk, return_lse=return_lse)

@@ -32,11 +32,13 @@ def kv_blocks(x: jax.Array, block_size: int) -> jax.Array:
 def sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax.Array,
                          q_pos: jax.Array, key_offset: jax.Array | None = None, *,
                          block_size: int, softmax_scale: float | None = None,
-                         query_chunk: int = 128) -> jax.Array:
+                         query_chunk: int = 128, return_lse: bool = False
+                         ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """q [B, Tq, H, D], k/v [B, Tk, KV, D], block_idx int32 [B, KV, Tq, topk], q_pos int
     [B or 1, Tq] -> [B, Tq, H, D]. Key s is visible iff it lies in a selected block (block b
     spans ``key_offset + block_size * b + [0, block_size)``, ``key_offset [B, Tq]`` default 0)
-    and ``s <= q_pos`` (s < Tk); a query with none (e.g. q_pos < 0, padding) gives zeros."""
+    and ``s <= q_pos`` (s < Tk); a query with none (e.g. q_pos < 0, padding) gives zeros.
+    ``return_lse``: also the log-sum-exp of the scaled scores ``[B, Tq, H]`` (0 for none)."""
     b, tq, h, d = q.shape
     tk, kvh = k.shape[1], k.shape[2]
     n_blocks = -(-tk // block_size)
@@ -98,7 +100,11 @@ def sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: ja
         p = p / jnp.where(den > 0, den, 1.0)
         o = jnp.einsum("bkcgs,bkcsd->bkcgd", p.astype(v.dtype), vs,
                        preferred_element_type=jnp.float32)
-        return o.astype(q.dtype)
+        lse = jnp.where(den > 0, m + jnp.log(jnp.where(den > 0, den, 1.0)), 0.0)[..., 0]
+        return o.astype(q.dtype), lse  # lse [B, KV, c, G]
 
-    out = jax.lax.map(lambda a: one_chunk(kb, vb, *a), (qc, ic, pos, off))  # [n,B,KV,c,G,D]
-    return out.transpose(1, 0, 3, 2, 4, 5).reshape(b, tp, h, d)[:, :tq]
+    out, lse = jax.lax.map(lambda a: one_chunk(kb, vb, *a), (qc, ic, pos, off))
+    out = out.transpose(1, 0, 3, 2, 4, 5).reshape(b, tp, h, d)[:, :tq]  # from [n,B,KV,c,G,D]
+    if not return_lse:
+        return out
+    return out, lse.transpose(1, 0, 3, 2, 4).reshape(b, tp, h)[:, :tq]

@@ -141,13 +141,18 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def attention(kern: Kernels, q: jax.Array, k: jax.Array, v: jax.Array, codes: jax.Array,
               q_pos: jax.Array, *, block_size: int, scale: float,
-              query_chunk: int | None = None) -> jax.Array:
+              query_chunk: int | None = None, return_lse: bool = False
+              ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """q [B, Tq, H, D], k/v [B, Tk, KV, D] (or lane-packed [B, Tk, KV * D]: `layout`; only the
     TPU forward reads them so), codes [B, KV, Tq, S], q_pos [B, Tq] -> [B, Tq, H, D];
     differentiable in q, k, v. ``query_chunk``: queries per kernel call (default: all, or the
-    scalar-memory budget for TPU kernels)."""
+    scalar-memory budget for TPU kernels). ``return_lse``: the forward kernel's log-sum-exp
+    ``[B, Tq, H]`` too, without a gradient (the merge of tree attention, inference only)."""
     kvh = kv_heads(k, q.shape[-1])
     q_pos = jnp.broadcast_to(q_pos, q.shape[:2]).astype(jnp.int32)
-    out = _attention(kern, block_size, scale, query_chunk, group_queries(q, kvh), k, v,
-                     codes, q_pos)
-    return ungroup_queries(out)
+    qg = group_queries(q, kvh)
+    if return_lse:
+        out, lse = _forward(kern, block_size, scale, query_chunk, qg, k, v, codes, q_pos, True)
+        return ungroup_queries(out), ungroup_queries(lse)[..., 0]
+    return ungroup_queries(_attention(kern, block_size, scale, query_chunk, qg, k, v, codes,
+                                      q_pos))

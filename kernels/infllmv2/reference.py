@@ -78,11 +78,12 @@ def select_blocks_reference(q: jax.Array, k: jax.Array, *, kernel_size: int, ker
 def sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax.Array, *,
                                block_size: int, cache_len: int = 0,
                                softmax_scale: float | None = None, q_pos: jax.Array | None = None,
-                               key_offset: jax.Array | None = None) -> jax.Array:
+                               key_offset: jax.Array | None = None, return_lse: bool = False
+                               ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Step H with a dense token-level mask: key s visible to query t iff it lies in a block of
     block_idx[b, kv, t] (block j spans ``key_offset + block_size * j ..``, key_offset [B, Tq]
     default 0) and s <= q_pos (default ``cache_len + t``). Rows with no visible key give zeros.
-    f32 math."""
+    f32 math. ``return_lse``: also the scores' log-sum-exp ``[B, Tq, H]`` (0 for none)."""
     b, tq, h, d = q.shape
     tk, kvh = k.shape[1], k.shape[2]
     g = h // kvh
@@ -105,4 +106,8 @@ def sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, block_i
     den = p.sum(-1, keepdims=True)
     p = p / jnp.where(den > 0, den, 1.0)
     o = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32))
-    return o.reshape(b, tq, h, d).astype(q.dtype)
+    o = o.reshape(b, tq, h, d).astype(q.dtype)
+    if not return_lse:
+        return o
+    lse = jnp.where(den > 0, m + jnp.log(jnp.where(den > 0, den, 1.0)), 0.0)  # [B, KV, G, Tq, 1]
+    return o, lse[..., 0].transpose(0, 3, 1, 2).reshape(b, tq, h)

@@ -63,16 +63,19 @@ def _block_kernel_windows(n_blocks: int, n1: int, size: int, stride: int,
 def select_from_pooled(q: jax.Array, fine: Pooled, coarse: Pooled | None, q_pos: jax.Array,
                        block_max: BlockMax, *, n_blocks: int, block_size: int, topk: int,
                        init_blocks: int, local_blocks: int, dense: jax.Array | None = None,
-                       slots: int | None = None) -> jax.Array:
+                       slots: int | None = None,
+                       own: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """Steps C-G for queries ``q [B, KV, G, Tq, D]`` at positions ``q_pos [B or 1, Tq]``.
 
     ``fine`` gives the block scores; ``coarse`` (None: ``fine``) the log-sum-exp that
     normalises them (HF's LSE approximation). Kernels that are not visible score 0, blocks
     that ``block_max`` gives no kernel score -inf, as HF. ``dense [B or 1, Tq]`` (optional)
     marks queries of sequences in dense mode (HF's ``dense_len`` switch): they keep every block
-    up to their own, which needs ``slots`` (>= topk) entries. Returns int32
-    ``[B, KV, Tq, slots or topk]``: selected blocks ascending, -1 for unused slots and for
-    blocks after the query's own.
+    up to their own, which needs ``slots`` (>= topk) entries. ``own = (kernel [B, KV, Tq, D],
+    index [B, Tq])`` (optional): a normalising kernel of each query's own, which stands in for
+    (and makes visible) the one at ``index`` (-1: none); a speculation-tree node's kernel
+    over its own ancestors. Returns int32 ``[B, KV, Tq, slots or topk]``: selected blocks
+    ascending, -1 for unused slots and for blocks after the query's own.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     qf = q.astype(jnp.float32)
@@ -84,6 +87,10 @@ def select_from_pooled(q: jax.Array, fine: Pooled, coarse: Pooled | None, q_pos:
 
     s1, vis1 = scores(fine)
     s2, vis2 = (s1, vis1) if coarse is None else scores(coarse)
+    if own is not None:  # put it in its place: the same reduction as a cached kernel's
+        hit = (jnp.arange(s2.shape[-1]) == own[1][:, None, None, :, None])
+        s_own = jnp.einsum("bkgtd,bktd->bkgt", qf, own[0]) * scale
+        s2, vis2 = jnp.where(hit, s_own[..., None], s2), vis2 | hit
     lse = jax.nn.logsumexp(jnp.where(vis2, s2, -jnp.inf), axis=-1, keepdims=True)
     p = jnp.where(vis1, jnp.exp(s1 - lse), 0.0)
     shared = jnp.where(jnp.isfinite(p), p, 0.0).sum(axis=2)  # step E: [B, KV, Tq, N]
@@ -122,7 +129,7 @@ def window_block_max(n_kernels: int, n_blocks: int, size: int, stride: int,
 
 def _over_query_chunks(q: jax.Array, kv_heads: int, per_query: tuple[jax.Array, ...],
                        query_chunk: int, select_chunk: Callable[..., jax.Array]) -> jax.Array:
-    """Run ``select_chunk(q_chunk [B, KV, G, c, D], *per_query_chunks [B or 1, c])`` over query
+    """Run ``select_chunk(q_chunk [B, KV, G, c, D], *per_query_chunks [B or 1, c, ...])`` over query
     chunks with ``lax.map`` (live scores ``[B, KV, G, c, n_kernels]``, never ``Tq x Tk``);
     padded queries get position -1. Returns the chunks' ``[B, KV, c, S]`` joined on Tq."""
     b, tq, h, d = q.shape
@@ -130,9 +137,9 @@ def _over_query_chunks(q: jax.Array, kv_heads: int, per_query: tuple[jax.Array, 
     n_chunks = -(-tq // chunk)
     pad = n_chunks * chunk - tq
 
-    def split(x: jax.Array, fill: int | bool) -> jax.Array:  # [B or 1, Tq] -> [n, B or 1, c]
-        x = jnp.pad(x, ((0, 0), (0, pad)), constant_values=fill)
-        return x.reshape(x.shape[0], n_chunks, chunk).transpose(1, 0, 2)
+    def split(x: jax.Array, fill: int | bool) -> jax.Array:  # [B|1, Tq, ...] -> [n, B|1, c, ...]
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
+        return jnp.moveaxis(x.reshape(x.shape[0], n_chunks, chunk, *x.shape[2:]), 1, 0)
 
     kvh = kv_heads
     qc = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
@@ -146,13 +153,16 @@ def select_from_kernels(q: jax.Array, fine: jax.Array, coarse: jax.Array | None,
                         q_pos: jax.Array, *, n_blocks: int, kernel_size: int, kernel_stride: int,
                         block_size: int, topk: int, init_blocks: int, local_blocks: int,
                         query_chunk: int = 256, dense: jax.Array | None = None,
-                        slots: int | None = None) -> jax.Array:
+                        slots: int | None = None, seen: jax.Array | None = None,
+                        own: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """Stage 1 from pooled keys ``[B, KV, N, D]`` at their fixed positions, over query chunks.
 
     ``q [B, Tq, H, D]`` at positions ``q_pos [B or 1, Tq]`` (per row and dynamic in decode from
-    a position-addressed cache); a kernel is visible once the query has reached its last key.
-    ``coarse`` (4x kernels) gives the LSE approximation, None uses ``fine``. ``dense`` and
-    ``slots`` as `select_from_pooled`. Returns int32 ``[B, KV, Tq, slots or topk]``.
+    a position-addressed cache); a kernel is visible once the query has reached its last key,
+    or once ``seen [B, Tq]`` (default ``q_pos``) has. ``coarse`` (4x kernels) gives the LSE
+    approximation, None uses ``fine``. ``dense`` and ``slots`` as `select_from_pooled`; ``own
+    = (kernel [B, Tq, KV, D], coarse index [B, Tq])`` as its ``own``. Returns int32
+    ``[B, KV, Tq, slots or topk]``.
     """
     end1 = kernel_stride * jnp.arange(fine.shape[2]) + kernel_size - 1
     end2 = 4 * kernel_stride * jnp.arange(coarse.shape[2]) + 4 * kernel_size - 1 if (
@@ -160,17 +170,27 @@ def select_from_kernels(q: jax.Array, fine: jax.Array, coarse: jax.Array | None,
     block_max = window_block_max(fine.shape[2], n_blocks, kernel_size, kernel_stride, block_size)
     kw = dict(n_blocks=n_blocks, block_size=block_size, topk=topk, init_blocks=init_blocks,
               local_blocks=local_blocks, slots=slots)
+    seen = q_pos if seen is None else seen
+    per_query = {"qpos": q_pos, "seen": jnp.broadcast_to(seen, q_pos.shape)}
+    if dense is not None:
+        per_query["dense"] = jnp.broadcast_to(dense, q_pos.shape)
+    if own is not None:
+        per_query["own_kernel"], per_query["own_index"] = own
+    names = tuple(per_query)
 
-    def one_chunk(qch: jax.Array, qpos: jax.Array, *rest: jax.Array) -> jax.Array:
+    def one_chunk(qch: jax.Array, *chunks: jax.Array) -> jax.Array:
+        a = dict(zip(names, chunks))
+
         def visible(ends: jax.Array) -> jax.Array:
-            return ends <= qpos[:, None, None, :, None]
+            return ends <= a["seen"][:, None, None, :, None]
 
+        mine = None if own is None else (jnp.swapaxes(a["own_kernel"], 1, 2), a["own_index"])
         return select_from_pooled(
             qch, (fine, visible(end1)), None if coarse is None else (coarse, visible(end2)),
-            qpos, block_max, dense=rest[0] if rest else None, **kw)
+            a["qpos"], block_max, dense=a.get("dense"), own=mine, **kw)
 
-    per_query = (q_pos,) if dense is None else (q_pos, jnp.broadcast_to(dense, q_pos.shape))
-    return _over_query_chunks(q, fine.shape[1], per_query, query_chunk, one_chunk)
+    return _over_query_chunks(q, fine.shape[1], tuple(per_query.values()), query_chunk,
+                              one_chunk)
 
 
 def select_blocks_chunked(q: jax.Array, k: jax.Array, *, kernel_size: int, kernel_stride: int,

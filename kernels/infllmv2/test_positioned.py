@@ -123,3 +123,73 @@ def test_a_lane_packed_cache_gives_the_heads_layout_result(impl, d):
     np.testing.assert_allclose(got, sparse_attention_at(q, k, v, idx, q_pos, block_size=16,
                                                         implementation="reference"),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", [n for n in ATTENTION.names
+                                  if n not in ("pallas_tpu", "pallas_gpu")])
+def test_the_log_sum_exp_merges_two_key_sets_into_one_softmax(impl):
+    """``return_lse`` in every implementation: the scores' log-sum-exp over the visible keys
+    (0 for a padding row), so attention over a prefix and attention over further keys merge
+    into the softmax over both, which is how speculation-tree nodes use it."""
+    starts = [-1, 60, 140]
+    q, k, v = _cache(5, len(starts), 2)
+    q_pos = jnp.asarray([[max(p, 0) + t if p >= 0 else -1 for t in range(2)] for p in starts],
+                        jnp.int32)
+    idx = _select_at(q, k, q_pos)
+    out, lse = sparse_attention_at(q, k, v, idx, q_pos, block_size=16, implementation=impl,
+                                   return_lse=True)
+    assert lse.shape == q.shape[:3] and lse.dtype == jnp.float32
+    np.testing.assert_allclose(out, sparse_attention_at(q, k, v, idx, q_pos, block_size=16,
+                                                        implementation=impl), atol=1e-6)
+    # the same visible keys as a dense mask, scores in f32
+    blocks = np.asarray(idx)
+    key_block = np.arange(S) // 16
+    vis = (key_block[None, None, None, :, None] == blocks[..., None, :]).any(-1)
+    vis &= np.arange(S)[None, None, None, :] <= np.asarray(q_pos)[:, None, :, None]
+    s = np.einsum("btkgd,bskd->bkgts", np.asarray(q).reshape(3, 2, 2, 4, 16), np.asarray(k))
+    s = np.where(vis[:, :, None], s / 4.0, -np.inf)
+    want = np.logaddexp.reduce(s, axis=-1).transpose(0, 3, 1, 2).reshape(3, 2, 8)
+    np.testing.assert_allclose(lse[1:], want[1:], atol=1e-4, rtol=1e-5)
+    assert (np.asarray(lse[0]) == 0).all()
+    # merged with one extra key per query head, it is the softmax over both
+    ek, ev = jax.random.normal(jax.random.key(6), (2, 3, 2, 8, 16))
+    se = (q * ek).sum(-1) / 4.0
+    mx = jnp.maximum(lse, se)
+    merged = ((out * jnp.exp(lse - mx)[..., None] + ev * jnp.exp(se - mx)[..., None])
+              / (jnp.exp(lse - mx) + jnp.exp(se - mx))[..., None])
+    p = np.exp(s - np.logaddexp(np.logaddexp.reduce(s, -1), np.asarray(se).reshape(
+        3, 2, 2, 4).transpose(0, 2, 3, 1))[..., None])
+    direct = np.einsum("bkgts,bskd->btkgd", np.where(vis[:, :, None], p, 0), np.asarray(v))
+    direct = direct.reshape(3, 2, 8, 16) + np.asarray(ev) * np.exp(
+        np.asarray(se) - np.asarray(jnp.logaddexp(lse, se)))[..., None]
+    np.testing.assert_allclose(merged[1:], direct[1:], atol=1e-4, rtol=1e-4)
+
+
+def test_a_query_reading_its_own_kernel_selects_what_its_cache_would_give():
+    """``seen`` and ``own``: a query at p whose cache holds its keys only up to m-1 < p (a
+    tree node: its ancestors are elsewhere) selects as from the full cache when it is handed
+    the coarse kernel ending in m..p; ``dense_per_query`` decides dense mode per position."""
+    q, k, _ = _cache(13, 1, 1)
+    m, p = 95, 98  # coarse kernels end at 31, 47, ..., 95: the one ending at 95 holds m..p
+    fine = pooled_kernels(k, SEL["kernel_size"], SEL["kernel_stride"])
+    coarse = pooled_kernels(k, 4 * SEL["kernel_size"], 4 * SEL["kernel_stride"])
+    q_pos = jnp.asarray([[p]], jnp.int32)
+    want = select_blocks_at(q, fine, coarse, q_pos, kv_len=S, **SEL)
+    j = (95 - 31) // 16
+    # kernels from m on hold junk, as after a tree round; read, this junk changes the selection
+    stale = coarse.at[:, :, j:].set(3 * jax.random.normal(jax.random.key(113),
+                                                          coarse[:, :, j:].shape))
+    assert not np.array_equal(select_blocks_at(q, fine, stale, q_pos, kv_len=S, **SEL), want)
+    seen = jnp.asarray([[m - 1]], jnp.int32)
+    own = (jnp.swapaxes(coarse[:, :, j:j + 1], 1, 2), jnp.asarray([[j]], jnp.int32))
+    got = select_blocks_at(q, fine, stale, q_pos, kv_len=S, seen=seen, own=own, **SEL)
+    np.testing.assert_array_equal(got, want)
+    # per-query dense mode: positions 40 and 41 with dense_len 42 -> dense, then sparse
+    two = jnp.asarray([[40, 41]], jnp.int32)
+    q2 = jnp.concatenate([q, q], 1)
+    rows = select_blocks_at(q2, fine, coarse, two, kv_len=S, dense_len=42, **SEL)
+    each = select_blocks_at(q2, fine, coarse, two, kv_len=S, dense_len=42,
+                            dense_per_query=True, **SEL)
+    assert (np.asarray(rows) >= 0).sum(-1).max() <= SEL["topk"]
+    assert ((np.asarray(each[:, :, 0]) >= 0).sum(-1) == 3).all()  # blocks 0..2: all of 40's
+    np.testing.assert_array_equal(each[:, :, 1], rows[:, :, 1])

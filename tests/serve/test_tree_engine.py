@@ -1,7 +1,7 @@
 """The tree engine is lossless in the strong sense: greedy and seeded sampled requests get the
 tokens plain decoding gives them, whatever tree, step kind or batch companions; full acceptance
-leaves the caches of plain decoding; a sparse model speculates only in InfLLM v2's dense
-regime."""
+leaves the caches of plain decoding; a sparse model speculates at any length, across InfLLM v2's
+dense/sparse switch."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from cpmjax.serve.engine import DecodeEngine
 from cpmjax.serve.generate import speculative_generate
 from cpmjax.serve.sampling import SamplingParams
 from cpmjax.serve.scheduler import Scheduler
+from cpmjax.serve.spec_engine import SpeculativeEngine
 from cpmjax.serve.tree_engine import PLAIN, TreeEngine
 from tests.sparse.test_sparse_model import make_cfg
 from tests.spec.helpers import greedy_oracle, small_models
@@ -169,20 +170,49 @@ def test_greedy_chain_steps_run_the_chain_round_and_change_no_token():
     assert len(engine.policy.recorded) <= len(repeats)
 
 
-def test_sparse_model_speculates_only_below_dense_len():
-    """InfLLM v2 with dense_len 64: a 40-token prompt speculates while every position stays
-    dense, then takes plain steps (sparse attention); greedy tokens equal plain decoding's."""
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_sparse_model_speculates_past_dense_len(temperature):
+    """InfLLM v2 with dense_len 64: 40- and 57-token prompts cross it while the tree speculates
+    (every node decides dense or sparse mode from its own position, as decoding does); greedy
+    and seeded sampled tokens equal plain decoding's, with no plain step."""
     cfg = make_cfg(dense_len=64)
     params = init_params(cfg, jax.random.PRNGKey(0))
     draft = init_mtp_params(cfg, jax.random.PRNGKey(1))
-    prompt = [list(range(5, 45))]
-    want, _ = _decode(DecodeEngine(cfg, max_slots=1, max_len=128, chunk=16), params, prompt, 40,
-                      [SamplingParams()])
-    engine = TreeEngine(cfg, draft, tree=(2, 2, 3), policy="fixed", max_slots=1, max_len=128,
+    prompts = [list(range(5, 45)), list(range(3, 60))]
+    sp = [SamplingParams(temperature=temperature, seed=s) for s in (11, 12)]
+    want, _ = _decode(DecodeEngine(cfg, max_slots=2, max_len=128, chunk=16), params, prompts,
+                      40, sp)
+    engine = TreeEngine(cfg, draft, tree=(2, 2, 3), policy="fixed", max_slots=2, max_len=128,
                         chunk=16)
-    got, _ = _decode(engine, params, prompt, 40, [SamplingParams()])
+    got, _ = _decode(engine, params, prompts, 40, sp)
     assert got == want
-    assert engine.compilations["tree"] >= 1 and engine.compilations["plain"] >= 1
+    assert engine.compilations["tree"] >= 1 and engine.compilations.get("plain", 0) == 0
+
+
+@pytest.mark.parametrize("engine", ["tree", "chain"])
+def test_greedy_speculation_crosses_dense_len_as_plain_decoding(engine):
+    """Measured tree policy (whose greedy chain kind runs the chain engine's causal round) and
+    the chain engine alone on the sparse model: their verification decides dense or sparse mode
+    per position (``forward(stepwise=True)``), so rounds that straddle dense_len emit plain
+    greedy decoding's tokens."""
+    cfg = make_cfg(dense_len=64)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    draft = init_mtp_params(cfg, jax.random.PRNGKey(1))
+    prompts = [list(range(5, 45)), list(range(3, 60))]
+    want, _ = _decode(DecodeEngine(cfg, max_slots=2, max_len=128, chunk=16), params, prompts,
+                      40, [SamplingParams()] * 2)
+    kw = dict(max_slots=2, max_len=128, chunk=16)
+    spec = (TreeEngine(cfg, draft, tree=(3, 2, 4), **kw) if engine == "tree"
+            else SpeculativeEngine(cfg, draft, k=4, **kw))
+    got, _ = _decode(spec, params, prompts, 40, [SamplingParams()] * 2)
+    assert got == want
+
+
+def test_a_tree_too_deep_for_exact_sparse_attention_is_refused():
+    cfg = make_cfg(dense_len=64)
+    with pytest.raises(ValueError, match="inside its local window"):
+        TreeEngine(cfg, init_mtp_params(cfg, jax.random.PRNGKey(1)), tree=(9, 1, 9),
+                   max_slots=1, max_len=64)
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -245,3 +245,25 @@ def test_speculative_decoding_keeps_both_kernel_caches():
         want = jnp.transpose(pooled_kernels(heads_view(keys[:, :n], cfg.head_dim), 8, 4),
                              (0, 2, 1, 3))
         np.testing.assert_allclose(kc1[:, :n_kernels(n, 8, 4)], want, atol=1e-6)
+
+
+def test_stepwise_verification_decides_the_mode_per_position():
+    """Six tokens checked at once at positions 60..65 with dense_len 64: ``stepwise`` gives each
+    position the logits of one-token decoding there (dense through 62, sparse from 63); one
+    mode for the whole call (HF's prefill rule) does not."""
+    cfg = make_cfg(dense_len=64)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    toks = jax.random.randint(jax.random.PRNGKey(1), (1, 128), 0, cfg.vocab_size)
+    cache = forward(params, cfg, toks[:, :60], positions=jnp.arange(60)[None],
+                    cache=init_cache(cfg, 1, 128)).cache
+    pos = jnp.arange(60, 66)[None]
+    at_once = {s: forward(params, cfg, toks[:, 60:66], positions=pos, cache=cache,
+                          stepwise=s).logits[0] for s in (True, False)}
+    c, one = cache, []
+    for p in range(60, 66):
+        out = forward(params, cfg, toks[:, p:p + 1], positions=jnp.asarray([[p]]), cache=c)
+        c = out.cache
+        one.append(out.logits[0, 0])
+    one = np.stack(one)
+    np.testing.assert_allclose(at_once[True], one, atol=2e-5)
+    assert np.abs(np.asarray(at_once[False][:3]) - one[:3]).max() > 1e-3
