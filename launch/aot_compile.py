@@ -29,6 +29,7 @@ import jax
 from absl import app, flags
 
 from cpmjax.config import ModelConfig
+from cpmjax.model.mtp import DRAFT_FORMS
 from cpmjax.parallel import aot
 from cpmjax.presets import model_config
 from cpmjax.serve.cli import UsageError, parse_tree_shape
@@ -46,6 +47,9 @@ _TREE = flags.DEFINE_string("tree", "4,4,16", "tree step: depth,topk,size (as --
 _FRSPEC = flags.DEFINE_integer("frspec_size", aot.FRSPEC_SIZE,
                                "tree step: FR-Spec ids of the draft head (0: full vocabulary)")
 _GREEDY = flags.DEFINE_bool("all_greedy", False, "tree step: every row greedy (no sampling)")
+_DRAFT_FORM = flags.DEFINE_enum("draft_form", "mtp", list(DRAFT_FORMS),
+                                "tree step: how the draft head meets the target (cpmcu: "
+                                "CPM.cu's EAGLE head)")
 _CHUNK = flags.DEFINE_integer("chunk", 2048, "prefill chunk (CPM.cu's default chunk_length)")
 _DEVICES = flags.DEFINE_integer("num_devices", 1, "chips for the serving steps")
 _REMAT = flags.DEFINE_enum("remat", "full", ["none", "full", "dots", "dots_no_batch"], "remat")
@@ -133,9 +137,9 @@ def _compile_tree(cfg: ModelConfig, mesh: Any, row: dict[str, Any], kernels: dic
         raise app.UsageError(str(e)) from None
     batch = _BATCH.value or 1
     row.update(batch=batch, tree=list(tree), frspec_size=_FRSPEC.value or None,
-               all_greedy=_GREEDY.value)
+               all_greedy=_GREEDY.value, draft_form=_DRAFT_FORM.value)
     return aot.compile_tree_step(cfg, mesh, _SEQ.value, batch, tree, _FRSPEC.value or None,
-                                 _GREEDY.value, **kernels)
+                                 _GREEDY.value, draft_form=_DRAFT_FORM.value, **kernels)
 
 
 if __name__ == "__main__":

@@ -227,10 +227,11 @@ def cache_copies(hlo: str, shapes: set[tuple[int, ...]]) -> list[str]:
 def compile_tree_step(cfg: ModelConfig, mesh: Any, seq_len: int, slots: int,
                       tree: Any = (4, 4, 16), frspec_size: int | None = FRSPEC_SIZE,
                       all_greedy: bool = False, attn_impl: str = "auto",
-                      sparse_impl: str = "auto") -> Any:
+                      sparse_impl: str = "auto", draft_form: str = "mtp") -> Any:
     """One tree speculative decoding round (``TreeEngine._tree``) for ``slots`` requests reading
     a ``seq_len``-token cache: bf16 target and draft (``init_mtp_params``), FR-Spec ids of
-    ``frspec_size`` tokens (None: the draft's full head), sampled rows unless ``all_greedy``.
+    ``frspec_size`` tokens (None: the draft's full head), sampled rows unless ``all_greedy``;
+    ``draft_form``: how the draft meets the target (``cpmjax.model.mtp.DRAFT_FORMS``).
     A sparse model's cache from its ``dense_len`` on is verified through InfLLM v2
     (`cpmjax.sparse.attend.sparse_tree_attend`: the stage-2 kernel with its log-sum-exp)."""
     from cpmjax.model.mtp import init_mtp_params
@@ -243,7 +244,7 @@ def compile_tree_step(cfg: ModelConfig, mesh: Any, seq_len: int, slots: int,
                                                              dtype=jnp.bfloat16)), rep)
     engine = TreeEngine(cfg, draft, tree=shape, policy="fixed", max_slots=slots,
                         max_len=seq_len, dtype=jnp.bfloat16, attn_impl=attn_impl,
-                        sparse_impl=sparse_impl)
+                        sparse_impl=sparse_impl, draft_form=draft_form)
     args = {"params": draft, "vocab_ids": None}
     if frspec_size is not None:  # as the engine passes them: the ids and their gathered head
         args = {"params": draft,

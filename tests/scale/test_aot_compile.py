@@ -48,7 +48,8 @@ def test_tree_round_compiles_for_one_v5e_chip_without_copying_the_cache():
     costs more than a decode step (it verifies 17 tokens and runs the draft layer), and the
     compaction moves the accepted path and its compressed keys in place: no cache relayout.
     Tiny widened to head_dim 128, as MiniCPM4-8B's (at 32 libtpu keeps the cache S-minor and
-    relays it out for the tree's scatters), with MiniCPM4's sparse_config (compressed keys)."""
+    relays it out for the tree's scatters), with MiniCPM4's sparse_config (compressed keys);
+    in both draft forms."""
     mesh = aot.tpu_mesh("v5e:2x2", (1, -1, 1), num_devices=1)
     cfg = dataclasses.replace(model_config("tiny", sparse="on", dense_len=1024),
                               hidden_size=256, num_attention_heads=2)
@@ -59,6 +60,12 @@ def test_tree_round_compiles_for_one_v5e_chip_without_copying_the_cache():
     assert tree["per_device_gib"]["arguments"] >= decode["per_device_gib"]["arguments"] > 0
     assert tree["cost"]["flops"] > 4 * decode["cost"]["flops"] > 0
     assert tree["cache_sized_copies"] == 0 == decode["cache_sized_copies"], (tree, decode)
+    # a 1024-token read reaches dense_len: the nodes verify through InfLLM v2's TPU kernel
+    assert tree["pallas_kernels"].get("infllmv2_fwd_lse", 0) > 0, tree["pallas_kernels"]
+    # CPM.cu's draft form compiles the same way
+    cpmcu = aot.report(aot.compile_tree_step(cfg, mesh, 1024, 4, (4, 4, 16), frspec_size=256,
+                                             draft_form="cpmcu"), "v5e:2x2", cache=cache)
+    assert cpmcu["cache_sized_copies"] == 0 and cpmcu["per_device_gib"]["arguments"] > 0, cpmcu
 
 
 def test_kernel_counts_reads_kernel_names_from_hlo():
