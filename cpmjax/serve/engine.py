@@ -354,6 +354,10 @@ class DecodeEngine:
         return self._no_mask
 
     # ---- generate ------------------------------------------------------------------------
+    def speculation(self) -> dict[str, Any] | None:
+        """What this engine speculates with, for ``/metrics`` (None: it does not)."""
+        return None
+
     def kv_span(self, context: int | None) -> int:
         """Cache positions a decode step reads (static, one compilation each): the smallest of
         ``kv_bucket * 2**i`` (capped at ``max_len``) holding every position the step writes when

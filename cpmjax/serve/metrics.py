@@ -105,5 +105,13 @@ class _SchedulerCollector:
         for name, n in sorted(m["compilations"].items()):
             comp.add_metric([name], n)
         yield comp
+        kinds = (m["speculation"] or {}).get("steps_by_kind")
+        if kinds is not None:
+            steps = CounterMetricFamily(p + "decode_steps_by_kind",
+                                        "Decode steps by kind (tree engine: tree, chain, plain)",
+                                        labels=["kind"])
+            for name, n in sorted(kinds.items()):
+                steps.add_metric([name], n)
+            yield steps
         yield GaugeMetricFamily(p + "engine_healthy", "1 while the engine can serve",
                                 value=0.0 if m["engine_error"] else 1.0)

@@ -559,6 +559,7 @@ class Scheduler:
                 "decode_steps": self.decode_steps,
                 "mean_accept_length": self.step_tokens / max(self.decode_steps, 1),
                 "speculative_k": self.engine.speculative_k,
+                "speculation": self.engine.speculation(),
                 "compilations": dict(self.engine.compilations),
                 "step_failures": self.step_failures,
                 "engine_error": None if self.error is None else repr(self.error)}

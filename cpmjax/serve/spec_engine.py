@@ -51,6 +51,11 @@ class SpeculativeEngine(DecodeEngine):
                                           donate=(2,), static=(3,))
         self.set_draft(draft_params, frspec_ids)
 
+    def speculation(self) -> dict[str, Any]:
+        ids = self.draft_args["vocab_ids"]
+        return {"method": "chain", "k": self.chain_k, "draft_form": self.draft_form,
+                "frspec_size": None if ids is None else int(ids.shape[0])}
+
     def set_draft(self, draft_params: Params, frspec_ids: Any = None) -> None:
         """Use these draft weights (and FR-Spec ids) from the next step on; a draft of the same
         shapes reuses the compiled steps. Swap only between requests, never while slots decode."""

@@ -223,3 +223,27 @@ def test_bad_engine_settings_are_named(kw, match):
     cfg, _, draft = small_models()
     with pytest.raises(ValueError, match=match):
         TreeEngine(cfg, draft, max_slots=1, max_len=32, **kw)
+
+
+def test_metrics_name_the_tree_and_count_steps_by_kind():
+    """``/metrics`` data: the scheduler reports the engine's speculation (tree shape, policy,
+    rule, FR-Spec size) and the steps each kind ran, which add up to the engine's steps; the
+    Prometheus exposition carries them as ``decode_steps_by_kind``."""
+    from cpmjax.serve.metrics import ServerMetrics
+
+    cfg, params, draft = small_models()
+    engine = TreeEngine(cfg, draft, tree=(3, 2, 4), max_slots=2, max_len=64,
+                        frspec_ids=np.arange(0, cfg.vocab_size, 2))
+    _, sched = _decode(engine, params, _prompts(cfg.vocab_size, (3, 5)), 12,
+                       [SamplingParams()] * 2)
+    spec = sched.metrics()["speculation"]
+    assert spec["method"] == "tree" and spec["tree"] == {"depth": 3, "topk": 2, "size": 4}
+    assert spec["policy"] == "measured" and spec["rule"] == "coupled"
+    assert spec["frspec_size"] == len(range(0, cfg.vocab_size, 2))
+    assert set(spec["steps_by_kind"]) == {"tree", "chain", "plain"}
+    steps = sum(spec["steps_by_kind"].values())  # the scheduler counts a step per busy slot
+    assert 0 < steps <= sched.metrics()["decode_steps"] <= 2 * steps
+    text = ServerMetrics(sched).exposition()[0].decode()
+    for kind, n in spec["steps_by_kind"].items():
+        assert f'cpmjax:decode_steps_by_kind_total{{kind="{kind}"}} {float(n)}' in text
+    assert DecodeEngine(cfg, max_slots=1, max_len=32).speculation() is None
