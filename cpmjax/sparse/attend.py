@@ -24,7 +24,7 @@ per query, so a `lax.cond` takes the wider op only when some sequence is in dens
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -71,8 +71,7 @@ def sparse_attend(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Array,
     return _cached(q, k, v, q_pos, compressed, sc, scale, implementation, stepwise)
 
 
-def _switch(any_dense: jax.Array | None, run: Callable[[int], jax.Array],
-            dense_len: int) -> jax.Array:
+def _switch(any_dense: jax.Array | None, run: Callable[[int], Any], dense_len: int) -> Any:
     """``run(dense_len)`` if a sequence is in dense mode, else the narrower ``run(-1)``."""
     if any_dense is None:
         return run(-1)
@@ -97,28 +96,38 @@ def _no_cache(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array | None,
     return _switch(any_dense, run, sc.dense_len)
 
 
+def _select_cached(q: jax.Array, compressed: Compressed, q_pos: jax.Array, kv_len: int,
+                   sc: SparseConfig, dense_len: int, **kw) -> jax.Array:
+    """Stage 1 from a layer's cached kernels (``select_blocks_at``; ``kw``: its per-query
+    options)."""
+    fine, coarse = (jnp.transpose(c, (0, 2, 1, 3)) for c in compressed)
+    return infllmv2.select_blocks_at(q, fine, coarse, q_pos, kv_len=kv_len,
+                                     kernel_size=sc.kernel_size, kernel_stride=sc.kernel_stride,
+                                     block_size=sc.block_size, topk=sc.total_topk,
+                                     init_blocks=sc.init_blocks, local_blocks=sc.local_blocks,
+                                     dense_len=dense_len, **kw)
+
+
+def _any_dense(q_pos: jax.Array, sc: SparseConfig, per_query: bool) -> jax.Array | None:
+    """Whether a busy row (``per_query``: a query) is shorter than dense_len, so the wider
+    dense-mode op must run; None when the switch is off."""
+    if sc.dense_len <= 0:
+        return None
+    longest = q_pos if per_query else q_pos.max(axis=1)
+    return jnp.any((longest >= 0) & (longest + 1 < sc.dense_len))
+
+
 def _cached(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
             compressed: Compressed, sc: SparseConfig, scale: float,
             implementation: str, stepwise: bool) -> jax.Array:
     """Sparse attention of queries at ``q_pos`` into a cache holding key s at position s."""
-    fine, coarse = (jnp.transpose(c, (0, 2, 1, 3)) for c in compressed)
-
     def run(dense_len: int) -> jax.Array:
-        idx = infllmv2.select_blocks_at(q, fine, coarse, q_pos, kv_len=k.shape[1],
-                                        kernel_size=sc.kernel_size,
-                                        kernel_stride=sc.kernel_stride,
-                                        block_size=sc.block_size, topk=sc.total_topk,
-                                        init_blocks=sc.init_blocks,
-                                        local_blocks=sc.local_blocks, dense_len=dense_len,
-                                        dense_per_query=stepwise)
+        idx = _select_cached(q, compressed, q_pos, k.shape[1], sc, dense_len,
+                             dense_per_query=stepwise)
         return infllmv2.sparse_attention_at(q, k, v, idx, q_pos, block_size=sc.block_size,
                                             softmax_scale=scale, implementation=implementation)
 
-    any_dense = None
-    if sc.dense_len > 0:  # a busy row (stepwise: a query) whose length is below dense_len
-        longest = q_pos if stepwise else q_pos.max(axis=1)
-        any_dense = jnp.any((longest >= 0) & (longest + 1 < sc.dense_len))
-    return _switch(any_dense, run, sc.dense_len)
+    return _switch(_any_dense(q_pos, sc, stepwise), run, sc.dense_len)
 
 
 def check_tree_depth(sc: SparseConfig, depth: int) -> None:
@@ -171,27 +180,17 @@ def sparse_tree_attend(q: jax.Array, keys: jax.Array, values: jax.Array,
     ancestors_at = jnp.argmax(at, axis=-1).astype(jnp.int32)  # [B, T, depth]: tree index
     own = node_coarse_kernel(keys, committed, ancestors_at, positions, sc, cfg.head_dim)
     seen = jnp.broadcast_to(jnp.where(active, committed - 1, -1)[:, None], (b, t))
-    fine, coarse = (jnp.transpose(c, (0, 2, 1, 3)) for c in compressed)
     scale = cfg.head_dim ** -0.5
 
     def run(dense_len: int) -> tuple[jax.Array, jax.Array]:
-        idx = infllmv2.select_blocks_at(q, fine, coarse, positions, kv_len=keys.shape[1],
-                                        kernel_size=sc.kernel_size,
-                                        kernel_stride=sc.kernel_stride,
-                                        block_size=sc.block_size, topk=sc.total_topk,
-                                        init_blocks=sc.init_blocks,
-                                        local_blocks=sc.local_blocks, dense_len=dense_len,
-                                        dense_per_query=True, seen=seen, own=own)
+        idx = _select_cached(q, compressed, positions, keys.shape[1], sc, dense_len,
+                             dense_per_query=True, seen=seen, own=own)
         return infllmv2.sparse_attention_at(q, keys.astype(q.dtype), values.astype(q.dtype),
                                             idx, seen, block_size=sc.block_size,
                                             softmax_scale=scale, implementation=implementation,
                                             return_lse=True)
 
-    any_dense = None
-    if sc.dense_len > 0:
-        any_dense = jnp.any((positions >= 0) & (positions + 1 < sc.dense_len))
-    prefix, lse = (jax.lax.cond(any_dense, lambda: run(sc.dense_len), lambda: run(-1))
-                   if any_dense is not None else run(-1))
+    prefix, lse = _switch(_any_dense(positions, sc, True), run, sc.dense_len)
     lse = jnp.where((committed >= 1)[:, None, None], lse, -jnp.inf)  # no prefix: no weight
 
     rows = jnp.arange(b)[:, None]

@@ -55,6 +55,21 @@ def _one_token_decoding(cfg, params, cache, tree_tokens, impl):
     return want.reshape(b, t, -1)
 
 
+def _tree_round_inputs(cfg):
+    """Random weights, the two rows prefilled, random tree tokens, the tree's attention and
+    its nodes' positions."""
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, S), 0, cfg.vocab_size)
+    tree_tokens = jax.random.randint(jax.random.PRNGKey(2), (2, len(PARENT)), 0,
+                                     cfg.vocab_size)
+    m = jnp.asarray(LENGTHS)
+    t = len(PARENT)
+    anc = ancestor_mask(jnp.asarray([PARENT] * 2), max(DEPTH))
+    tree = TreeAttention(m[:, None] + jnp.arange(t), _visible(m, anc, t, S))
+    return (params, _prefilled(cfg, params, tokens), tree_tokens, tree,
+            m[:, None] + jnp.asarray(DEPTH))
+
+
 @pytest.mark.parametrize("dense_len, impl", [(-1, "xla"), (-1, "pallas_interpret"),
                                              (100, "xla"), (1000, "xla")])
 def test_tree_nodes_attend_as_one_token_decoding(dense_len, impl):
@@ -63,17 +78,9 @@ def test_tree_nodes_attend_as_one_token_decoding(dense_len, impl):
     itself), the second row's all sparse; 1000: the read is shorter than dense_len, so the tree
     takes masked dense attention, as decoding does."""
     cfg = make_cfg(dense_len=dense_len)
-    params = init_params(cfg, jax.random.PRNGKey(0))
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, S), 0, cfg.vocab_size)
-    tree_tokens = jax.random.randint(jax.random.PRNGKey(2), (2, len(PARENT)), 0,
-                                     cfg.vocab_size)
-    cache = _prefilled(cfg, params, tokens)
-    m = jnp.asarray(LENGTHS)
-    t = len(PARENT)
-    anc = ancestor_mask(jnp.asarray([PARENT] * 2), max(DEPTH))
-    tree = TreeAttention(m[:, None] + jnp.arange(t), _visible(m, anc, t, S))
-    got = forward(params, cfg, tree_tokens, positions=m[:, None] + jnp.asarray(DEPTH),
-                  cache=cache, tree=tree, sparse_impl=impl)
+    params, cache, tree_tokens, tree, positions = _tree_round_inputs(cfg)
+    got = forward(params, cfg, tree_tokens, positions=positions, cache=cache, tree=tree,
+                  sparse_impl=impl)
     want = _one_token_decoding(cfg, params, cache, tree_tokens, impl)
     np.testing.assert_allclose(got.logits, want, atol=5e-5, rtol=1e-5)
     # the tree leaves the committed caches as they were (the round compacts them itself)
@@ -85,17 +92,8 @@ def test_dense_attention_over_a_sparse_prefix_is_not_what_decoding_computes():
     """The check above can fail: masked dense attention (the tree path of dense models) gives
     logits 20x the tolerance away once the prefix is really sparse."""
     cfg = make_cfg()
-    dense_cfg = make_cfg(off=True)
-    params = init_params(cfg, jax.random.PRNGKey(0))
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, S), 0, cfg.vocab_size)
-    tree_tokens = jax.random.randint(jax.random.PRNGKey(2), (2, len(PARENT)), 0,
-                                     cfg.vocab_size)
-    cache = _prefilled(cfg, params, tokens)
-    m = jnp.asarray(LENGTHS)
-    t = len(PARENT)
-    tree = TreeAttention(m[:, None] + jnp.arange(t),
-                         _visible(m, ancestor_mask(jnp.asarray([PARENT] * 2), 6), t, S))
-    dense = forward(params, dense_cfg, tree_tokens, positions=m[:, None] + jnp.asarray(DEPTH),
+    params, cache, tree_tokens, tree, positions = _tree_round_inputs(cfg)
+    dense = forward(params, make_cfg(off=True), tree_tokens, positions=positions,
                     cache={"k": cache["k"], "v": cache["v"]}, tree=tree)
     want = _one_token_decoding(cfg, params, cache, tree_tokens, "xla")
     assert np.abs(np.asarray(dense.logits) - want).max() > 1e-3
