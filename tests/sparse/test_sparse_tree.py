@@ -55,9 +55,9 @@ def _one_token_decoding(cfg, params, cache, tree_tokens, impl):
     return want.reshape(b, t, -1)
 
 
-def _tree_round_inputs(cfg):
-    """Random weights, the two rows prefilled, random tree tokens, the tree's attention and
-    its nodes' positions."""
+def _tree_round_inputs(cfg, span=S):
+    """Random weights, the two rows prefilled, random tree tokens, the tree's attention over
+    the first ``span`` cache positions and its nodes' positions."""
     params = init_params(cfg, jax.random.PRNGKey(0))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, S), 0, cfg.vocab_size)
     tree_tokens = jax.random.randint(jax.random.PRNGKey(2), (2, len(PARENT)), 0,
@@ -65,22 +65,24 @@ def _tree_round_inputs(cfg):
     m = jnp.asarray(LENGTHS)
     t = len(PARENT)
     anc = ancestor_mask(jnp.asarray([PARENT] * 2), max(DEPTH))
-    tree = TreeAttention(m[:, None] + jnp.arange(t), _visible(m, anc, t, S))
+    tree = TreeAttention(m[:, None] + jnp.arange(t), _visible(m, anc, t, span))
     return (params, _prefilled(cfg, params, tokens), tree_tokens, tree,
             m[:, None] + jnp.asarray(DEPTH))
 
 
-@pytest.mark.parametrize("dense_len, impl", [(-1, "xla"), (-1, "pallas_interpret"),
-                                             (100, "xla"), (1000, "xla")])
-def test_tree_nodes_attend_as_one_token_decoding(dense_len, impl):
+@pytest.mark.parametrize("dense_len, impl, kv_len", [
+    (-1, "xla", None), (-1, "pallas_interpret", None), (-1, "xla", 144), (100, "xla", None),
+    (1000, "xla", None)])
+def test_tree_nodes_attend_as_one_token_decoding(dense_len, impl, kv_len):
     """dense_len -1: every node sparse (the Pallas TPU kernel, interpreted, too); 100: the
     first row's nodes at positions 95..98 are dense and those at 99.. sparse (each decides for
     itself), the second row's all sparse; 1000: the read is shorter than dense_len, so the tree
-    takes masked dense attention, as decoding does."""
+    takes masked dense attention, as decoding does. ``kv_len`` 144: the round reads only the
+    cache positions (and compressed keys) below it, as the engine's length buckets do."""
     cfg = make_cfg(dense_len=dense_len)
-    params, cache, tree_tokens, tree, positions = _tree_round_inputs(cfg)
+    params, cache, tree_tokens, tree, positions = _tree_round_inputs(cfg, kv_len or S)
     got = forward(params, cfg, tree_tokens, positions=positions, cache=cache, tree=tree,
-                  sparse_impl=impl)
+                  sparse_impl=impl, kv_len=kv_len)
     want = _one_token_decoding(cfg, params, cache, tree_tokens, impl)
     np.testing.assert_allclose(got.logits, want, atol=5e-5, rtol=1e-5)
     # the tree leaves the committed caches as they were (the round compacts them itself)
