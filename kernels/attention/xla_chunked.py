@@ -261,7 +261,8 @@ def _one_block(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, kv_po
     mask = (kv_pos[:, None, :] <= q_pos[:, :, None]) & (kv_pos[:, None, :] >= 0)
     if q_seg is not None and kv_seg is not None:
         mask &= q_seg[:, :, None] == kv_seg[:, None, :]
-    out = jax.checkpoint(_softmax_attention, static_argnums=(4,))(q, k, v, mask, scale)
+    attention = _softmax_attention if keys_are_queries else _cached_softmax_attention
+    out = jax.checkpoint(attention, static_argnums=(4,))(q, k, v, mask, scale)
     if not keys_are_queries:  # a query sees at least itself otherwise
         out = jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], out, 0.0)
     return out.astype(q.dtype)
@@ -289,6 +290,29 @@ def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
     out = jnp.einsum("bkgts,bkgsd->bkgtd", p.astype(v.dtype), per_head(v),
                      preferred_element_type=jnp.float32) / jnp.sum(p, axis=-1)[..., None]
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, Tq, H, D)
+
+
+def _cached_softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                              scale: float) -> jax.Array:
+    """`_softmax_attention` for queries into a KV cache (decode, verification, prefill chunks):
+    the G query heads of a group are folded into the query rows, so K and V are contracted as
+    they are stored, ``[B, S, KV, D]``, and never broadcast over the group. At decode those
+    broadcasts are whole copies of the cache read: 0.6 of a 2.8 ms batch-8 step of the tiny
+    model in a profile; timed alone on this CPU (batch 8, 153 keys, G=2) 135 vs 202 us a call,
+    and 3.5 vs 76 ms at G=16 and 1024 keys. Training keeps the broadcast form, chosen for
+    its backward pass."""
+    B, Tq, H, D = q.shape
+    Tk, KV = k.shape[1], k.shape[2]
+    G = H // KV
+    qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    rows = jnp.transpose(qs.reshape(B, Tq, KV, G, D), (0, 2, 1, 3, 4)).reshape(B, KV, Tq * G, D)
+    s = jnp.einsum("bkrd,bskd->bkrs", rows, k, preferred_element_type=jnp.float32)
+    seen = jnp.broadcast_to(mask[:, None, :, None], (B, KV, Tq, G, Tk)).reshape(B, KV, Tq * G, Tk)
+    s = jnp.where(seen, s, -1e30)  # finite: no NaN in rows that see nothing
+    p = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
+    out = jnp.einsum("bkrs,bskd->bkrd", p.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32) / jnp.sum(p, axis=-1)[..., None]
+    return jnp.transpose(out.reshape(B, KV, Tq, G, D), (0, 2, 1, 3, 4)).reshape(B, Tq, H, D)
 
 
 def attention_xla_chunked(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Array,
