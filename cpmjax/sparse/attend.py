@@ -173,7 +173,11 @@ def sparse_tree_attend(q: jax.Array, keys: jax.Array, values: jax.Array,
     committed = slots[:, 0]
     active = committed >= 0
     safe = jnp.maximum(slots, 0)
-    ancestors = jnp.take_along_axis(mask, safe[:, None, :], axis=2) & active[:, None, None]
+    # a node whose slot is past the read span is seen by none (its key was not written; the
+    # round never accepts it): jnp's out-of-range fill for a bool gather would be True
+    in_span = (slots >= 0) & (slots < mask.shape[-1])
+    ancestors = jnp.take_along_axis(mask, jnp.minimum(safe, mask.shape[-1] - 1)[:, None, :],
+                                    axis=2) & in_span[:, None, :] & active[:, None, None]
     depth = positions - committed[:, None]
     at = ancestors[:, :, None, :] & (depth[:, None, None, :] == jnp.arange(t)[None, None, :,
                                                                             None])

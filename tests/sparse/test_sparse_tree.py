@@ -71,20 +71,25 @@ def _tree_round_inputs(cfg, span=S):
 
 
 @pytest.mark.parametrize("dense_len, impl, kv_len", [
-    (-1, "xla", None), (-1, "pallas_interpret", None), (-1, "xla", 144), (100, "xla", None),
-    (1000, "xla", None)])
+    (-1, "xla", None), (-1, "pallas_interpret", None), (-1, "xla", 144), (-1, "xla", 128),
+    (100, "xla", None), (1000, "xla", None)])
 def test_tree_nodes_attend_as_one_token_decoding(dense_len, impl, kv_len):
     """dense_len -1: every node sparse (the Pallas TPU kernel, interpreted, too); 100: the
     first row's nodes at positions 95..98 are dense and those at 99.. sparse (each decides for
     itself), the second row's all sparse; 1000: the read is shorter than dense_len, so the tree
-    takes masked dense attention, as decoding does. ``kv_len`` 144: the round reads only the
-    cache positions (and compressed keys) below it, as the engine's length buckets do."""
+    takes masked dense attention, as decoding does. ``kv_len``: the round reads only the
+    cache positions (and compressed keys) below it, as the engine's length buckets do; at 128
+    the second row's nodes 7.. sit at slots past it (a round near the cache's end), are seen by
+    no other node and are not compared."""
     cfg = make_cfg(dense_len=dense_len)
     params, cache, tree_tokens, tree, positions = _tree_round_inputs(cfg, kv_len or S)
     got = forward(params, cfg, tree_tokens, positions=positions, cache=cache, tree=tree,
                   sparse_impl=impl, kv_len=kv_len)
     want = _one_token_decoding(cfg, params, cache, tree_tokens, impl)
-    np.testing.assert_allclose(got.logits, want, atol=5e-5, rtol=1e-5)
+    inside = np.asarray(tree.slots) < (kv_len or S)
+    assert inside[0].all() and inside[1].sum() == (7 if kv_len == 128 else len(PARENT))
+    np.testing.assert_allclose(np.asarray(got.logits)[inside], want[inside], atol=5e-5,
+                               rtol=1e-5)
     # the tree leaves the committed caches as they were (the round compacts them itself)
     for name in ("kc1", "kc2"):
         np.testing.assert_array_equal(got.cache[name], cache[name])
