@@ -93,11 +93,9 @@ class TreeEngine(SpeculativeEngine):
         self._live = np.zeros(self.max_slots, bool)
         self._timed: set[tuple[Any, ...]] = set()  # step variants compiled already
         self._last_kind: int | None = None  # the kind of the step before
-        self.steps_by_kind = dict.fromkeys(self._kind_names(), 0)
-
-    def _kind_names(self) -> tuple[str, ...]:
-        return tuple("plain" if s == PLAIN else "chain" if s == self._chain else "tree"
-                     for s in self.kinds)
+        self.kind_names = tuple("plain" if s == PLAIN else "chain" if s == self._chain
+                                else "tree" for s in self.kinds)
+        self.steps_by_kind = dict.fromkeys(self.kind_names, 0)
 
     def speculation(self) -> dict[str, Any]:
         return {**super().speculation(), "method": "tree", "k": None,
@@ -200,7 +198,7 @@ class TreeEngine(SpeculativeEngine):
         busy = int(active.sum()) if measured else 0
         kind = self._choose(busy, all_greedy, context)
         shape = self.kinds[kind]
-        self.steps_by_kind[self._kind_names()[kind]] += 1
+        self.steps_by_kind[self.kind_names[kind]] += 1
         # a plain step writes no scratch slots past the newest token: it reads the span a plain
         # engine would (with kv buckets, one bucket fewer near a bucket's end)
         span = (self.kv_span(context) if shape != PLAIN or context is None

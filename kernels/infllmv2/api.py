@@ -254,11 +254,12 @@ def select_blocks_at(q: jax.Array, fine: jax.Array, coarse: jax.Array | None, q_
     seen. ``dense_len`` (> 0): a row whose length (its largest position + 1, HF's rule) is below
     it keeps every block up to each query's own (`dense_slots` entries); each row decides for
     itself, or with ``dense_per_query`` each query from its own position, as a one-token decode
-    step there does. Speculation-tree nodes (``cpmjax.sparse.tree``), whose ancestors are not
-    at their positions in the cache: ``seen [B, Tq]`` is the last cache position whose kernels
-    count (default ``q_pos``), and ``own = (kernel [B, Tq, KV, D] float32, index [B, Tq])`` a
-    coarse kernel of each query's own that stands in at ``index`` (-1: none). Returns int32
-    ``[B, KV, Tq, topk or dense_slots]``; -1 everywhere for q_pos < 0.
+    step there does. Speculation-tree nodes (``cpmjax.sparse.attend.sparse_tree_attend``),
+    whose ancestors are not at their positions in the cache: ``seen [B, Tq]`` is the last cache
+    position whose kernels count (default ``q_pos``), and ``own = (kernel [B, Tq, KV, D]
+    float32, index [B, Tq])`` a coarse kernel of each query's own that stands in at ``index``
+    (-1: none). Returns int32 ``[B, KV, Tq, topk or dense_slots]``; -1 everywhere for
+    q_pos < 0.
     """
     _check_positioned(q, fine.shape[1], q_pos)
     n_blocks = -(-kv_len // block_size)
@@ -291,7 +292,7 @@ def sparse_attention_at(q: jax.Array, k: jax.Array, v: jax.Array, block_idx: jax
     and ``s <= q_pos``; rows with no visible key (q_pos < 0: padding) return zeros.
     ``return_lse``: also each query head's log-sum-exp of its scaled scores ``[B, Tq, H]``
     float32 (0 for a query with no visible key), so a caller can merge this attention with
-    attention over other keys (speculation-tree nodes, ``cpmjax.sparse.tree``); that form has
+    attention over other keys (speculation-tree nodes, ``cpmjax.sparse.attend``); that form has
     no gradient through the Pallas kernels.
     """
     _check_positioned(q, kv_heads(k, q.shape[-1]), q_pos)
