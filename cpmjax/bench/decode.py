@@ -24,7 +24,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -70,12 +70,24 @@ def time_cpmjax(cfg: ModelConfig, params: Any, prompts: list[list[int]], new_tok
                 max_len: int | None = None) -> Timing:
     """All ``prompts`` through the scheduler on ``batch`` slots (fewer slots than prompts: the
     rest queue, as a server's would), the fastest of ``REPEATS`` passes after a warm-up; the
-    decode part is the time spent in the engine's decode steps. ``speculative`` runs the
-    draft-and-verify engine; ``grammar`` (a callable making one matcher per request) constrains
-    every request, and its host-side mask writing is added to the decode time (``host``).
-    ``kv_bucket``: the engine's cache-span buckets (None: every step reads the whole cache).
-    ``max_len``: the engine's cache length (None: the longest request plus the positions a
-    speculative step writes ahead)."""
+    decode part is the time spent in the engine's decode steps. Arguments as for
+    :func:`cpmjax_pass`."""
+    once = cpmjax_pass(cfg, params, prompts, new_tokens, batch, speculative, grammar, kv_bucket,
+                       max_len)
+    return _fastest([once() for _ in range(REPEATS)])
+
+
+def cpmjax_pass(cfg: ModelConfig, params: Any, prompts: list[list[int]], new_tokens: int,
+                batch: int, speculative: Speculative | None = None,
+                grammar: Any = None, kv_bucket: int | None = 128,
+                max_len: int | None = None) -> Callable[[], Timing]:
+    """A function timing one pass of all ``prompts`` through the scheduler on ``batch`` slots,
+    after a warm-up pass (compilation) run here. ``speculative`` runs the draft-and-verify
+    engine; ``grammar`` (a callable making one matcher per request) constrains every request,
+    and its host-side mask writing is added to the decode time (``host``). ``kv_bucket``: the
+    engine's cache-span buckets (None: every step reads the whole cache). ``max_len``: the
+    engine's cache length (None: the longest request plus the positions a speculative step
+    writes ahead)."""
     if max_len is None:
         extra = 0 if speculative is None else speculative.lookahead  # positions written ahead
         max_len = max(len(p) for p in prompts) + new_tokens + 1 + extra
@@ -124,13 +136,21 @@ def time_cpmjax(cfg: ModelConfig, params: Any, prompts: list[list[int]], new_tok
                           for k, n in policy.chosen.items()})
 
     once()
-    return _fastest([once() for _ in range(REPEATS)])
+    return once
 
 
 def time_hf(folder: Path, prompts: list[list[int]], new_tokens: int, batch: int) -> Timing:
     """``LlamaForCausalLM.generate`` (greedy, KV cache on) over ``prompts`` in batches of
-    ``batch``, the fastest of ``REPEATS`` passes after a warm-up batch; its decode part is the
-    time of generating ``new_tokens`` minus that of generating one (the prefill and first
+    ``batch``, the fastest of ``REPEATS`` passes after a warm-up batch (`hf_pass`)."""
+    once = hf_pass(folder, prompts, new_tokens, batch)
+    return _fastest([once() for _ in range(REPEATS)])
+
+
+def hf_pass(folder: Path, prompts: list[list[int]], new_tokens: int, batch: int
+            ) -> Callable[[], Timing]:
+    """A function timing one pass of ``LlamaForCausalLM.generate`` (greedy, KV cache on) over
+    ``prompts`` in batches of ``batch``, after a warm-up batch run here; a pass's decode part is
+    the time of generating ``new_tokens`` minus that of generating one (the prefill and first
     token)."""
     import torch
     from transformers import LlamaForCausalLM
@@ -144,6 +164,7 @@ def time_hf(folder: Path, prompts: list[list[int]], new_tokens: int, batch: int)
                              min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
         return time.perf_counter() - t, int((out.shape[1] - ids.shape[1]) * ids.shape[0])
 
+    @torch.inference_mode()
     def once() -> Timing:
         full = [gen(ids, new_tokens) for ids in groups]
         first = [gen(ids, 1) for ids in groups]
@@ -153,7 +174,19 @@ def time_hf(folder: Path, prompts: list[list[int]], new_tokens: int, batch: int)
 
     with torch.inference_mode():
         gen(groups[0], new_tokens)
-        return _fastest([once() for _ in range(REPEATS)])
+    return once
+
+
+def interleaved(passes: list[Callable[[], Timing]], repeats: int) -> list[list[Timing]]:
+    """``repeats`` timed passes of each of ``passes``, run round-robin (one pass of each, then
+    again): on this shared 2-core VM the speed drifts by tens of percent over a
+    minute (the same chain round timed 0.85 and 1.19 ms a step in two back-to-back rows), so
+    variants timed in blocks one after another compare different moments of the machine."""
+    timings: list[list[Timing]] = [[] for _ in passes]
+    for _ in range(repeats):
+        for once, out in zip(passes, timings):
+            out.append(once())
+    return timings
 
 
 # the README's jobs: target, draft, FR-Spec ranking (launch/build_frspec.py, used if present)
@@ -377,7 +410,7 @@ TREES = ((4, 2, 8), (4, 4, 16), (6, 4, 24))  # (depth, topk, size) of the tree r
 def run_tree(batches: tuple[int, ...] = (1, 8), requests: int = 8, prompt_len: int = 64,
              new_tokens: int = 64, trees: tuple[tuple[int, int, int], ...] = TREES,
              weights: tuple[str, ...] = ("float32", "int4"), torch_threads: int = 1,
-             write: bool = True) -> list[dict[str, Any]]:
+             repeats: int = 6, write: bool = True) -> list[dict[str, Any]]:
     """Tree speculative decoding (``cpmjax.serve.tree_engine``) next to plain decoding, the chain
     (k=3) and HF transformers ``generate`` on the same weights, in one process: per batch size
     and target weights (float32, or int4 RTN decoder linears), rows for plain, chain, every
@@ -388,7 +421,9 @@ def run_tree(batches: tuple[int, ...] = (1, 8), requests: int = 8, prompt_len: i
     lookahead of the variants, as one server's ``max_len`` would serve either engine): with the
     whole cache read each step, a plain engine given a shorter cache would be timed at another
     attention width. Rows carry tok/s, the mean accept length, the speedup over the plain row
-    of the same batch and weights and, for the measured rows, how often each step kind ran."""
+    of the same batch and weights and, for the measured rows, how often each step kind ran. The
+    variants of one batch size and weights are timed round-robin, ``repeats`` passes each, the
+    fastest kept (`interleaved`)."""
     import dataclasses
 
     import torch
@@ -412,23 +447,29 @@ def run_tree(batches: tuple[int, ...] = (1, 8), requests: int = 8, prompt_len: i
             runs = [("cpmjax", "plain", None)] + [("cpmjax", n, v) for n, v in variants]
             if fmt == "float32":
                 runs.append(("hf_transformers", "plain", "hf"))
-            for impl, decoding, sp in runs:
-                if sp == "hf":
-                    r = time_hf(folder, prompts, new_tokens, batch)
-                else:
-                    r = time_cpmjax(cfg, p, prompts, new_tokens, batch, sp, kv_bucket=None,
-                                    max_len=max_len)
+            passes = [hf_pass(folder, prompts, new_tokens, batch) if sp == "hf" else
+                      cpmjax_pass(cfg, p, prompts, new_tokens, batch, sp, kv_bucket=None,
+                                  max_len=max_len) for _, _, sp in runs]
+            for (impl, decoding, _), timed in zip(runs, interleaved(passes, repeats)):
+                r = _fastest(timed)
                 row = {"bench": "decode_tree", "impl": impl, "preset": "tiny", "batch": batch,
                        "requests": len(prompts), "prompt_len": prompt_len,
                        "new_tokens": new_tokens, "decoding": decoding, "weights_format": fmt,
                        "cache_len": None if impl != "cpmjax" else max_len,
                        "decode_tokens_per_s": r.decode_tokens / r.decode_seconds,
+                       # the median pass too: the fastest of a measured engine's passes may be
+                       # one without a re-try of the slower kinds, which every pass pays in time
+                       "decode_tokens_per_s_median": float(np.median(
+                           [t.decode_tokens / t.decode_seconds for t in timed])),
                        "tokens_per_s": r.tokens / r.seconds, "mean_accept_length": r.accept,
-                       "weights": source, **_machine()}
+                       "passes": repeats, "timing": "interleaved", "weights": source,
+                       **_machine()}
                 if r.kinds and decoding.endswith("measured"):
                     row["steps_by_kind"] = r.kinds
                 if r.steps:
                     row["ms_per_decode_step"] = 1e3 * r.decode_seconds / r.steps
+                row["median_speedup_vs_plain"] = (row["decode_tokens_per_s_median"]
+                                                  / (base or row)["decode_tokens_per_s_median"])
                 base = _add_row(rows, row, base or row, "decode_speedup_vs_plain")
     if write:
         _append(rows)
