@@ -8,7 +8,10 @@ length from measured acceptance; here the choice is made from measurements alone
 batch-size bucket: each kind is tried a few times first, then the kind with the fastest
 measured *pace* runs, and the others are re-tried now and then (at doubling intervals while the
 choice stays the same and leads by 25%, each re-try a fresh probe) so that drifting costs (a
-context growing, a request that drafts well) are seen. A tree round also tells the chain kind's
+context growing, a request that drafts well) are seen. A re-try is never due sooner than its
+measured extra time allows within an exploration ``budget`` (1% of the chosen kind's time by
+default): at batch 8 on this CPU a tree round costs about four plain steps, and re-trying it at
+the doubling intervals alone cost a measured engine several percent of its plain-only speed. A tree round also tells the chain kind's
 tokens on the same rows (``paired`` in :meth:`StepCostPolicy.record`), so the chain's pace is
 compared on the very requests the tree ran.
 
@@ -26,11 +29,13 @@ The choice changes speed only: the engine's steps emit the same tokens whichever
 from __future__ import annotations
 
 import collections
+import math
 
 from cpmjax.serve.engine import pow2_bucket
 
 
 LEAD = 1.25  # pace ratio above which re-tries of the slower kind back off
+BUDGET_CAP = 4  # a budgeted re-try interval is at most this many times max_retry_every
 
 
 class StepCostPolicy:
@@ -39,16 +44,20 @@ class StepCostPolicy:
     ``probes``: steps of each kind before choosing; ``window``: recent steps a kind's pace is
     measured over; ``retry_every``: steps between re-tries of the kind measured longest ago, first
     interval (it doubles while a re-try leaves the choice unchanged and the choice leads the
-    re-tried kind by ``LEAD``, up to ``max_retry_every``)."""
+    re-tried kind by ``LEAD``, up to ``max_retry_every``). ``budget``: the largest fraction of
+    the chosen kind's time the next re-try's measured extra cost may take (it lengthens the
+    interval, to at most ``BUDGET_CAP`` x ``max_retry_every`` steps); None: no budget."""
 
     def __init__(self, kinds: int, probes: int = 2, window: int = 16, retry_every: int = 64,
-                 max_retry_every: int = 512):
+                 max_retry_every: int = 512, budget: float | None = 0.01):
         if kinds < 1 or probes < 1 or window < 1 or retry_every < 1:
             raise ValueError("kinds, probes, window and retry_every must be >= 1")
         if max_retry_every < retry_every:
             raise ValueError(f"max_retry_every must be >= retry_every ({retry_every}), got "
                              f"{max_retry_every}")
-        self.kinds, self.probes = kinds, probes
+        if budget is not None and not 0 < budget <= 1:
+            raise ValueError(f"budget must be in (0, 1] or None, got {budget!r}")
+        self.kinds, self.probes, self.budget = kinds, probes, budget
         self.retry_every, self.max_retry_every = retry_every, max_retry_every
         self._seconds: dict[tuple[int, int], collections.deque] = collections.defaultdict(
             lambda: collections.deque(maxlen=window))
@@ -67,21 +76,26 @@ class StepCostPolicy:
             if len(self._seconds[kind, b]) < self.probes:
                 return self._pick(kind)
         best = max(range(self.kinds), key=lambda k: self.rate(k, busy))
-        due, interval, last_best = self._retry.setdefault(
-            b, (self._steps[b] + self.retry_every, self.retry_every, best))
-        if self._steps[b] < due:
-            return self._pick(best)
         others = [k for k in range(self.kinds) if k != best]
         if not others:
             return self._pick(best)
         kind = min(others, key=lambda k: self._measured_at.get((k, b), -1))
+        due, interval, last_best = self._retry.setdefault(
+            b, (self._steps[b] + max(self.retry_every, self._affordable(kind, best, b)),
+                self.retry_every, best))
+        if self._steps[b] < due:
+            return self._pick(best)
         # back off only from a kind the choice clearly beats (plain at batch 8 on this CPU
         # beats a tree round 3x, and each re-try costs); a close contender (chain vs tree at
         # batch 1, where acceptance varies by request) keeps being re-tried at the base interval
         clear_lead = self.rate(best, busy) >= LEAD * self.rate(kind, busy)
         interval = (min(2 * interval, self.max_retry_every) if best == last_best and clear_lead
                     else self.retry_every)
-        self._retry[b] = (self._steps[b] + interval, interval, best)
+        # the kind re-tried next is the other one measured longest ago, once this one is fresh
+        rest = [k for k in others if k != kind] or [kind]
+        after = min(rest, key=lambda k: self._measured_at.get((k, b), -1))
+        self._retry[b] = (self._steps[b] + max(interval, self._affordable(after, best, b)),
+                          interval, best)
         # re-measured from scratch, as a probe: its old steps ran on other requests, whose
         # acceptance differs (a stale window from a hard prompt kept plain steps at batch 1)
         self._seconds[kind, b].clear()
@@ -108,6 +122,17 @@ class StepCostPolicy:
         self._measured_at[kind, b] = self._steps[b]
         for other, tokens in (paired or {}).items():
             self._tokens[other, b].append(max(busy, 1) * tokens)
+
+    def _affordable(self, kind: int, best: int, b: int) -> int:
+        """Steps of ``best`` whose time a re-try of ``kind`` (a cold step and ``probes``
+        measured ones, each its measured extra seconds over ``best``'s) fits within ``budget``
+        of (0 without a budget)."""
+        if self.budget is None or not self._seconds[kind, b] or not self._seconds[best, b]:
+            return 0
+        mean = {k: sum(self._seconds[k, b]) / len(self._seconds[k, b]) for k in (kind, best)}
+        extra = (self.probes + 1) * max(mean[kind] - mean[best], 0.0)
+        return min(math.ceil(extra / (self.budget * max(mean[best], 1e-9))),
+                   BUDGET_CAP * self.max_retry_every)
 
     def _pick(self, kind: int) -> int:
         self.chosen[kind] += 1

@@ -52,7 +52,7 @@ def test_retries_see_a_cost_that_changed():
 def test_a_retry_drops_the_kinds_stale_window():
     """Kind 1 measured slow on one request (16 steps of its window) and fast on the next: the
     first re-try measures it afresh, and it runs from then on."""
-    policy = StepCostPolicy(2, probes=1, window=16, retry_every=8)
+    policy = StepCostPolicy(2, probes=1, window=16, retry_every=8, budget=None)
     _run(policy, 1, 16, {0: (0.004, 1), 1: (0.001, 1)})  # kind 1 fills its window
     _run(policy, 1, 40, {0: (0.001, 1), 1: (0.004, 1)})  # a hard request: kind 0 wins
     picks = _run(policy, 1, 30, {0: (0.001, 1), 1: (0.001, 3)})
@@ -62,7 +62,7 @@ def test_a_retry_drops_the_kinds_stale_window():
 
 
 def test_retries_back_off_while_the_choice_holds():
-    policy = StepCostPolicy(2, probes=1, retry_every=8, max_retry_every=64)
+    policy = StepCostPolicy(2, probes=1, retry_every=8, max_retry_every=64, budget=None)
     picks = _run(policy, 1, 400, {0: (0.001, 1), 1: (0.004, 2)})
     retries = [i for i, k in enumerate(picks) if k == 1][1:]  # after the probe
     gaps = [b - a for a, b in zip(retries, retries[1:])]
@@ -71,7 +71,7 @@ def test_retries_back_off_while_the_choice_holds():
 
 
 def test_a_close_contender_keeps_the_base_retry_interval():
-    policy = StepCostPolicy(2, probes=1, retry_every=8, max_retry_every=64)
+    policy = StepCostPolicy(2, probes=1, retry_every=8, max_retry_every=64, budget=None)
     picks = _run(policy, 1, 200, {0: (0.001, 1), 1: (0.0011, 1)})  # kind 0 leads by 10%
     retries = [i for i, k in enumerate(picks) if k == 1][1:]
     assert {b - a for a, b in zip(retries, retries[1:])} == {8}
@@ -102,5 +102,37 @@ def test_paired_tokens_count_for_the_kind_they_describe():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match=">= 1"):
         StepCostPolicy(0)
+    with pytest.raises(ValueError, match="budget must be in"):
+        StepCostPolicy(2, budget=0.0)
     with pytest.raises(ValueError, match="max_retry_every must be >= retry_every"):
         StepCostPolicy(2, retry_every=64, max_retry_every=32)
+
+
+def test_retries_of_a_costly_kind_stay_within_the_exploration_budget():
+    """Plain (kind 2) wins; a tree round (kind 0) costs 4 plain steps and a chain (kind 1) 2, as
+    at batch 8 on this CPU: the re-tries' extra time stays within the 1% budget, over a bench's
+    first 500 steps (where the doubling intervals alone spent 2.8%) and over 3000, while both
+    kinds are still re-tried."""
+    cost = {0: (0.004, 1), 1: (0.002, 1), 2: (0.001, 1)}
+
+    def overhead(budget, steps):
+        policy = StepCostPolicy(3, probes=2, retry_every=64, max_retry_every=512, budget=budget)
+        picks = _run(policy, 8, steps, cost)[9:]  # after the first probes
+        extra = sum(cost[k][0] - cost[2][0] for k in picks)
+        return extra / sum(cost[k][0] for k in picks), picks
+
+    assert overhead(None, 500)[0] > 0.02
+    assert overhead(0.01, 500)[0] <= 0.01
+    spent, picks = overhead(0.01, 3000)
+    assert spent <= 0.01 and picks.count(0) >= 2 and picks.count(1) >= 2
+
+
+def test_the_budget_spaces_each_kinds_retries_by_its_own_cost():
+    policy = StepCostPolicy(3, probes=1, retry_every=8, max_retry_every=64, budget=0.1)
+    picks = _run(policy, 8, 600, {0: (0.011, 1), 1: (0.0015, 1), 2: (0.001, 1)})
+    # before a re-try of kind 0: (1 + 1) x 10 ms extra / (0.1 x 1 ms) = 200 steps; before one
+    # of kind 1 (cheap): the doubling interval
+    starts = [i for i in range(4, len(picks)) if picks[i] != 2 and picks[i - 1] == 2]
+    gaps = {(picks[i], picks[j]): j - i for i, j in zip(starts, starts[1:])}
+    assert gaps[(1, 0)] >= 200
+    assert gaps[(0, 1)] < 200
