@@ -126,8 +126,12 @@ class StepCostPolicy:
     def _affordable(self, kind: int, best: int, b: int) -> int:
         """Steps of ``best`` whose time a re-try of ``kind`` (a cold step and ``probes``
         measured ones, each its measured extra seconds over ``best``'s) fits within ``budget``
-        of (0 without a budget)."""
+        of; 0 without a budget, or where ``best`` leads ``kind``'s pace by less than ``LEAD``."""
         if self.budget is None or not self._seconds[kind, b] or not self._seconds[best, b]:
+            return 0
+        # a close contender is no cost to re-try (at batch 1 a re-try of the chain while plain
+        # steps run is how a choice misled by two noisy probes is undone)
+        if self.rate(best, b) < LEAD * self.rate(kind, b):  # a bucket is a busy count of itself
             return 0
         mean = {k: sum(self._seconds[k, b]) / len(self._seconds[k, b]) for k in (kind, best)}
         extra = (self.probes + 1) * max(mean[kind] - mean[best], 0.0)

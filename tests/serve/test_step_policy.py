@@ -136,3 +136,13 @@ def test_the_budget_spaces_each_kinds_retries_by_its_own_cost():
     gaps = {(picks[i], picks[j]): j - i for i, j in zip(starts, starts[1:])}
     assert gaps[(1, 0)] >= 200
     assert gaps[(0, 1)] < 200
+
+
+def test_the_budget_spares_a_close_contender():
+    """Plain was chosen (its pace 1000/s) over a chain whose round costs 2.4 plain steps for 2
+    tokens (pace 833/s): within LEAD, so the chain keeps the base re-try interval however much
+    its re-tries cost in seconds, as at batch 1 where noisy probes can mislead the choice."""
+    policy = StepCostPolicy(2, probes=1, retry_every=8, max_retry_every=64, budget=0.01)
+    picks = _run(policy, 1, 200, {0: (0.001, 1), 1: (0.0024, 2)})
+    retries = [i for i, k in enumerate(picks) if k == 1][1:]
+    assert {b - a for a, b in zip(retries, retries[1:])} == {8}
