@@ -415,9 +415,9 @@ def run_tree(batches: tuple[int, ...] = (1, 8), requests: int = 8, prompt_len: i
     (k=3) and HF transformers ``generate`` on the same weights, in one process: per batch size
     and target weights (float32, or int4 RTN decoder linears), rows for plain, chain, every
     tree of ``trees`` always run (policy ``fixed``), and the first tree under the ``measured``
-    policy (tree, chain or plain per step, from measured step costs). Every engine reads its
-    whole cache each step (``kv_bucket=None``), so each step kind compiles in the warm-up
-    pass, and every engine of a run gets the same cache length (the requests plus the largest
+    policy (the tree, a chain of any length up to its depth, or plain, per step, from measured
+    step costs). Every engine reads its whole cache each step (``kv_bucket=None``), so each
+    step kind compiles in the warm-up pass, and every engine of a run gets the same cache length (the requests plus the largest
     lookahead of the variants, as one server's ``max_len`` would serve either engine): with the
     whole cache read each step, a plain engine given a shorter cache would be timed at another
     attention width. Rows carry tok/s, the mean accept length, the speedup over the plain row

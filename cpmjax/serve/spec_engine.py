@@ -115,9 +115,11 @@ class SpeculativeEngine(DecodeEngine):
 
     # ---- generate: one speculative round -------------------------------------------------
     def _generate_impl(self, params: Params, draft_args: Any, state: DecodeState, kv_len: int,
-                       all_greedy: bool = False) -> tuple[DecodeState, jax.Array, jax.Array]:
+                       all_greedy: bool = False, k: int | None = None
+                       ) -> tuple[DecodeState, jax.Array, jax.Array]:
+        """One chain round of draft length ``k`` (None: the engine's ``chain_k``)."""
         keys = row_keys(state.seed, state.steps)
-        r = speculative_round(params, draft_args["params"], self.cfg, self.chain_k,
+        r = speculative_round(params, draft_args["params"], self.cfg, k or self.chain_k,
                               state.cache, state.draft, state.tokens, state.lengths, keys,
                               RowSampling(state.temperature, state.top_k, state.top_p),
                               draft_args["vocab_ids"], self.dtype, all_greedy, kv_len,

@@ -1,13 +1,15 @@
 """The decode engine with tree speculative decoding (``cpmjax.serve.tree``) and measured switching
-among step kinds: the configured tree, a chain of the same depth, and a plain step.
+among step kinds: the configured tree, chains of every length up to its depth, and a plain step.
 
 Same JetStream contract, static shapes and draft prefill as :class:`SpeculativeEngine`. Every
 step kind emits each row's tokens by the coupled rule (the tokens plain decoding draws with the
 row's seed), so which kind runs, chosen per step by :class:`StepCostPolicy` from measured costs
 at the current batch size, changes the speed and never the output, and a seeded request's tokens
-do not depend on its batch companions. When every busy row is greedy the chain kind runs the
+do not depend on its batch companions. When every busy row is greedy a chain kind runs the
 chain engine's own round (causal attention, no tree masks or compaction): its tokens are the
-target's argmaxes as well.
+target's argmaxes as well. The chain lengths are EAGLE-3/-4-style draft-length selection from
+measured costs: on this CPU a k=3 chain beat the depth-4 one that was the only chain before
+(1.58x vs about 1.5x plain decoding at batch 1, ``launch/bench.py decode_tree``).
 
 The plain step runs the target alone (its ordinary attention: also InfLLM v2 sparse attention)
 and leaves the draft behind: the (target hidden, next token) pairs it would have read are kept
@@ -73,10 +75,9 @@ class TreeEngine(SpeculativeEngine):
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         if not isinstance(pending, (int, np.integer)) or pending < 1:
             raise ValueError(f"pending must be an integer >= 1, got {pending!r}")
-        chain = TreeShape(shape.depth, 1, shape.depth)
-        kinds = [shape] + ([chain] if policy == "measured" and chain != shape else []) + [PLAIN]
-        self.kinds, self.rule, self.pending = tuple(kinds), rule, int(pending)
-        self._chain = chain
+        chains = [TreeShape(d, 1, d) for d in range(shape.depth, 0, -1)]
+        kinds = [shape] + ([c for c in chains if c != shape] if policy == "measured" else [])
+        self.kinds, self.rule, self.pending = tuple(kinds + [PLAIN]), rule, int(pending)
         self.policy_name = policy
         super().__init__(cfg, draft_params, k=shape.depth, **kw)
         self.speculative_k = max(s.lookahead for s in self.kinds)  # slots a step may write ahead
@@ -85,6 +86,8 @@ class TreeEngine(SpeculativeEngine):
         self._plain = self._jit("plain", self._plain_impl, donate=(1,), static=(2,))
         self._catch_up_step = self._jit("catch_up", self._catch_up_impl, donate=(2,),
                                         static=(3,))
+        self._greedy_chain = self._jit("generate_greedy", self._greedy_chain_impl, donate=(2,),
+                                       static=(3, 4))
         # per slot, plain steps since the draft last read its pairs (0 once a request is
         # inserted): a bound on each row's pending count kept on the host, so that a plain step
         # needs no on-device test of a full buffer and a catch-up runs only when a live row has
@@ -93,7 +96,7 @@ class TreeEngine(SpeculativeEngine):
         self._live = np.zeros(self.max_slots, bool)
         self._timed: set[tuple[Any, ...]] = set()  # step variants compiled already
         self._last_kind: int | None = None  # the kind of the step before
-        self.kind_names = tuple("plain" if s == PLAIN else "chain" if s == self._chain
+        self.kind_names = tuple("plain" if s == PLAIN else f"chain{s.depth}" if _is_chain(s)
                                 else "tree" for s in self.kinds)
         self.steps_by_kind = dict.fromkeys(self.kind_names, 0)
 
@@ -148,6 +151,10 @@ class TreeEngine(SpeculativeEngine):
                                      "pend_n": jnp.zeros_like(n)})
 
     # ---- the step kinds -----------------------------------------------------------------
+    def _greedy_chain_impl(self, params: Params, draft_args: Any, state: DecodeState,
+                           kv_len: int, k: int) -> tuple[DecodeState, jax.Array, jax.Array]:
+        return self._generate_impl(params, draft_args, state, kv_len, all_greedy=True, k=k)
+
     def _tree_impl(self, params: Params, draft_args: Any, state: DecodeState, kv_len: int,
                    shape: TreeShape, all_greedy: bool
                    ) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array | None]:
@@ -216,10 +223,10 @@ class TreeEngine(SpeculativeEngine):
             # not the draft's weights: 20 fewer arguments to hand over (~25 us a batch-8 step)
             out = self._plain(params, state, span)
             self._behind += 1
-        elif all_greedy and shape == self._chain:
+        elif all_greedy and _is_chain(shape):
             # every row greedy: the chain engine's causal round emits the same argmax tokens
             # without the tree path's masks and compaction (1.26 vs 1.88 ms a round at batch 1)
-            out = self._greedy_generate(params, self._round_args(params), state, span)
+            out = self._greedy_chain(params, self._round_args(params), state, span, shape.depth)
         else:
             *out, chain = self._tree(params, self._round_args(params), state, span, shape,
                                      all_greedy)
@@ -229,11 +236,14 @@ class TreeEngine(SpeculativeEngine):
         counts = np.asarray(out[2])  # waits for the step
         seconds = time.perf_counter() - start + (deferred if shape == PLAIN else 0.0)
         slowest = int(counts[active].min()) if busy else 0
-        # the chain kind's tokens on these very rows and positions, read off the tree round: a
-        # paired estimate of its acceptance (its own steps ran on other requests)
-        paired = ({self.kinds.index(self._chain): int(np.asarray(chain)[active].min())}
-                  if chain is not None and busy and self._chain in self.kinds
-                  and shape != self._chain else None)
+        # each chain kind's tokens on these very rows and positions, read off a tree round (a
+        # chain of depth d emits the tree's first-child chain cut at d + 1): a paired estimate
+        # of its acceptance (its own steps ran on other requests)
+        slowest_chain = (int(np.asarray(chain)[active].min())
+                         if chain is not None and busy and not _is_chain(shape) else None)
+        paired = None if slowest_chain is None else {
+            i: min(slowest_chain, s.depth + 1) for i, s in enumerate(self.kinds)
+            if _is_chain(s)}
         # not a cost measurement: a step's first run at its static arguments (it compiles), and
         # the first step of a kind after another kind ran: on CPU it took 20-35% longer than
         # the next ones (its executable and buffers cold; interleaved timings of the tiny
@@ -262,3 +272,8 @@ class TreeEngine(SpeculativeEngine):
         if self.policy_name == "fixed" or (self.rule == "rejection" and not all_greedy):
             return 0
         return self.policy.choose(busy)
+
+
+def _is_chain(shape: TreeShape) -> bool:
+    """Whether ``shape`` drafts one token per depth (topk 1): a chain, verified causally."""
+    return shape != PLAIN and shape.topk == 1 and shape.size == shape.depth

@@ -83,16 +83,17 @@ def test_full_acceptance_leaves_the_caches_of_plain_decoding(temperature):
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_tree_rounds_report_the_chain_they_hold(temperature):
     """Every drafted level accepted: a tree round emits depth + 1 tokens per row, and so would
-    the chain of its first children, which the round reports to the policy for the chain
-    kind (greedy and seeded sampled rows: the coupled rule makes both kinds' tokens equal)."""
+    the chain of its first children, which the round reports to the policy for each chain
+    kind, cut at that chain's depth + 1 (greedy and seeded sampled rows: the coupled rule
+    makes both kinds' tokens equal)."""
     cfg, params, draft = _predictable()
     prompts = _prompts(cfg.vocab_size, (6, 11))
     sp = [SamplingParams(temperature, seed=s) for s in (3, 4)]
     engine = TreeEngine(cfg, draft, tree=(3, 2, 7), max_slots=2, max_len=64, chunk=8)
     engine.policy = _Scripted([0])
     _decode(engine, params, prompts, 21, sp)
-    chain = engine.kinds.index((3, 1, 3))
-    assert engine.policy.paired and all(p == {chain: 4} for p in engine.policy.paired)
+    want = {engine.kinds.index((d, 1, d)): d + 1 for d in (3, 2, 1)}
+    assert engine.policy.paired and all(p == want for p in engine.policy.paired)
 
 
 def test_seeded_sampling_equals_plain_sampling_alone_or_in_a_batch():
@@ -139,15 +140,17 @@ def test_switching_step_kinds_changes_no_token():
     engine = TreeEngine(cfg, draft, tree=(3, 2, 4), pending=3, max_slots=3, max_len=96,
                         chunk=8)
     plain = engine.kinds.index(PLAIN)
-    engine.policy = _Scripted([plain] * 5 + [0, 1, plain, 0, plain, plain, 1])
+    assert engine.kinds[1:4] == ((3, 1, 3), (2, 1, 2), (1, 1, 1))  # chains of every length
+    engine.policy = _Scripted([plain] * 5 + [0, 1, plain, 0, 3, plain, plain, 1, 2, 2])
     got, _ = _decode(engine, params, prompts, 30, sp)
     assert got == want
     assert {"tree", "plain"} <= set(engine.compilations)
 
 
 def test_greedy_chain_steps_run_the_chain_round_and_change_no_token():
-    """With every row greedy the chain kind runs the chain engine's causal round (no tree
-    masks), interleaved with tree rounds and plain steps: the tokens stay plain greedy's."""
+    """With every row greedy the chain kinds (every length) run the chain engine's causal round
+    (no tree masks), interleaved with tree rounds and plain steps: the tokens stay plain
+    greedy's."""
     cfg, params, draft = small_models()
     prompts = _prompts(cfg.vocab_size, (4, 9), seed=3)
     sp = [SamplingParams(0.0)] * 2
@@ -157,11 +160,12 @@ def test_greedy_chain_steps_run_the_chain_round_and_change_no_token():
                         chunk=8)
     assert engine.kinds[1] == (3, 1, 3)
     plain = engine.kinds.index(PLAIN)
-    script = [1, 1, plain, 0, 1, plain, plain, plain, plain, 1, 0]
+    script = [1, 1, plain, 0, 2, 1, plain, plain, plain, plain, 3, 1, 0]
     engine.policy = _Scripted(script)
     got, _ = _decode(engine, params, prompts, 30, sp)
     assert got == want
-    assert engine.compilations["generate_greedy"] >= 1 and engine.compilations["tree"] >= 1
+    # one causal round per chain length (3, 2 and 1), and the tree
+    assert engine.compilations["generate_greedy"] >= 3 and engine.compilations["tree"] >= 1
     # costs come only from a kind's repeated steps (the first after a switch runs cold), so
     # of this script's cycles only its runs of 1, 1 and plain x4 are measured, after compiling
     ran = [script[i % len(script)] for i in range(engine.policy.i)]
@@ -240,7 +244,7 @@ def test_metrics_name_the_tree_and_count_steps_by_kind():
     assert spec["method"] == "tree" and spec["tree"] == {"depth": 3, "topk": 2, "size": 4}
     assert spec["policy"] == "measured" and spec["rule"] == "coupled"
     assert spec["frspec_size"] == len(range(0, cfg.vocab_size, 2))
-    assert set(spec["steps_by_kind"]) == {"tree", "chain", "plain"}
+    assert set(spec["steps_by_kind"]) == {"tree", "chain3", "chain2", "chain1", "plain"}
     steps = sum(spec["steps_by_kind"].values())  # the scheduler counts a step per busy slot
     assert 0 < steps <= sched.metrics()["decode_steps"] <= 2 * steps
     text = ServerMetrics(sched).exposition()[0].decode()
