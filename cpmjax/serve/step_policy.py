@@ -72,8 +72,8 @@ class StepCostPolicy:
         """The step kind for a step over ``busy`` busy slots."""
         b = _bucket(busy)
         self._steps[b] += 1
-        for kind in range(self.kinds):
-            if len(self._seconds[kind, b]) < self.probes:
+        for kind in range(self.kinds):  # a probe: too few of its own steps or of its tokens
+            if min(len(self._seconds[kind, b]), len(self._tokens[kind, b])) < self.probes:
                 return self._pick(kind)
         best = max(range(self.kinds), key=lambda k: self.rate(k, busy))
         others = [k for k in range(self.kinds) if k != best]
@@ -96,9 +96,11 @@ class StepCostPolicy:
         after = min(rest, key=lambda k: self._measured_at.get((k, b), -1))
         self._retry[b] = (self._steps[b] + max(interval, self._affordable(after, best, b)),
                           interval, best)
-        # re-measured from scratch, as a probe: its old steps ran on other requests, whose
-        # acceptance differs (a stale window from a hard prompt kept plain steps at batch 1)
-        self._seconds[kind, b].clear()
+        # its tokens re-measured from scratch, as a probe: its old steps ran on other requests,
+        # whose acceptance differs (a stale window from a hard prompt kept plain steps at batch
+        # 1); its seconds, which depend on the kind and the batch size, keep their window (a
+        # two-step estimate of each of several re-tried kinds' cost, on this noisy host, let
+        # the luckiest of them displace a faster choice)
         self._tokens[kind, b].clear()
         return self._pick(kind)
 
@@ -107,7 +109,9 @@ class StepCostPolicy:
         measured): its mean tokens per step over its mean seconds per step."""
         b = _bucket(busy)
         sec, tok = self._seconds[kind, b], self._tokens[kind, b]
-        return 0.0 if not sec else (sum(tok) / len(tok)) / max(sum(sec) / len(sec), 1e-9)
+        if not sec or not tok:
+            return 0.0
+        return (sum(tok) / len(tok)) / max(sum(sec) / len(sec), 1e-9)
 
     def record(self, kind: int, busy: int, seconds: float, slowest_row_tokens: int,
                paired: dict[int, int] | None = None) -> None:

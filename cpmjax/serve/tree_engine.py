@@ -236,14 +236,18 @@ class TreeEngine(SpeculativeEngine):
         counts = np.asarray(out[2])  # waits for the step
         seconds = time.perf_counter() - start + (deferred if shape == PLAIN else 0.0)
         slowest = int(counts[active].min()) if busy else 0
-        # each chain kind's tokens on these very rows and positions, read off a tree round (a
-        # chain of depth d emits the tree's first-child chain cut at d + 1): a paired estimate
-        # of its acceptance (its own steps ran on other requests)
-        slowest_chain = (int(np.asarray(chain)[active].min())
-                         if chain is not None and busy and not _is_chain(shape) else None)
+        # each chain kind's tokens on these very rows and positions, read off a tree round or
+        # a longer chain's round (a chain of depth d emits their first-child chain cut at
+        # d + 1): a paired estimate of its acceptance (its own steps ran on other requests)
+        if not busy or shape == PLAIN:
+            slowest_chain, reach = None, 0
+        elif _is_chain(shape):
+            slowest_chain, reach = slowest, shape.depth - 1  # shorter chains only
+        else:
+            slowest_chain, reach = int(np.asarray(chain)[active].min()), shape.depth
         paired = None if slowest_chain is None else {
             i: min(slowest_chain, s.depth + 1) for i, s in enumerate(self.kinds)
-            if _is_chain(s)}
+            if _is_chain(s) and s.depth <= reach} or None
         # not a cost measurement: a step's first run at its static arguments (it compiles), and
         # the first step of a kind after another kind ran: on CPU it took 20-35% longer than
         # the next ones (its executable and buffers cold; interleaved timings of the tiny

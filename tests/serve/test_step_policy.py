@@ -49,16 +49,20 @@ def test_retries_see_a_cost_that_changed():
     assert picks[-10:].count(1) >= 9  # one retry of kind 0 may fall among them
 
 
-def test_a_retry_drops_the_kinds_stale_window():
-    """Kind 1 measured slow on one request (16 steps of its window) and fast on the next: the
-    first re-try measures it afresh, and it runs from then on."""
+def test_a_retry_drops_the_kinds_stale_tokens_and_keeps_its_costs():
+    """Kind 1 (a chain: 2 ms a round) drew 3 tokens a round, then 1 on a hard request, where
+    plain (kind 0, 1 ms) took over; on the next request it draws 3 again: the first re-try
+    measures its tokens afresh (not averaged with the hard request's) and it runs from then
+    on. Its seconds window is kept: a re-try is the probe steps only."""
     policy = StepCostPolicy(2, probes=1, window=16, retry_every=8, budget=None)
-    _run(policy, 1, 16, {0: (0.004, 1), 1: (0.001, 1)})  # kind 1 fills its window
-    _run(policy, 1, 40, {0: (0.001, 1), 1: (0.004, 1)})  # a hard request: kind 0 wins
-    picks = _run(policy, 1, 30, {0: (0.001, 1), 1: (0.001, 3)})
+    _run(policy, 1, 20, {0: (0.001, 1), 1: (0.002, 3)})  # kind 1 fills its window
+    _run(policy, 1, 40, {0: (0.001, 1), 1: (0.002, 1)})  # a hard request: kind 0 wins
+    assert policy.rate(0, 1) > policy.rate(1, 1)
+    picks = _run(policy, 1, 60, {0: (0.001, 1), 1: (0.002, 3)})
     first = picks.index(1)
-    assert first <= 16  # the first re-try (interval 8, then 16)
+    assert first <= 32  # the next re-try (intervals 8, 16, 32 while plain led)
     assert picks[first:].count(0) <= 3  # re-tries of kind 0 only
+    assert len(policy._seconds[1, 1]) == 16  # its costs kept their window
 
 
 def test_retries_back_off_while_the_choice_holds():

@@ -94,6 +94,11 @@ def test_tree_rounds_report_the_chain_they_hold(temperature):
     _decode(engine, params, prompts, 21, sp)
     want = {engine.kinds.index((d, 1, d)): d + 1 for d in (3, 2, 1)}
     assert engine.policy.paired and all(p == want for p in engine.policy.paired)
+    # a chain round tells the shorter chains' tokens (its own count cut at their depth + 1)
+    engine.policy = _Scripted([1])
+    _decode(engine, params, prompts, 21, sp)
+    want = {engine.kinds.index((d, 1, d)): d + 1 for d in (2, 1)}
+    assert engine.policy.paired and all(p == want for p in engine.policy.paired)
 
 
 def test_seeded_sampling_equals_plain_sampling_alone_or_in_a_batch():
