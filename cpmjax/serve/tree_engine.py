@@ -53,8 +53,8 @@ PLAIN = TreeShape(0, 1, 0)
 class TreeEngine(SpeculativeEngine):
     """Speculative engine whose rounds draft a tree of ``tree`` = (depth, topk, size).
 
-    ``policy``: ``"measured"`` switches per step among the tree, a chain of its depth and a plain
-    step (`StepCostPolicy`); ``"fixed"`` always runs the tree. ``rule``: the acceptance rule
+    ``policy``: ``"measured"`` switches per step among the tree, chains of every length up to
+    its depth and a plain step (`StepCostPolicy`); ``"fixed"`` always runs the tree. ``rule``: the acceptance rule
     (``cpmjax.serve.tree.RULES``); with ``"rejection"`` a sampled row's tokens depend on the
     round structure, so while any busy row samples the tree always runs. ``pending``: plain
     steps the draft may fall behind before it catches up.
