@@ -179,9 +179,9 @@ def hf_pass(folder: Path, prompts: list[list[int]], new_tokens: int, batch: int
 
 def interleaved(passes: list[Callable[[], Timing]], repeats: int) -> list[list[Timing]]:
     """``repeats`` timed passes of each of ``passes``, run round-robin (one pass of each, then
-    again): on this shared 2-core VM the speed drifts by tens of percent over a
-    minute (the same chain round timed 0.85 and 1.19 ms a step in two back-to-back rows), so
-    variants timed in blocks one after another compare different moments of the machine."""
+    again): on this shared 2-core VM the speed drifts by tens of percent over a minute (the
+    same chain round timed 0.85 and 1.19 ms a step in two back-to-back rows), so variants timed
+    in blocks one after another compare different moments of the machine."""
     timings: list[list[Timing]] = [[] for _ in passes]
     for _ in range(repeats):
         for once, out in zip(passes, timings):
@@ -417,13 +417,14 @@ def run_tree(batches: tuple[int, ...] = (1, 8), requests: int = 8, prompt_len: i
     tree of ``trees`` always run (policy ``fixed``), and the first tree under the ``measured``
     policy (the tree, a chain of any length up to its depth, or plain, per step, from measured
     step costs). Every engine reads its whole cache each step (``kv_bucket=None``), so each
-    step kind compiles in the warm-up pass, and every engine of a run gets the same cache length (the requests plus the largest
-    lookahead of the variants, as one server's ``max_len`` would serve either engine): with the
-    whole cache read each step, a plain engine given a shorter cache would be timed at another
-    attention width. Rows carry tok/s, the mean accept length, the speedup over the plain row
-    of the same batch and weights and, for the measured rows, how often each step kind ran. The
-    variants of one batch size and weights are timed round-robin, ``repeats`` passes each, the
-    fastest kept (`interleaved`)."""
+    step kind compiles in the warm-up pass, and every engine of a run gets the same cache
+    length (the requests plus the largest lookahead of the variants, as one server's
+    ``max_len`` would serve either engine): with the whole cache read each step, a plain engine
+    given a shorter cache would be timed at another attention width. Rows carry tok/s, the mean
+    accept length, the speedup over the plain row of the same batch and weights and, for the
+    measured rows, how often each step kind ran. The variants of one batch size and weights are
+    timed round-robin, ``repeats`` passes each, the fastest and the median pass kept
+    (`interleaved`)."""
     import dataclasses
 
     import torch

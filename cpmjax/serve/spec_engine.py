@@ -48,7 +48,7 @@ class SpeculativeEngine(DecodeEngine):
         self.speculative_k = int(k)
         self.chain_k = int(k)  # the chain round's draft length (a subclass may look further)
         self._greedy_generate = self._jit("generate_greedy", self._greedy_generate_impl,
-                                          donate=(2,), static=(3,))
+                                          donate=(2,), static=(3, 4))
         self.set_draft(draft_params, frspec_ids)
 
     def speculation(self) -> dict[str, Any]:
@@ -136,16 +136,20 @@ class SpeculativeEngine(DecodeEngine):
         return new, r.tokens, r.count
 
     def _greedy_generate_impl(self, params: Params, draft_args: Any, state: DecodeState,
-                              kv_len: int) -> tuple[DecodeState, jax.Array, jax.Array]:
-        return self._generate_impl(params, draft_args, state, kv_len, all_greedy=True)
+                              kv_len: int, k: int) -> tuple[DecodeState, jax.Array, jax.Array]:
+        """A chain round of draft length ``k`` (static: a subclass runs several) over rows that
+        are all greedy."""
+        return self._generate_impl(params, draft_args, state, kv_len, all_greedy=True, k=k)
 
     def generate(self, params: Params, state: DecodeState, all_greedy: bool = False,
                  context: int | None = None) -> tuple[DecodeState, jax.Array, jax.Array]:
         """One speculative round; ``all_greedy`` (every busy slot at temperature 0, known to the
         scheduler) runs the argmax-only variant, compiled once per span on first use;
         ``context`` as for :meth:`DecodeEngine.generate`."""
-        step = self._greedy_generate if all_greedy else self._generate
-        return step(params, self._round_args(params), state, self.kv_span(context))
+        args, span = self._round_args(params), self.kv_span(context)
+        if all_greedy:
+            return self._greedy_generate(params, args, state, span, self.chain_k)
+        return self._generate(params, args, state, span)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -80,9 +80,10 @@ class StepCostPolicy:
         if not others:
             return self._pick(best)
         kind = min(others, key=lambda k: self._measured_at.get((k, b), -1))
-        due, interval, last_best = self._retry.setdefault(
-            b, (self._steps[b] + max(self.retry_every, self._affordable(kind, best, b)),
-                self.retry_every, best))
+        if b not in self._retry:  # the first re-try's schedule (not recomputed every step)
+            first = self._steps[b] + max(self.retry_every, self._affordable(kind, best, b))
+            self._retry[b] = (first, self.retry_every, best)
+        due, interval, last_best = self._retry[b]
         if self._steps[b] < due:
             return self._pick(best)
         # back off only from a kind the choice clearly beats (plain at batch 8 on this CPU

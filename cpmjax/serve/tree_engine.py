@@ -8,8 +8,9 @@ at the current batch size, changes the speed and never the output, and a seeded 
 do not depend on its batch companions. When every busy row is greedy a chain kind runs the
 chain engine's own round (causal attention, no tree masks or compaction): its tokens are the
 target's argmaxes as well. The chain lengths are EAGLE-3/-4-style draft-length selection from
-measured costs: on this CPU a k=3 chain beat the depth-4 one that was the only chain before
-(1.58x vs about 1.5x plain decoding at batch 1, ``launch/bench.py decode_tree``).
+measured costs: at batch 1 on this CPU the bench's k=3 chain row (1.58x plain decoding) beat
+the measured row that ran mostly the depth-4 chain, then the only chain (1.46x; ``launch/bench.py
+decode_tree``, 2026-12-07 23:57).
 
 The plain step runs the target alone (its ordinary attention: also InfLLM v2 sparse attention)
 and leaves the draft behind: the (target hidden, next token) pairs it would have read are kept
@@ -54,10 +55,10 @@ class TreeEngine(SpeculativeEngine):
     """Speculative engine whose rounds draft a tree of ``tree`` = (depth, topk, size).
 
     ``policy``: ``"measured"`` switches per step among the tree, chains of every length up to
-    its depth and a plain step (`StepCostPolicy`); ``"fixed"`` always runs the tree. ``rule``: the acceptance rule
-    (``cpmjax.serve.tree.RULES``); with ``"rejection"`` a sampled row's tokens depend on the
-    round structure, so while any busy row samples the tree always runs. ``pending``: plain
-    steps the draft may fall behind before it catches up.
+    its depth and a plain step (`StepCostPolicy`); ``"fixed"`` always runs the tree. ``rule``:
+    the acceptance rule (``cpmjax.serve.tree.RULES``); with ``"rejection"`` a sampled row's
+    tokens depend on the round structure, so while any busy row samples the tree always runs.
+    ``pending``: plain steps the draft may fall behind before it catches up.
     """
 
     def __init__(self, cfg: ModelConfig, draft_params: Params, *, tree: Any = (4, 4, 16),
@@ -86,8 +87,6 @@ class TreeEngine(SpeculativeEngine):
         self._plain = self._jit("plain", self._plain_impl, donate=(1,), static=(2,))
         self._catch_up_step = self._jit("catch_up", self._catch_up_impl, donate=(2,),
                                         static=(3,))
-        self._greedy_chain = self._jit("generate_greedy", self._greedy_chain_impl, donate=(2,),
-                                       static=(3, 4))
         # per slot, plain steps since the draft last read its pairs (0 once a request is
         # inserted): a bound on each row's pending count kept on the host, so that a plain step
         # needs no on-device test of a full buffer and a catch-up runs only when a live row has
@@ -98,6 +97,7 @@ class TreeEngine(SpeculativeEngine):
         self._last_kind: int | None = None  # the kind of the step before
         self.kind_names = tuple("plain" if s == PLAIN else f"chain{s.depth}" if _is_chain(s)
                                 else "tree" for s in self.kinds)
+        self._chains = tuple((i, s.depth) for i, s in enumerate(self.kinds) if _is_chain(s))
         self.steps_by_kind = dict.fromkeys(self.kind_names, 0)
 
     def speculation(self) -> dict[str, Any]:
@@ -151,10 +151,6 @@ class TreeEngine(SpeculativeEngine):
                                      "pend_n": jnp.zeros_like(n)})
 
     # ---- the step kinds -----------------------------------------------------------------
-    def _greedy_chain_impl(self, params: Params, draft_args: Any, state: DecodeState,
-                           kv_len: int, k: int) -> tuple[DecodeState, jax.Array, jax.Array]:
-        return self._generate_impl(params, draft_args, state, kv_len, all_greedy=True, k=k)
-
     def _tree_impl(self, params: Params, draft_args: Any, state: DecodeState, kv_len: int,
                    shape: TreeShape, all_greedy: bool
                    ) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array | None]:
@@ -226,7 +222,8 @@ class TreeEngine(SpeculativeEngine):
         elif all_greedy and _is_chain(shape):
             # every row greedy: the chain engine's causal round emits the same argmax tokens
             # without the tree path's masks and compaction (1.26 vs 1.88 ms a round at batch 1)
-            out = self._greedy_chain(params, self._round_args(params), state, span, shape.depth)
+            out = self._greedy_generate(params, self._round_args(params), state, span,
+                                        shape.depth)
         else:
             *out, chain = self._tree(params, self._round_args(params), state, span, shape,
                                      all_greedy)
@@ -246,8 +243,7 @@ class TreeEngine(SpeculativeEngine):
         else:
             slowest_chain, reach = int(np.asarray(chain)[active].min()), shape.depth
         paired = None if slowest_chain is None else {
-            i: min(slowest_chain, s.depth + 1) for i, s in enumerate(self.kinds)
-            if _is_chain(s) and s.depth <= reach} or None
+            i: min(slowest_chain, d + 1) for i, d in self._chains if d <= reach} or None
         # not a cost measurement: a step's first run at its static arguments (it compiles), and
         # the first step of a kind after another kind ran: on CPU it took 20-35% longer than
         # the next ones (its executable and buffers cold; interleaved timings of the tiny
