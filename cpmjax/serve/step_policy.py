@@ -11,7 +11,8 @@ choice stays the same and leads by 25%, each re-try a fresh probe) so that drift
 context growing, a request that drafts well) are seen. A re-try is never due sooner than its
 measured extra time allows within an exploration ``budget`` (1% of the chosen kind's time by
 default): at batch 8 on this CPU a tree round costs about four plain steps, and re-trying it at
-the doubling intervals alone spent 2.8% of a bench's first 500 steps. A tree round also tells
+the doubling intervals alone spent 2.8% of the first 500 steps at those costs (the policy
+driven with them in ``tests/serve/test_step_policy.py``). A tree round also tells
 each chain kind's tokens on the same rows (``paired`` in :meth:`StepCostPolicy.record`), so a
 chain's pace is compared on the very requests the tree ran.
 
